@@ -1,0 +1,200 @@
+"""`freshet up | down | status`: the local stack as one unit.
+
+Order of `up`: PostgreSQL -> migrations -> captured schema + publication (+ demo data) -> Kafka ->
+Connect -> Debezium connector. Each step is skipped when its service is external (a URL setting
+is given) or already running, so `up` is idempotent. `down` stops, in reverse order, only the
+processes whose PID files this launcher wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+
+from cdc.connect import ConnectClient, ConnectError, LocalConnect, connector_state
+from cdc.connect import register_connector as put_connector
+from cdc.kafka import LocalKafka, describe_kafka
+from cdc.postgres import EmbeddedPostgres
+from cdc.processes import StackError
+from cdc.source import connector_values, prepare_source, slot_status, write_connector_secrets
+from freshet.db import CDC_ROLE, connect, database_url, redact, source_database_url
+from freshet.settings import PROJECT_ROOT, Settings
+
+logger = logging.getLogger(__name__)
+
+Report = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def migrate(url: str) -> None:
+    """Upgrade schema `rag` to the newest Alembic revision."""
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    config.attributes["url"] = url
+    config.attributes["configure_logging"] = False
+    command.upgrade(config, "head")
+
+
+def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
+    """Start what is not running; returns, per component, whether this call started it."""
+    started: dict[str, bool] = {}
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if settings.embedded_postgres:
+        report("PostgreSQL: starting (embedded, 127.0.0.1:%d)" % settings.pg_port)
+        started["postgres"] = EmbeddedPostgres(settings).start()
+    url = database_url(settings)
+    report("migrations: upgrading schema rag to head")
+    migrate(url)
+
+    source_url = source_database_url(settings)
+    source_embedded = settings.embedded_postgres and not settings.source_database_url
+    with connect(source_url, autocommit=True) as conn:
+        if settings.load_demo:
+            from cdc.demo import load_demo
+
+            inserted = load_demo(conn)
+            report(f"demo data: {inserted} new rows in schema app")
+        prepare_source(conn, cdc_role=CDC_ROLE if source_embedded else None)
+
+    if settings.local_kafka:
+        report("Kafka: starting (KRaft, 127.0.0.1:%d)" % settings.kafka_port)
+        started["kafka"] = LocalKafka(settings).start()
+    if settings.local_connect:
+        report("Kafka Connect: starting (%s)" % settings.connect_rest_url)
+        started["connect"] = LocalConnect(settings).start()
+
+    secrets_file = write_connector_secrets(settings, source_url, source_embedded)
+    client = ConnectClient(settings.connect_rest_url)
+    started["connector"] = put_connector(
+        client, connector_values(settings, source_url, secrets_file)
+    )
+    report(f"connector {settings.connector_name}: waiting for RUNNING")
+    wait_for_connector(client, settings.connector_name, settings.startup_timeout)
+    return started
+
+
+def wait_for_connector(client: ConnectClient, name: str, timeout: float) -> dict[str, Any]:
+    """Until the connector and all its tasks run; a FAILED task raises with its trace."""
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] | None = None
+    restarted_at: float | None = None
+    while time.monotonic() < deadline:
+        status = client.status(name)
+        state = connector_state(status)
+        if state == "RUNNING" and status is not None:
+            return status
+        if state == "FAILED" and status is not None:
+            # A restarted worker first reports the state stored before it stopped, which may
+            # be an old failure: restart failed parts once, and believe FAILED only after that.
+            if restarted_at is None:
+                logger.info("connector %s reports FAILED; restarting failed tasks once", name)
+                client.restart(name, include_tasks=True, only_failed=True)
+                restarted_at = time.monotonic()
+            elif time.monotonic() - restarted_at > 15:
+                raise StackError(f"connector {name} FAILED:\n{failure_trace(status)}")
+        time.sleep(0.5)
+    raise StackError(f"connector {name} not RUNNING after {timeout:.0f}s; last status: {status}")
+
+
+def failure_trace(status: dict[str, Any]) -> str:
+    parts = []
+    if status["connector"].get("trace"):
+        parts.append(f"connector: {status['connector']['trace']}")
+    for task in status.get("tasks", []):
+        if task.get("trace"):
+            parts.append(f"task {task['id']}: {task['trace']}")
+    return "\n".join(parts) or "(no trace reported)"
+
+
+def down(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
+    """Stop what this launcher started, newest first; returns what was running."""
+    stopped: dict[str, bool] = {}
+    for name, component in (
+        ("connect", LocalConnect(settings)),
+        ("kafka", LocalKafka(settings)),
+        ("postgres", EmbeddedPostgres(settings)),
+    ):
+        was_running = component.stop()
+        stopped[name] = was_running
+        report(f"{name}: {'stopped' if was_running else 'not running'}")
+    return stopped
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """Every component's state, the connector and its tasks, the slot and dead letters."""
+    result: dict[str, Any] = {"home": str(settings.home)}
+    pg = EmbeddedPostgres(settings)
+    postgres: dict[str, Any] = {"embedded": settings.embedded_postgres}
+    if settings.embedded_postgres:
+        postgres["pid"] = pg.pid()
+    try:
+        url = database_url(settings)
+        postgres["url"] = redact(url)
+        with connect(url, autocommit=True) as conn:
+            postgres["version"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            postgres["state"] = "RUNNING"
+            result["dead_letters"] = _count_dead_letters(conn)
+        with connect(source_database_url(settings), autocommit=True) as conn:
+            result["slot"] = slot_status(conn)
+    except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
+        postgres["state"] = "DOWN"
+        postgres["error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    result["postgres"] = postgres
+
+    kafka = describe_kafka(settings.bootstrap_servers)
+    kafka["bootstrap_servers"] = settings.bootstrap_servers
+    kafka["local"] = settings.local_kafka
+    if settings.local_kafka:
+        kafka["pid"] = LocalKafka(settings).process.pid()
+    result["kafka"] = kafka
+
+    client = ConnectClient(settings.connect_rest_url, timeout=5)
+    connect_info: dict[str, Any] = {"url": settings.connect_rest_url, "local": settings.local_connect}
+    if settings.local_connect:
+        connect_info["pid"] = LocalConnect(settings).process.pid()
+    try:
+        connect_info["version"] = client.info().get("version")
+        connect_info["state"] = "RUNNING"
+        raw = client.status(settings.connector_name)
+        result["connector"] = _connector_report(settings.connector_name, raw)
+    except ConnectError as exc:
+        connect_info["state"] = "DOWN"
+        connect_info["error"] = str(exc)
+        result["connector"] = {"name": settings.connector_name, "state": "UNKNOWN"}
+    result["connect"] = connect_info
+    return result
+
+
+def _connector_report(name: str, raw: dict[str, Any] | None) -> dict[str, Any]:
+    if raw is None:
+        return {"name": name, "state": "MISSING"}
+    return {
+        "name": name,
+        "state": connector_state(raw),
+        "connector_state": raw["connector"]["state"],
+        "connector_trace": raw["connector"].get("trace"),
+        "tasks": [
+            {"id": t["id"], "state": t["state"], "worker": t.get("worker_id"),
+             "trace": t.get("trace")}
+            for t in raw.get("tasks", [])
+        ],
+    }
+
+
+def _count_dead_letters(conn: Any) -> int | None:
+    row = conn.execute(
+        "SELECT count(*) FROM rag.dead_letters WHERE resolved_at IS NULL"
+    ).fetchone() if _has_table(conn, "rag.dead_letters") else None
+    return None if row is None else int(row[0])
+
+
+def _has_table(conn: Any, name: str) -> bool:
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]  # type: ignore[no-any-return]

@@ -1,0 +1,40 @@
+"""Fill the launcher's `${NAME}` placeholders in the files under connectors/.
+
+Only upper-case names are the launcher's; Kafka Connect's own config-provider references such
+as `${file:/path:key}` or `${env:NAME}` pass through untouched, to be resolved by the worker.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from freshet.settings import PROJECT_ROOT
+
+CONNECTORS_DIR = PROJECT_ROOT / "connectors"
+_PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
+
+
+class TemplateError(KeyError):
+    """A placeholder has no value."""
+
+
+def render(text: str, values: Mapping[str, str]) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise TemplateError(f"no value for placeholder ${{{name}}}")
+        return values[name]
+
+    return _PLACEHOLDER.sub(substitute, text)
+
+
+def render_file(name: str, values: Mapping[str, str]) -> str:
+    return render((CONNECTORS_DIR / name).read_text(), values)
+
+
+def write_rendered(name: str, values: Mapping[str, str], target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render_file(name, values))
+    return target

