@@ -109,7 +109,9 @@ class ConnectClient:
     def restart(self, name: str, include_tasks: bool = True, only_failed: bool = False) -> None:
         tasks = "true" if include_tasks else "false"
         failed = "true" if only_failed else "false"
-        self._request("POST", f"/connectors/{name}/restart?includeTasks={tasks}&onlyFailed={failed}")
+        self._request(
+            "POST", f"/connectors/{name}/restart?includeTasks={tasks}&onlyFailed={failed}"
+        )
 
     def delete(self, name: str) -> None:
         self._request("DELETE", f"/connectors/{name}")

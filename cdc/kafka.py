@@ -57,8 +57,15 @@ class LocalKafka:
             cluster_id_file.write_text(raw)
         cluster_id = cluster_id_file.read_text().strip()
         argv = java_command(
-            self.settings, "256m", "kafka.tools.StorageTool",
-            "format", "-t", cluster_id, "-c", str(config), "--ignore-formatted",
+            self.settings,
+            "256m",
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(config),
+            "--ignore-formatted",
         )
         result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
@@ -99,9 +106,22 @@ class LocalKafka:
         return self.process.stop(timeout=60)
 
 
+def _reachable(bootstrap_servers: str) -> bool:
+    """Some bootstrap address accepts TCP (checked before a client is built: kafka-python
+    leaves sockets open when its first connection is refused)."""
+    for address in bootstrap_servers.split(","):
+        host, _, port = address.strip().rpartition(":")
+        if host and port.isdigit() and port_in_use(int(port), host=host.strip("[]")):
+            return True
+    return False
+
+
 def broker_ready(bootstrap_servers: str) -> bool:
     """True when the cluster answers a metadata request."""
     from kafka import KafkaAdminClient
+
+    if not _reachable(bootstrap_servers):
+        return False
 
     admin = KafkaAdminClient(
         bootstrap_servers=bootstrap_servers,
@@ -119,6 +139,8 @@ def describe_kafka(bootstrap_servers: str) -> dict[str, object]:
     """Broker reachability and topics, for `freshet status`."""
     from kafka import KafkaAdminClient
 
+    if not _reachable(bootstrap_servers):
+        return {"state": "DOWN", "error": f"nothing listens at {bootstrap_servers}"}
     try:
         admin = KafkaAdminClient(
             bootstrap_servers=bootstrap_servers,

@@ -77,8 +77,14 @@ class EmbeddedPostgres:
         except KeyError:
             logger.info("creating system user %s to run PostgreSQL (it refuses root)", OS_USER)
             subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                 OS_USER],
+                [
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    OS_USER,
+                ],
                 check=True,
                 capture_output=True,
             )
@@ -128,8 +134,15 @@ class EmbeddedPostgres:
         self._init()
         self._write_conf()
         result = self._pg(
-            "pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-w", "-t",
-            str(int(self.settings.startup_timeout)), "start",
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_file),
+            "-w",
+            "-t",
+            str(int(self.settings.startup_timeout)),
+            "start",
         )
         if result.returncode != 0:
             raise StackError(
@@ -163,15 +176,24 @@ class EmbeddedPostgres:
             )
         logger.info("initialising PostgreSQL in %s", self.data_dir)
         result = self._pg(
-            "initdb", "-D", str(self.data_dir), "-U", EMBEDDED_SUPERUSER, "--encoding=UTF8",
-            "--locale=C.UTF-8", "--auth-local=trust", "--auth-host=scram-sha-256",
+            "initdb",
+            "-D",
+            str(self.data_dir),
+            "-U",
+            EMBEDDED_SUPERUSER,
+            "--encoding=UTF8",
+            "--locale=C.UTF-8",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
         )
         if result.returncode != 0:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             raise StackError(f"initdb failed: {result.stderr.strip() or result.stdout.strip()}")
         conf = self.data_dir / "postgresql.conf"
         with conf.open("a") as handle:
-            handle.write("\n# Freshet's settings, rewritten on every start\ninclude = 'freshet.conf'\n")
+            handle.write(
+                "\n# Freshet's settings, rewritten on every start\ninclude = 'freshet.conf'\n"
+            )
 
     def _write_conf(self) -> None:
         self.socket_dir.mkdir(exist_ok=True)
@@ -206,7 +228,9 @@ class EmbeddedPostgres:
                 path.parent.chmod(0o700)
                 path.write_text(secrets.token_urlsafe(24) + "\n")
                 path.chmod(0o600)
-        conninfo = f"host={self.socket_dir} port={self.port} user={EMBEDDED_SUPERUSER} dbname=postgres"
+        conninfo = (
+            f"host={self.socket_dir} port={self.port} user={EMBEDDED_SUPERUSER} dbname=postgres"
+        )
         with psycopg.connect(conninfo, autocommit=True) as conn:
             exists = conn.execute(
                 "SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DB,)
@@ -227,4 +251,3 @@ class EmbeddedPostgres:
                 else sql.SQL("CREATE ROLE {} LOGIN REPLICATION PASSWORD {}")
             )
             conn.execute(statement.format(sql.Identifier(CDC_ROLE), sql.Literal(cdc_password)))
-

@@ -19,6 +19,10 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# Services started by this process, kept so their exit can be collected (no zombies, and no
+# "subprocess still running" warnings when a Popen object is dropped while the daemon runs).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
 
 class StackError(RuntimeError):
     """A service could not be started or reached; the message says which and what to do."""
@@ -115,6 +119,7 @@ class ManagedProcess:
                 env=dict(env) if env is not None else None,
                 start_new_session=True,  # Ctrl+C in the terminal does not reach it; `down` does
             )
+        _CHILDREN[proc.pid] = proc
         self.pid_file.write_text(f"{proc.pid}\n")
         logger.info("started %s pid=%s log=%s", self.name, proc.pid, self.log_file)
         return proc.pid
@@ -152,7 +157,12 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 def _reap(pid: int) -> None:
-    """Collect the exit status when the process is our own child (the CLI started it)."""
+    """Collect the exit status when the process is our own child (this process started it)."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is not None:
+            del _CHILDREN[pid]
+        return
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
 

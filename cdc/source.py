@@ -67,8 +67,9 @@ def prepare_source(conn: psycopg.Connection, *, cdc_role: str | None) -> None:
                     sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(ident, role)
                 )
                 conn.execute(
-                    sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT SELECT ON TABLES TO {}")
-                    .format(ident, role)
+                    sql.SQL(
+                        "ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT SELECT ON TABLES TO {}"
+                    ).format(ident, role)
                 )
             conn.execute(
                 sql.SQL("GRANT INSERT, UPDATE ON freshet_cdc.heartbeat TO {}").format(role)

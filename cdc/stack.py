@@ -20,7 +20,7 @@ from cdc.connect import ConnectClient, ConnectError, LocalConnect, connector_sta
 from cdc.connect import register_connector as put_connector
 from cdc.kafka import LocalKafka, describe_kafka
 from cdc.postgres import EmbeddedPostgres
-from cdc.processes import StackError
+from cdc.processes import PortTakenError, StackError, port_in_use
 from cdc.source import connector_values, prepare_source, slot_status, write_connector_secrets
 from freshet.db import CDC_ROLE, connect, database_url, redact, source_database_url
 from freshet.settings import PROJECT_ROOT, Settings
@@ -46,9 +46,10 @@ def migrate(url: str) -> None:
 def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     """Start what is not running; returns, per component, whether this call started it."""
     started: dict[str, bool] = {}
+    preflight(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
     if settings.embedded_postgres:
-        report("PostgreSQL: starting (embedded, 127.0.0.1:%d)" % settings.pg_port)
+        report(f"PostgreSQL: starting (embedded, 127.0.0.1:{settings.pg_port})")
         started["postgres"] = EmbeddedPostgres(settings).start()
     url = database_url(settings)
     report("migrations: upgrading schema rag to head")
@@ -65,10 +66,10 @@ def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
         prepare_source(conn, cdc_role=CDC_ROLE if source_embedded else None)
 
     if settings.local_kafka:
-        report("Kafka: starting (KRaft, 127.0.0.1:%d)" % settings.kafka_port)
+        report(f"Kafka: starting (KRaft, 127.0.0.1:{settings.kafka_port})")
         started["kafka"] = LocalKafka(settings).start()
     if settings.local_connect:
-        report("Kafka Connect: starting (%s)" % settings.connect_rest_url)
+        report(f"Kafka Connect: starting ({settings.connect_rest_url})")
         started["connect"] = LocalConnect(settings).start()
 
     secrets_file = write_connector_secrets(settings, source_url, source_embedded)
@@ -79,6 +80,26 @@ def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     report(f"connector {settings.connector_name}: waiting for RUNNING")
     wait_for_connector(client, settings.connector_name, settings.startup_timeout)
     return started
+
+
+def preflight(settings: Settings) -> None:
+    """Fail before starting anything when a port of a service we must start is taken."""
+    checks: list[tuple[str, int, str, bool]] = []
+    if settings.embedded_postgres:
+        running = EmbeddedPostgres(settings).running()
+        checks.append(("PostgreSQL", settings.pg_port, "FRESHET_PG_PORT", running))
+    if settings.local_kafka:
+        running = LocalKafka(settings).running()
+        checks.append(("Kafka", settings.kafka_port, "FRESHET_KAFKA_PORT", running))
+        checks.append(
+            ("Kafka", settings.kafka_controller_port, "FRESHET_KAFKA_CONTROLLER_PORT", running)
+        )
+    if settings.local_connect:
+        running = LocalConnect(settings).running()
+        checks.append(("Kafka Connect", settings.connect_port, "FRESHET_CONNECT_PORT", running))
+    for service, port, setting, ours_running in checks:
+        if not ours_running and port_in_use(port):
+            raise PortTakenError(service, port, setting)
 
 
 def wait_for_connector(client: ConnectClient, name: str, timeout: float) -> dict[str, Any]:
@@ -157,7 +178,10 @@ def status(settings: Settings) -> dict[str, Any]:
     result["kafka"] = kafka
 
     client = ConnectClient(settings.connect_rest_url, timeout=5)
-    connect_info: dict[str, Any] = {"url": settings.connect_rest_url, "local": settings.local_connect}
+    connect_info: dict[str, Any] = {
+        "url": settings.connect_rest_url,
+        "local": settings.local_connect,
+    }
     if settings.local_connect:
         connect_info["pid"] = LocalConnect(settings).process.pid()
     try:
@@ -182,19 +206,23 @@ def _connector_report(name: str, raw: dict[str, Any] | None) -> dict[str, Any]:
         "connector_state": raw["connector"]["state"],
         "connector_trace": raw["connector"].get("trace"),
         "tasks": [
-            {"id": t["id"], "state": t["state"], "worker": t.get("worker_id"),
-             "trace": t.get("trace")}
+            {
+                "id": t["id"],
+                "state": t["state"],
+                "worker": t.get("worker_id"),
+                "trace": t.get("trace"),
+            }
             for t in raw.get("tasks", [])
         ],
     }
 
 
 def _count_dead_letters(conn: Any) -> int | None:
-    row = conn.execute(
-        "SELECT count(*) FROM rag.dead_letters WHERE resolved_at IS NULL"
-    ).fetchone() if _has_table(conn, "rag.dead_letters") else None
-    return None if row is None else int(row[0])
+    if not _has_table(conn, "rag.dead_letters"):
+        return None
+    row = conn.execute("SELECT count(*) FROM rag.dead_letters WHERE resolved_at IS NULL").fetchone()
+    return int(row[0])
 
 
 def _has_table(conn: Any, name: str) -> bool:
-    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]  # type: ignore[no-any-return]
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]

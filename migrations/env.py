@@ -9,7 +9,7 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import MetaData, create_engine, pool
+from sqlalchemy import Connection, MetaData, create_engine, pool
 
 from freshet.db import database_url, sqlalchemy_url
 from freshet.settings import Settings
@@ -29,7 +29,7 @@ target_metadata = MetaData(schema="rag", naming_convention=NAMING_CONVENTION)
 VERSION_TABLE_SCHEMA = "rag"
 
 
-def _run(connection) -> None:  # type: ignore[no-untyped-def]
+def _run(connection: Connection) -> None:
     connection.exec_driver_sql("CREATE SCHEMA IF NOT EXISTS rag")
     context.configure(
         connection=connection,
