@@ -103,6 +103,7 @@ def connector_values(settings: Settings, source_url: str, secrets_file: Path) ->
         "SOURCE_DBNAME": parts["dbname"],
         "SECRETS_FILE": str(secrets_file),
         "TOPIC_PREFIX": settings.topic_prefix,
+        "HEARTBEAT_MS": str(settings.heartbeat_ms),
     }
 
 

@@ -85,6 +85,8 @@ class Settings:
     topic_prefix: str = "freshet"
     # FRESHET_CONNECTOR: name of the Debezium connector registered in Connect.
     connector_name: str = "freshet-postgres-source"
+    # FRESHET_HEARTBEAT_MS: Debezium heartbeat interval; each beat keeps the slot advancing.
+    heartbeat_ms: int = 10000
     # FRESHET_STARTUP_TIMEOUT: seconds to wait for each service to become healthy.
     startup_timeout: float = 180.0
     # FRESHET_LOAD_DEMO: load the demo tables of schema `app` into the captured database on `up`.
@@ -122,6 +124,7 @@ class Settings:
             connect_heap=env.get("FRESHET_CONNECT_HEAP") or defaults.connect_heap,
             topic_prefix=env.get("FRESHET_TOPIC_PREFIX") or defaults.topic_prefix,
             connector_name=env.get("FRESHET_CONNECTOR") or defaults.connector_name,
+            heartbeat_ms=_int(env, "FRESHET_HEARTBEAT_MS", defaults.heartbeat_ms),
             startup_timeout=float(_int(env, "FRESHET_STARTUP_TIMEOUT", 180)),
             load_demo=_bool(env, "FRESHET_LOAD_DEMO", True),
             embedding_model=env.get("EMBEDDING_MODEL") or defaults.embedding_model,

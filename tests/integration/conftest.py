@@ -35,6 +35,7 @@ def stack_env(home: Path) -> dict[str, str]:
         FRESHET_CONNECT_PORT=str(free_port()),
         FRESHET_PG_SHARED_BUFFERS="128MB",
         FRESHET_PG_MAINTENANCE_WORK_MEM="256MB",
+        FRESHET_HEARTBEAT_MS="1000",
     )
     return env
 

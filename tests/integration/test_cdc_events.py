@@ -128,3 +128,30 @@ def test_demo_tables_were_snapshotted(running_stack: Settings) -> None:
     finally:
         consumer.close()
     assert len(reads) == expected[0]
+
+
+def test_heartbeats_keep_the_slot_advancing_while_captured_tables_are_idle(
+    running_stack: Settings,
+) -> None:
+    """WAL written only to tables outside the publication must not stay pinned by the slot."""
+    settings = running_stack
+    with connect(source_database_url(settings), autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS public.wal_filler (id serial, pad text)")
+        conn.execute(
+            "INSERT INTO public.wal_filler (pad) "
+            "SELECT repeat('x', 1000) FROM generate_series(1, 5000)"
+        )
+        written = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+        assert written is not None
+        deadline = time.monotonic() + 30
+        advanced = False
+        while time.monotonic() < deadline and not advanced:
+            row = conn.execute(
+                "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots "
+                "WHERE slot_name = 'freshet_slot'",
+                (written[0],),
+            ).fetchone()
+            advanced = bool(row and row[0])
+            time.sleep(0.5)
+        conn.execute("DROP TABLE public.wal_filler")
+    assert advanced, "the slot's confirmed_flush_lsn did not pass the idle WAL within 30 s"
