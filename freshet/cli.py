@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -80,6 +81,81 @@ def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _install_stop_handlers() -> threading.Event:
+    """First SIGINT/SIGTERM asks for a graceful stop; a second Ctrl+C exits at once."""
+    stop = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            print("freshet: second interrupt, exiting now", file=sys.stderr)
+            os._exit(130)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
+
+
+def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
+    """One sync worker in the foreground, until SIGINT/SIGTERM."""
+    from sync.metrics import serve
+    from sync.worker import build_worker, progress_printer
+
+    if args.metrics_port is not None:
+        settings = settings.with_overrides(metrics_port=args.metrics_port)
+    stop = _install_stop_handlers()
+    worker = build_worker(settings)
+    worker.progress = progress_printer()
+    server = None
+    if settings.metrics_port:
+        try:
+            server = serve(worker.metrics, settings.metrics_port)
+            _say(f"metrics on http://127.0.0.1:{settings.metrics_port}/metrics")
+        except OSError as exc:
+            _say(f"metrics endpoint not started: port {settings.metrics_port}: {exc}")
+    try:
+        worker.run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()
+    return 0
+
+
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from freshet.db import connect, database_url
+    from sync import deadletters
+
+    with connect(database_url(settings), autocommit=True, vector=True) as conn:
+        if args.action == "list":
+            letters = deadletters.list_dead_letters(
+                conn, include_resolved=args.all, limit=args.limit
+            )
+            if args.json:
+                print(json.dumps([d.as_json() for d in letters], indent=2))
+                return 0
+            if not letters:
+                _say("no dead letters")
+            for d in letters:
+                state = "resolved" if d.resolved_at else f"replays={d.replay_count}"
+                print(f"{d.id:>6}  {d.topic}[{d.partition}]@{d.offset}  {d.stage:<6} {state}")
+                print(f"        {d.error_type}: {d.reason}")
+            return 0
+        from sync.changes import Router
+        from sync.mapping import Mappings
+        from sync.replay import replay
+        from sync.worker import build_worker
+
+        worker = build_worker(settings)
+        router = Router(Mappings.load(settings.mappings_path), settings.topic_prefix)
+        outcomes = replay(conn, router, worker.writer, args.ids or None)
+        for outcome in outcomes:
+            verdict = "resolved" if outcome.resolved else f"still failing: {outcome.reason}"
+            print(f"{outcome.id:>6}  {verdict}")
+        if not outcomes:
+            _say("nothing to replay")
+        return 0 if all(o.resolved for o in outcomes) else 1
+
+
 def render_status(report: dict[str, Any]) -> str:
     """The human form of `freshet status`."""
     lines = [f"FRESHET_HOME  {report['home']}"]
@@ -139,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="`up` with the demo data; Ctrl+C stops everything it started")
     snap = sub.add_parser("snapshot", help="re-snapshot tables through Debezium's signal table")
     snap.add_argument("tables", nargs="+", metavar="TABLE", help="e.g. app.articles")
+    sync = sub.add_parser("sync", help="run one sync worker in the foreground")
+    sync.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: off)")
+    dlq = sub.add_parser("dlq", help="list or replay dead letters")
+    dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dlq_list = dlq_sub.add_parser("list", help="dead letters not yet resolved")
+    dlq_list.add_argument("--all", action="store_true", help="include resolved ones")
+    dlq_list.add_argument("--limit", type=int, default=100)
+    dlq_list.add_argument("--json", action="store_true")
+    dlq_replay = dlq_sub.add_parser("replay", help="re-run dead letters through the current code")
+    dlq_replay.add_argument("ids", nargs="*", type=int, metavar="ID", help="default: all")
     return parser
 
 
@@ -148,6 +234,8 @@ COMMANDS = {
     "status": cmd_status,
     "demo": cmd_demo,
     "snapshot": cmd_snapshot,
+    "sync": cmd_sync,
+    "dlq": cmd_dlq,
 }
 
 

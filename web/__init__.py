@@ -1,1 +1,137 @@
 """The Flask app: retrieval, answers with citations, web UI and REST API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from freshet.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Demo-only bearer tokens: anyone who reads this file knows them. Set FRESHET_API_TOKENS
+#: (JSON) or FRESHET_API_TOKENS_FILE (a JSON file) for anything but the local demo.
+DEMO_API_TOKENS: dict[str, dict[str, Any]] = {
+    "demo-public": {"user": "demo-public", "groups": [], "admin": False},
+    "demo-staff": {"user": "demo-staff", "groups": ["staff"], "admin": False},
+    "demo-support": {"user": "demo-support", "groups": ["support"], "admin": False},
+    "demo-admin": {"user": "demo-admin", "groups": [], "admin": True},
+}
+
+DEFAULTS: dict[str, Any] = {
+    # None: resolved at first use from Settings (DATABASE_URL or the embedded PostgreSQL).
+    "DATABASE_URL": None,
+    # None: Settings.embedding_model / Settings.llm_backend (EMBEDDING_MODEL, LLM_BACKEND).
+    "EMBEDDING_MODEL": None,
+    "LLM_BACKEND": None,
+    "OPENAI_BASE_URL": "http://127.0.0.1:11434/v1",
+    "OPENAI_API_KEY": "",
+    "LLM_MODEL": "",
+    "LLM_TIMEOUT": 60.0,
+    "LLM_MAX_RETRIES": 3,
+    "LLM_MAX_TOKENS": 256,
+    "HNSW_EF_SEARCH": 100,
+    "PUBLIC_DOCUMENTS": True,
+    "ALLOW_ANONYMOUS": True,
+    "API_TOKENS": DEMO_API_TOKENS,
+    "API_TOKENS_FILE": None,
+    "MAX_CONTENT_LENGTH": 64 * 1024,
+    "DEFAULT_K": 5,
+    # Cosine similarity below which the extractive answerer says it found nothing relevant.
+    "EXTRACTIVE_MIN_SCORE": 0.35,
+    "ANSWER_STORE_SIZE": 1000,
+    "POOL_MIN_SIZE": 1,
+    "POOL_MAX_SIZE": 10,
+    "CONNECT_TIMEOUT": 2.0,
+    # None: Settings.from_env(), built on first use; server.run passes its own.
+    "SETTINGS": None,
+}
+
+#: test_config keys holding ready-made objects, moved into app.extensions by the factory.
+INJECTABLE = {
+    "RETRIEVER": "freshet.retriever",
+    "EMBEDDER": "freshet.embedder",
+    "ANSWERER": "freshet.answerer",
+    "ANSWER_STORE": "freshet.answer_store",
+}
+
+_lock = threading.Lock()
+
+
+def create_app(
+    test_config: Mapping[str, Any] | None = None, *, settings: Settings | None = None
+) -> Flask:
+    """Application factory: defaults, then FRESHET_* environment variables, then test_config."""
+    app = Flask(__name__)
+    app.config.from_mapping(DEFAULTS)
+    if settings is not None:
+        app.config["SETTINGS"] = settings
+    app.config.from_prefixed_env("FRESHET")
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    _load_tokens_file(app)
+    for key, extension in INJECTABLE.items():
+        if app.config.get(key) is not None:
+            app.extensions[extension] = app.config.pop(key)
+
+    from web import answers, db, errors
+    from web.api import bp as api_bp
+    from web.ui import bp as ui_bp
+
+    db.init_app(app)
+    errors.init_app(app)
+    answers.init_app(app)
+    app.register_blueprint(api_bp)
+    app.register_blueprint(ui_bp)
+    return app
+
+
+def _load_tokens_file(app: Flask) -> None:
+    path = app.config.get("API_TOKENS_FILE")
+    if not path:
+        return
+    try:
+        tokens = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"FRESHET_API_TOKENS_FILE={path!r} is not a readable JSON file: {exc}")
+    if not isinstance(tokens, dict):
+        raise RuntimeError(f"FRESHET_API_TOKENS_FILE={path!r} must hold a JSON object")
+    app.config["API_TOKENS"] = tokens
+
+
+def app_settings(app: Flask) -> Settings:
+    """The app's Settings: the one it was built with, else Settings.from_env() on first use."""
+    settings = app.config.get("SETTINGS")
+    if settings is None:
+        with _lock:
+            settings = app.config.get("SETTINGS")
+            if settings is None:
+                settings = Settings.from_env()
+                app.config["SETTINGS"] = settings
+    assert isinstance(settings, Settings)
+    return settings
+
+
+def config_value(app: Flask, key: str) -> Any:
+    """A config value whose None default is filled from the Settings (EMBEDDING_MODEL...)."""
+    value = app.config.get(key)
+    if value is not None:
+        return value
+    settings = app_settings(app)
+    if key == "EMBEDDING_MODEL":
+        return settings.embedding_model
+    if key == "LLM_BACKEND":
+        return settings.llm_backend
+    if key == "DATABASE_URL":
+        from freshet.db import database_url
+
+        value = database_url(settings)
+        app.config["DATABASE_URL"] = value
+        return value
+    return None

@@ -1,0 +1,120 @@
+"""Bearer tokens -> users with access groups; an admin sees every group.
+
+The token table comes from the app config (API_TOKENS, or the JSON file FRESHET_API_TOKENS_FILE).
+Its default holds the demo tokens of ``web.DEMO_API_TOKENS``: for the local demo only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import current_app, g, request
+
+from web.errors import ApiError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class User:
+    """Who asks: a name, the access groups they belong to, and whether they see everything."""
+
+    name: str
+    groups: tuple[str, ...] = field(default_factory=tuple)
+    admin: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"user": self.name, "groups": list(self.groups), "admin": self.admin}
+
+
+ANONYMOUS = User("anonymous")
+
+
+class TokenError(ValueError):
+    """A token table entry or an Authorization header that cannot be used."""
+
+
+def parse_tokens(raw: Mapping[str, Any]) -> dict[str, User]:
+    """Validate a token table ``{token: {user, groups, admin}}`` into users."""
+    if not isinstance(raw, Mapping):
+        raise TokenError("API_TOKENS must be a mapping of token -> {user, groups, admin}")
+    users: dict[str, User] = {}
+    for token, entry in raw.items():
+        if not isinstance(token, str) or not token:
+            raise TokenError("every API token must be a non-empty string")
+        if not isinstance(entry, Mapping):
+            raise TokenError(f"API token entry for user of token #{len(users) + 1} is not a map")
+        name = entry.get("user")
+        groups = entry.get("groups", [])
+        admin = entry.get("admin", False)
+        if not isinstance(name, str) or not name:
+            raise TokenError(f"API token #{len(users) + 1} has no user name")
+        if not isinstance(groups, list) or not all(isinstance(x, str) and x for x in groups):
+            raise TokenError(f"API token of user {name!r}: groups must be a list of names")
+        if not isinstance(admin, bool):
+            raise TokenError(f"API token of user {name!r}: admin must be true or false")
+        users[token] = User(name, tuple(sorted(set(groups))), admin)
+    return users
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; None when there is none."""
+    if header is None or not header.strip():
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise TokenError("the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+def authenticate(
+    header: str | None, tokens: Mapping[str, User], allow_anonymous: bool
+) -> User | None:
+    """The user of a request; None for an unknown token or a missing one when anonymous is off."""
+    token = bearer_token(header)
+    if token is None:
+        return ANONYMOUS if allow_anonymous else None
+    # Constant-time comparison against every token, so timing does not reveal prefixes.
+    found: User | None = None
+    for known, user in tokens.items():
+        if hmac.compare_digest(known.encode(), token.encode()):
+            found = user
+    return found
+
+
+def _tokens() -> dict[str, User]:
+    cached = current_app.extensions.get("freshet.tokens")
+    if cached is None:
+        cached = parse_tokens(current_app.config.get("API_TOKENS") or {})
+        current_app.extensions["freshet.tokens"] = cached
+    return cached  # type: ignore[no-any-return]
+
+
+def current_user() -> User:
+    """The request's user, or a 401 ApiError; cached on ``g`` for the request."""
+    user = g.get("freshet_user")
+    if isinstance(user, User):
+        return user
+    try:
+        user = authenticate(
+            request.headers.get("Authorization"),
+            _tokens(),
+            bool(current_app.config.get("ALLOW_ANONYMOUS", True)),
+        )
+    except TokenError as exc:
+        raise ApiError(str(exc), 401) from None
+    if user is None:
+        raise ApiError("a valid bearer token is required", 401)
+    g.freshet_user = user
+    return user
+
+
+def require_admin() -> User:
+    user = current_user()
+    if not user.admin:
+        raise ApiError("this resource needs an admin token", 403)
+    return user

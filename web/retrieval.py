@@ -1,0 +1,360 @@
+"""Retrieval over schema rag: dense (pgvector HNSW), full-text (tsvector) and their RRF fusion.
+
+Access control is part of every SQL statement (design rule 8), never a filter applied
+afterwards, so a user's k results are k results they may see. All SQL is composed with
+psycopg.sql; values travel as parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from freshet.embedder import Embedder
+from web.auth import User
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["dense", "text", "hybrid"]
+MODES: tuple[str, ...] = ("dense", "text", "hybrid")
+RRF_K = 60
+MAX_CANDIDATES = 1000  # hnsw.ef_search cannot exceed 1000
+
+_CHUNK_COLUMNS = sql.SQL(
+    "c.id, c.document_id, c.source_table, c.doc_key, c.chunk_index, c.text, c.metadata, "
+    "c.access_groups, c.source_lsn, c.source_ts"
+)
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One retrieved chunk with where it came from and how it scored."""
+
+    chunk_id: int
+    document_id: int
+    source_table: str
+    doc_key: str
+    chunk_index: int
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    access_groups: tuple[str, ...] = ()
+    source_lsn: int = 0
+    source_ts: datetime | None = None
+    title: str | None = None
+    score: float = 0.0
+    distance: float | None = None
+    text_rank: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chunk_id": self.chunk_id,
+            "document_id": self.document_id,
+            "source_table": self.source_table,
+            "doc_key": self.doc_key,
+            "chunk_index": self.chunk_index,
+            "title": self.title,
+            "text": self.text,
+            "metadata": self.metadata,
+            "access_groups": list(self.access_groups),
+            "source_lsn": self.source_lsn,
+            "source_ts": self.source_ts.isoformat() if self.source_ts else None,
+            "score": self.score,
+            "distance": self.distance,
+            "text_rank": self.text_rank,
+        }
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Restrictions on a search: source tables (any of) and metadata (jsonb containment)."""
+
+    tables: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.tables or self.metadata)
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document as a user may see it: its fields and the text of its visible chunks."""
+
+    id: int
+    source_table: str
+    doc_key: str
+    title: str | None
+    metadata: dict[str, Any]
+    access_groups: tuple[str, ...]
+    source_lsn: int
+    source_ts: datetime | None
+    indexed_at: datetime | None
+    chunks: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "source_table": self.source_table,
+            "doc_key": self.doc_key,
+            "title": self.title,
+            "metadata": self.metadata,
+            "access_groups": list(self.access_groups),
+            "source_lsn": self.source_lsn,
+            "source_ts": self.source_ts.isoformat() if self.source_ts else None,
+            "indexed_at": self.indexed_at.isoformat() if self.indexed_at else None,
+            "chunks": self.chunks,
+        }
+
+
+class Retriever(ABC):
+    """What the API needs from retrieval; the app's is PgRetriever, tests inject fakes."""
+
+    @abstractmethod
+    def search(
+        self,
+        query: str,
+        user: User,
+        *,
+        k: int = 5,
+        mode: Mode = "hybrid",
+        filters: Filters = Filters(),
+        dedupe: bool = False,
+    ) -> list[Passage]:
+        """Up to k passages the user may see, best first."""
+
+    @abstractmethod
+    def document(self, source_table: str, doc_key: str, user: User) -> Document | None:
+        """The document with its visible chunks; None when unknown, deleted or not visible."""
+
+
+def rrf(rankings: Iterable[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion: score(id) = sum over lists of 1 / (k + rank), rank from 1.
+
+    Ties keep the order in which ids were first seen, so the result is deterministic.
+    """
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, start=1):
+            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+    order = {item: i for i, item in enumerate(scores)}
+    return sorted(scores.items(), key=lambda kv: (-kv[1], order[kv[0]]))
+
+
+def dedupe_by_document(passages: Iterable[Passage]) -> list[Passage]:
+    """Keep the first (best) passage of each document."""
+    seen: set[int] = set()
+    out: list[Passage] = []
+    for p in passages:
+        if p.document_id not in seen:
+            seen.add(p.document_id)
+            out.append(p)
+    return out
+
+
+def acl_condition(user: User, public_documents: bool, alias: str = "c") -> sql.Composable:
+    """The access predicate for rows of ``alias``; binds %(groups)s and %(public)s."""
+    if user.admin:
+        return sql.SQL("TRUE")
+    return sql.SQL(
+        "({a}.access_groups && %(groups)s::text[] "
+        "OR (cardinality({a}.access_groups) = 0 AND %(public)s))"
+    ).format(a=sql.Identifier(alias))
+
+
+def where_clause(user: User, public_documents: bool, filters: Filters) -> sql.Composed:
+    """ACL plus filters, joined with AND, for chunks aliased ``c``."""
+    parts: list[sql.Composable] = [acl_condition(user, public_documents)]
+    if filters.tables:
+        parts.append(sql.SQL("c.source_table = ANY(%(tables)s::text[])"))
+    if filters.metadata:
+        parts.append(sql.SQL("c.metadata @> %(metadata)s"))
+    return sql.SQL(" AND ").join(parts)
+
+
+def query_params(user: User, public_documents: bool, filters: Filters) -> dict[str, Any]:
+    return {
+        "groups": list(user.groups),
+        "public": public_documents,
+        "tables": list(filters.tables),
+        "metadata": Jsonb(dict(filters.metadata or {})),
+    }
+
+
+def _passage(row: Mapping[str, Any], **scores: Any) -> Passage:
+    return Passage(
+        chunk_id=int(row["id"]),
+        document_id=int(row["document_id"]),
+        source_table=row["source_table"],
+        doc_key=row["doc_key"],
+        chunk_index=int(row["chunk_index"]),
+        text=row["text"],
+        metadata=dict(row["metadata"] or {}),
+        access_groups=tuple(row["access_groups"] or ()),
+        source_lsn=int(row["source_lsn"]),
+        source_ts=row["source_ts"],
+        title=row.get("title"),
+        **scores,
+    )
+
+
+class PgRetriever(Retriever):
+    """Retrieval against PostgreSQL + pgvector through the app's pool."""
+
+    def __init__(
+        self,
+        pool: Callable[[], ConnectionPool],
+        embed: Callable[[str], np.ndarray],
+        *,
+        ef_search: int = 100,
+        public_documents: bool = True,
+    ) -> None:
+        self._pool = pool
+        self._embed = embed
+        self.ef_search = ef_search
+        self.public_documents = public_documents
+
+    def search(
+        self,
+        query: str,
+        user: User,
+        *,
+        k: int = 5,
+        mode: Mode = "hybrid",
+        filters: Filters = Filters(),
+        dedupe: bool = False,
+    ) -> list[Passage]:
+        if mode not in MODES:
+            raise ValueError(f"unknown search mode {mode!r}")
+        limit = k if mode != "hybrid" else max(2 * k, 20)
+        while True:
+            fetch = min(limit * (4 if dedupe else 1), MAX_CANDIDATES)
+            dense = self.dense(query, user, fetch, filters) if mode != "text" else []
+            text = self.text(query, user, fetch, filters) if mode != "dense" else []
+            results = fuse(dense, text) if mode == "hybrid" else dense or text
+            if dedupe:
+                results = dedupe_by_document(results)
+            exhausted = len(dense) < fetch and len(text) < fetch
+            if len(results) >= k or exhausted or fetch >= MAX_CANDIDATES:
+                return results[:k]
+            limit *= 4  # duplicates of one document crowded the candidates out
+
+    def dense(self, query: str, user: User, limit: int, filters: Filters) -> list[Passage]:
+        """Nearest chunks by cosine distance through the HNSW index."""
+        params = query_params(user, self.public_documents, filters)
+        params.update(vector=self._embed(query), limit=limit)
+        statement = sql.SQL(
+            "WITH hits AS MATERIALIZED ("
+            " SELECT {cols}, c.embedding <=> %(vector)s AS distance"
+            " FROM rag.chunks AS c WHERE {where}"
+            " ORDER BY c.embedding <=> %(vector)s LIMIT %(limit)s)"
+            " SELECT h.*, d.title FROM hits AS h"
+            " JOIN rag.documents AS d ON d.id = h.document_id AND d.deleted_at IS NULL"
+            " ORDER BY h.distance, h.id"
+        ).format(cols=_CHUNK_COLUMNS, where=where_clause(user, self.public_documents, filters))
+        with self._pool().connection() as conn:
+            # ef_search bounds the candidates; below LIMIT it would cut results short.
+            ef = max(self.ef_search, min(limit, MAX_CANDIDATES))
+            conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef)))
+            if filters.active or not user.admin:
+                # pgvector >= 0.8: keep scanning the graph until LIMIT rows pass the filter,
+                # instead of silently returning fewer; relaxed order is re-sorted above.
+                conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+            with conn.cursor(row_factory=dict_row) as cur:
+                rows = cur.execute(statement, params).fetchall()
+        return [
+            _passage(r, score=1.0 - float(r["distance"]), distance=float(r["distance"]))
+            for r in rows
+        ]
+
+    def text(self, query: str, user: User, limit: int, filters: Filters) -> list[Passage]:
+        """Full-text matches ranked by cover density (ts_rank_cd) via the GIN index."""
+        params = query_params(user, self.public_documents, filters)
+        params.update(query=query, limit=limit)
+        statement = sql.SQL(
+            "SELECT {cols}, d.title, ts_rank_cd(c.tsv, q) AS rank"
+            " FROM rag.chunks AS c"
+            " JOIN rag.documents AS d ON d.id = c.document_id AND d.deleted_at IS NULL,"
+            " websearch_to_tsquery('english', %(query)s) AS q"
+            " WHERE c.tsv @@ q AND {where}"
+            " ORDER BY rank DESC, c.id LIMIT %(limit)s"
+        ).format(cols=_CHUNK_COLUMNS, where=where_clause(user, self.public_documents, filters))
+        with self._pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(statement, params).fetchall()
+        return [_passage(r, score=float(r["rank"]), text_rank=float(r["rank"])) for r in rows]
+
+    def document(self, source_table: str, doc_key: str, user: User) -> Document | None:
+        params = query_params(user, self.public_documents, Filters())
+        params.update(source_table=source_table, doc_key=doc_key)
+        doc_sql = sql.SQL(
+            "SELECT d.id, d.source_table, d.doc_key, d.title, d.metadata, d.access_groups,"
+            " d.source_lsn, d.source_ts, d.indexed_at FROM rag.documents AS d"
+            " WHERE d.source_table = %(source_table)s AND d.doc_key = %(doc_key)s"
+            " AND d.deleted_at IS NULL AND {acl}"
+        ).format(acl=acl_condition(user, self.public_documents, "d"))
+        chunk_sql = sql.SQL(
+            "SELECT c.id AS chunk_id, c.chunk_index, c.text, c.source_lsn, c.source_ts"
+            " FROM rag.chunks AS c WHERE c.document_id = %(document_id)s AND {acl}"
+            " ORDER BY c.chunk_index"
+        ).format(acl=acl_condition(user, self.public_documents, "c"))
+        with self._pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(doc_sql, params).fetchone()
+            if row is None:
+                return None
+            chunks = cur.execute(chunk_sql, {**params, "document_id": row["id"]}).fetchall()
+        return Document(
+            id=int(row["id"]),
+            source_table=row["source_table"],
+            doc_key=row["doc_key"],
+            title=row["title"],
+            metadata=dict(row["metadata"] or {}),
+            access_groups=tuple(row["access_groups"] or ()),
+            source_lsn=int(row["source_lsn"]),
+            source_ts=row["source_ts"],
+            indexed_at=row["indexed_at"],
+            chunks=[
+                {**c, "source_ts": c["source_ts"].isoformat() if c["source_ts"] else None}
+                for c in chunks
+            ],
+        )
+
+
+def fuse(dense: Sequence[Passage], text: Sequence[Passage]) -> list[Passage]:
+    """RRF of the dense and text lists; each passage keeps both of its raw scores."""
+    by_id: dict[int, Passage] = {}
+    for p in dense:
+        by_id[p.chunk_id] = p
+    for p in text:
+        known = by_id.get(p.chunk_id)
+        by_id[p.chunk_id] = replace(known, text_rank=p.text_rank) if known else p
+    fused = rrf([[p.chunk_id for p in dense], [p.chunk_id for p in text]])
+    return [replace(by_id[i], score=score) for i, score in fused]
+
+
+class LockedEmbed:
+    """Query embedding through a shared Embedder, one call at a time.
+
+    Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
+    """
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self._lock = threading.Lock()
+
+    def __call__(self, text: str) -> np.ndarray:
+        with self._lock:
+            return self.embedder.embed([text])[0]
+
+    def many(self, texts: Sequence[str]) -> np.ndarray:
+        with self._lock:
+            return self.embedder.embed(list(texts))
