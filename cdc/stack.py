@@ -21,6 +21,7 @@ from cdc.connect import register_connector as put_connector
 from cdc.kafka import LocalKafka, describe_kafka
 from cdc.postgres import EmbeddedPostgres
 from cdc.processes import PortTakenError, StackError, port_in_use
+from cdc.services import LocalSyncWorker
 from cdc.source import connector_values, prepare_source, slot_status, write_connector_secrets
 from freshet.db import CDC_ROLE, connect, database_url, redact, source_database_url
 from freshet.settings import PROJECT_ROOT, Settings
@@ -79,6 +80,9 @@ def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     )
     report(f"connector {settings.connector_name}: waiting for RUNNING")
     wait_for_connector(client, settings.connector_name, settings.startup_timeout)
+    if settings.start_sync:
+        report("sync worker: starting (log in FRESHET_HOME/logs/sync.log)")
+        started["sync"] = LocalSyncWorker(settings).start()
     return started
 
 
@@ -139,6 +143,7 @@ def down(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     """Stop what this launcher started, newest first; returns what was running."""
     stopped: dict[str, bool] = {}
     for name, component in (
+        ("sync", LocalSyncWorker(settings)),
         ("connect", LocalConnect(settings)),
         ("kafka", LocalKafka(settings)),
         ("postgres", EmbeddedPostgres(settings)),
@@ -163,6 +168,7 @@ def status(settings: Settings) -> dict[str, Any]:
             postgres["version"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
             postgres["state"] = "RUNNING"
             result["dead_letters"] = _count_dead_letters(conn)
+            result["workers"] = _workers(conn)
         with connect(source_database_url(settings), autocommit=True) as conn:
             result["slot"] = slot_status(conn)
     except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
@@ -226,3 +232,37 @@ def _count_dead_letters(conn: Any) -> int | None:
 
 def _has_table(conn: Any, name: str) -> bool:
     return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+
+
+def _workers(conn: Any) -> list[dict[str, Any]]:
+    """Sync workers that sent a heartbeat in the last 10 minutes, with lag and freshness."""
+    if not _has_table(conn, "rag.workers"):
+        return []
+    rows = conn.execute(
+        "SELECT worker_id, group_id, state, extract(epoch FROM now() - heartbeat_at),"
+        " events_applied, events_skipped, embeddings, events_per_sec, lag, progress, last_error"
+        " FROM rag.workers WHERE heartbeat_at > now() - interval '10 minutes'"
+        " ORDER BY worker_id"
+    ).fetchall()
+    workers = []
+    for row in rows:
+        progress = row[9] or {}
+        state = row[2] if row[2] == "stopped" or row[3] < 30 else "silent"
+        workers.append(
+            {
+                "worker_id": row[0],
+                "group": row[1],
+                "state": state,
+                "heartbeat_age_s": round(float(row[3]), 1),
+                "events_applied": row[4],
+                "events_stale": row[5],
+                "embeddings": row[6],
+                "events_per_sec": row[7],
+                "lag": sum((row[8] or {}).values()),
+                "lag_by_partition": row[8] or {},
+                "freshness": progress.get("freshness", {}),
+                "dead_letters": progress.get("counters", {}).get("dead_letters", 0),
+                "last_error": row[10],
+            }
+        )
+    return workers

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,11 +85,20 @@ def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
 def _install_stop_handlers() -> threading.Event:
     """First SIGINT/SIGTERM asks for a graceful stop; a second Ctrl+C exits at once."""
     stop = threading.Event()
+    first: list[float] = []
 
     def handle(signum: int, frame: object) -> None:
-        if stop.is_set() and signum == signal.SIGINT:
+        # Tools like `timeout` deliver one signal twice within microseconds; a person's second
+        # Ctrl+C comes later.
+        if stop.is_set() and signum == signal.SIGINT and time.monotonic() - first[0] > 0.5:
             print("freshet: second interrupt, exiting now", file=sys.stderr)
             os._exit(130)
+        if not stop.is_set():
+            first.append(time.monotonic())
+            print(
+                "freshet: stopping after the current batch (Ctrl+C again to exit now)",
+                file=sys.stderr,
+            )
         stop.set()
 
     signal.signal(signal.SIGINT, handle)
@@ -196,6 +206,23 @@ def render_status(report: dict[str, Any]) -> str:
             f"retained WAL {slot['retained_wal_bytes'] or 0:,} bytes, "
             f"confirmed {slot['confirmed_flush_lsn']}"
         )
+    for worker in report.get("workers", []):
+        lines.append(
+            f"sync worker   {worker['state'].upper():<9} {worker['worker_id']}  "
+            f"lag {worker['lag']}, {worker['events_per_sec']:.1f} events/s, "
+            f"{worker['events_applied']} applied, {worker['embeddings']} embeddings, "
+            f"heartbeat {worker['heartbeat_age_s']:.0f}s ago"
+        )
+        for table, hist in sorted(worker["freshness"].items()):
+            if hist.get("p50") is None:
+                continue
+            lines.append(
+                f"  freshness {table}: p50 {hist['p50'] * 1000:.0f} ms, "
+                f"p99 {hist['p99'] * 1000:.0f} ms, max {hist['max'] * 1000:.0f} ms "
+                f"({hist['count']} changes)"
+            )
+        if worker.get("last_error"):
+            lines.append(f"  last error: {worker['last_error']}")
     if report.get("dead_letters") is not None:
         lines.append(f"dead letters  {report['dead_letters']}")
     return "\n".join(lines)

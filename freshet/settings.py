@@ -118,6 +118,8 @@ class Settings:
     sync_batch: int = 500
     # FRESHET_SYNC_FETCH_WAIT_MS: longest the broker holds a fetch waiting for new records.
     sync_fetch_wait_ms: int = 10
+    # FRESHET_START_SYNC: `freshet up` starts one sync worker in the background.
+    start_sync: bool = True
     # FRESHET_METRICS_PORT: Prometheus endpoint of `freshet sync` on 127.0.0.1 (0: off).
     metrics_port: int = 9464
     # LLM_BACKEND: extractive (offline default), openai or transformers.
@@ -165,6 +167,7 @@ class Settings:
             sync_batch=_int(env, "FRESHET_SYNC_BATCH", defaults.sync_batch),
             sync_fetch_wait_ms=_int(env, "FRESHET_SYNC_FETCH_WAIT_MS", defaults.sync_fetch_wait_ms),
             metrics_port=_int(env, "FRESHET_METRICS_PORT", defaults.metrics_port),
+            start_sync=_bool(env, "FRESHET_START_SYNC", True),
             llm_backend=env.get("LLM_BACKEND") or defaults.llm_backend,
         )
 

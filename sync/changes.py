@@ -52,6 +52,7 @@ class Change:
     lsn: int | None = None
     tx_id: int | None = None
     commit_time: datetime | None = None
+    snapshot: bool = False
     # The record as it arrived, for the dead letters should the change fail later.
     raw_key: bytes | None = None
     raw_value: bytes | None = None
@@ -173,4 +174,5 @@ class Router:
             lsn=decoded.lsn,
             tx_id=decoded.source.tx_id,
             commit_time=decoded.source.commit_time,
+            snapshot=decoded.source.is_snapshot,
         )

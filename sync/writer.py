@@ -46,7 +46,7 @@ class ApplyStats:
     embeddings: int = 0
     chunks_written: int = 0
     chunks_deleted: int = 0
-    # (table, source commit time) of every change that took effect, for freshness.
+    # (table, source commit time) of every live (non-snapshot) change that took effect.
     committed: list[tuple[str, datetime]] = field(default_factory=list)
     dead: list[Rejected] = field(default_factory=list)
 
@@ -158,7 +158,7 @@ class Writer:
                     stats.superseded += 1
                 version = change.version
                 last_position = (pos.topic, pos.partition, pos.offset or 0)
-                if change.commit_time is not None:
+                if change.commit_time is not None and not change.snapshot:
                     stats.committed.append((change.table, change.commit_time))
                 if change.kind is Kind.DELETE:
                     intent = _Intent(key, change, delete=True)

@@ -99,7 +99,9 @@ def _load_tokens_file(app: Flask) -> None:
     try:
         tokens = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise RuntimeError(f"FRESHET_API_TOKENS_FILE={path!r} is not a readable JSON file: {exc}")
+        raise RuntimeError(
+            f"FRESHET_API_TOKENS_FILE={path!r} is not a readable JSON file: {exc}"
+        ) from exc
     if not isinstance(tokens, dict):
         raise RuntimeError(f"FRESHET_API_TOKENS_FILE={path!r} must hold a JSON object")
     app.config["API_TOKENS"] = tokens

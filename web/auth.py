@@ -91,7 +91,7 @@ def _tokens() -> dict[str, User]:
     if cached is None:
         cached = parse_tokens(current_app.config.get("API_TOKENS") or {})
         current_app.extensions["freshet.tokens"] = cached
-    return cached  # type: ignore[no-any-return]
+    return cached
 
 
 def current_user() -> User:

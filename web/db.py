@@ -33,7 +33,7 @@ def get_pool(app: Flask | None = None) -> ConnectionPool:
     app = app or current_app._get_current_object()  # type: ignore[attr-defined]
     pool = app.extensions.get(_POOL)
     if pool is not None:
-        return pool  # type: ignore[no-any-return]
+        return pool
     with _lock:
         pool = app.extensions.get(_POOL)
         if pool is None:
@@ -50,7 +50,7 @@ def get_pool(app: Flask | None = None) -> ConnectionPool:
             pool.open()
             logger.info("database pool opened: %s", redact(url))
             app.extensions[_POOL] = pool
-    return pool  # type: ignore[no-any-return]
+    return pool
 
 
 def get_db() -> psycopg.Connection:
@@ -59,7 +59,7 @@ def get_db() -> psycopg.Connection:
     if conn is None:
         conn = get_pool().getconn()
         g.freshet_db = conn
-    return conn  # type: ignore[no-any-return]
+    return conn
 
 
 def release_db(_exc: BaseException | None = None) -> None:

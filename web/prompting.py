@@ -43,7 +43,10 @@ class Prompt:
 
     @property
     def user_message(self) -> str:
-        return f"{self.data_block}\n\nQuestion (from the user, outside the DATA block):\n{self.question}"
+        return (
+            f"{self.data_block}\n\n"
+            f"Question (from the user, outside the DATA block):\n{self.question}"
+        )
 
     def messages(self) -> list[dict[str, str]]:
         """Chat-completions messages: the constant system message, then the user turn."""
@@ -67,9 +70,7 @@ def passage_header(number: int, passage: Passage) -> str:
     return f"[{number}] source: {passage.source_table} key: {passage.doc_key}{title}"
 
 
-def build_prompt(
-    question: str, passages: Sequence[Passage], *, nonce: str | None = None
-) -> Prompt:
+def build_prompt(question: str, passages: Sequence[Passage], *, nonce: str | None = None) -> Prompt:
     """The prompt for ``question`` over ``passages``, numbered [1]..[n] in the given order."""
     nonce = nonce or secrets.token_hex(6)
     lines = [f"<<<DATA {nonce}>>>"]

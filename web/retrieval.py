@@ -117,6 +117,9 @@ class Document:
         }
 
 
+NO_FILTERS = Filters()
+
+
 class Retriever(ABC):
     """What the API needs from retrieval; the app's is PgRetriever, tests inject fakes."""
 
@@ -128,7 +131,7 @@ class Retriever(ABC):
         *,
         k: int = 5,
         mode: Mode = "hybrid",
-        filters: Filters = Filters(),
+        filters: Filters = NO_FILTERS,
         dedupe: bool = False,
     ) -> list[Passage]:
         """Up to k passages the user may see, best first."""
@@ -231,7 +234,7 @@ class PgRetriever(Retriever):
         *,
         k: int = 5,
         mode: Mode = "hybrid",
-        filters: Filters = Filters(),
+        filters: Filters = NO_FILTERS,
         dedupe: bool = False,
     ) -> list[Passage]:
         if mode not in MODES:
@@ -294,7 +297,7 @@ class PgRetriever(Retriever):
         return [_passage(r, score=float(r["rank"]), text_rank=float(r["rank"])) for r in rows]
 
     def document(self, source_table: str, doc_key: str, user: User) -> Document | None:
-        params = query_params(user, self.public_documents, Filters())
+        params = query_params(user, self.public_documents, NO_FILTERS)
         params.update(source_table=source_table, doc_key=doc_key)
         doc_sql = sql.SQL(
             "SELECT d.id, d.source_table, d.doc_key, d.title, d.metadata, d.access_groups,"

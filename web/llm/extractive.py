@@ -24,12 +24,13 @@ NOTHING_RELEVANT = "I found nothing relevant to this question in the documents y
 
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(`])|\n\s*\n|\n(?=\s*[-*•]\s)")
 _WORD = re.compile(r"[a-z0-9_]+")
-_STOPWORDS = frozenset(
-    "a an and are as at be but by can do does for from had has have how i if in into is it its "
-    "me my of on or so than that the their them then there these they this to was we were what "
-    "when where which who whom why will with you your about should would could may might not no "
-    "yes".split()
+_STOPWORDS_TEXT = (
+    "a an and are as at be but by can do does for from had has have how i if in into is it "
+    "its me my of on or so than that the their them then there these they this to was we "
+    "were what when where which who whom why will with you your about should would could "
+    "may might not no yes"
 )
+_STOPWORDS = frozenset(_STOPWORDS_TEXT.split(" "))
 
 
 @dataclass(frozen=True)

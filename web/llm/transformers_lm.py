@@ -50,8 +50,9 @@ class TransformersAnswerer(Answerer):
                     hf_logging.enable_progress_bar()
         except (OSError, ValueError) as exc:
             raise LLMError(f"cannot load the language model from {path}: {exc}") from exc
-        self.model.eval()
-        self.model.to(device)
+        model: Any = self.model
+        model.eval()
+        model.to(device)
         self.device = device
         self.max_new_tokens = max_new_tokens
         config = self.model.config

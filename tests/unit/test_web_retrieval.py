@@ -1,0 +1,82 @@
+"""Retrieval logic without a database: RRF fusion, de-duplication and the ACL predicate."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from psycopg import sql
+
+from tests.unit.web_fakes import passage
+from web.auth import User
+from web.retrieval import (
+    Filters,
+    acl_condition,
+    dedupe_by_document,
+    fuse,
+    query_params,
+    rrf,
+    where_clause,
+)
+
+
+def render(composable: sql.Composable) -> str:
+    return composable.as_string(None)
+
+
+def test_rrf_sums_reciprocal_ranks_with_k_60() -> None:
+    fused = dict(rrf([[1, 2, 3], [3, 1]]))
+    assert fused[1] == 1 / 61 + 1 / 62
+    assert fused[3] == 1 / 63 + 1 / 61
+    assert fused[2] == 1 / 62
+
+
+def test_rrf_prefers_items_found_by_both_lists() -> None:
+    order = [item for item, _ in rrf([[10, 20, 30], [30, 40, 50]])]
+    assert order[0] == 30  # rank 3 + rank 1 beats rank 1 alone
+    assert order[1:4] == [10, 20, 40]  # 20 and 40 tie at 1/62: first-seen order
+
+
+def test_rrf_ties_are_deterministic() -> None:
+    assert rrf([[1], [2]]) == rrf([[1], [2]])
+    assert [i for i, _ in rrf([[1], [2]])] == [1, 2]
+
+
+def test_fuse_keeps_both_raw_scores_and_sets_rrf_score() -> None:
+    a = replace(passage(1, "a"), distance=0.2, score=0.8)
+    b = replace(passage(2, "b"), distance=0.3, score=0.7)
+    b_text = replace(passage(2, "b"), text_rank=0.5, score=0.5)
+    c_text = replace(passage(3, "c"), text_rank=0.4, score=0.4)
+    fused = fuse([a, b], [b_text, c_text])
+    assert [p.chunk_id for p in fused] == [2, 1, 3]
+    assert fused[0].distance == 0.3 and fused[0].text_rank == 0.5
+    assert fused[0].score == 1 / 62 + 1 / 61
+
+
+def test_dedupe_keeps_best_chunk_per_document() -> None:
+    first = passage(1, "x")
+    same_doc = replace(passage(2, "y"), document_id=first.document_id)
+    other = passage(3, "z")
+    assert dedupe_by_document([first, same_doc, other]) == [first, other]
+
+
+def test_acl_predicate_is_in_sql_for_users_and_absent_for_admins() -> None:
+    user = User("u", ("staff",))
+    text = render(acl_condition(user, True))
+    assert '"c".access_groups && %(groups)s::text[]' in text
+    assert 'cardinality("c".access_groups) = 0 AND %(public)s' in text
+    assert render(acl_condition(User("root", (), admin=True), True)) == "TRUE"
+
+
+def test_where_clause_adds_table_and_metadata_filters() -> None:
+    user = User("u")
+    plain = render(where_clause(user, True, Filters()))
+    filtered = render(where_clause(user, True, Filters(("app.articles",), {"lang": "en"})))
+    assert "source_table" not in plain and "metadata" not in plain
+    assert "c.source_table = ANY(%(tables)s::text[])" in filtered
+    assert "c.metadata @> %(metadata)s" in filtered
+
+
+def test_query_params_carry_groups_and_public_flag() -> None:
+    params = query_params(User("u", ("a", "b")), False, Filters(("t",)))
+    assert params["groups"] == ["a", "b"] and params["public"] is False
+    assert params["tables"] == ["t"]

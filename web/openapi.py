@@ -1,0 +1,267 @@
+"""The OpenAPI 3.1 description of /api/v1, as data; a unit test checks it against the routes."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_ERROR = {"$ref": "#/components/responses/Error"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _query(name: str, schema: dict[str, Any], description: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "schema": schema, "description": description, **extra}
+
+
+def _path(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+_TS = {"type": ["string", "null"], "format": "date-time"}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["status", "message"],
+                "properties": {"status": {"type": "integer"}, "message": {"type": "string"}},
+                "additionalProperties": True,
+            }
+        },
+    },
+    "User": {
+        "type": "object",
+        "properties": {
+            "user": {"type": "string"},
+            "groups": {"type": "array", "items": {"type": "string"}},
+            "admin": {"type": "boolean"},
+        },
+    },
+    "Passage": {
+        "type": "object",
+        "properties": {
+            "chunk_id": {"type": "integer"},
+            "document_id": {"type": "integer"},
+            "source_table": {"type": "string", "examples": ["app.articles"]},
+            "doc_key": {"type": "string", "examples": ["12"]},
+            "chunk_index": {"type": "integer"},
+            "title": {"type": ["string", "null"]},
+            "text": {"type": "string"},
+            "metadata": {"type": "object"},
+            "access_groups": {"type": "array", "items": {"type": "string"}},
+            "source_lsn": {"type": "integer", "description": "row version (source LSN)"},
+            "source_ts": _TS,
+            "score": {"type": "number", "description": "dense: 1 - distance; hybrid: RRF"},
+            "distance": {"type": ["number", "null"], "description": "cosine distance"},
+            "text_rank": {"type": ["number", "null"], "description": "ts_rank_cd"},
+        },
+    },
+    "Citation": {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "description": "the [n] marker in the answer text"},
+            "source_table": {"type": "string"},
+            "doc_key": {"type": "string"},
+            "chunk_id": {"type": "integer"},
+            "source_lsn": {"type": "integer"},
+            "source_ts": _TS,
+            "title": {"type": ["string", "null"]},
+        },
+    },
+    "Answer": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "question": {"type": "string"},
+            "status": {"type": "string", "enum": ["done"]},
+            "created_at": {"type": "string", "format": "date-time"},
+            "answer": {"type": "string"},
+            "citations": {"type": "array", "items": _ref("Citation")},
+            "as_of": {**_TS, "description": "newest source commit time among the citations"},
+            "backend": {"type": "string"},
+        },
+    },
+    "AskRequest": {
+        "type": "object",
+        "required": ["question"],
+        "properties": {
+            "question": {"type": "string", "minLength": 1, "maxLength": 2000},
+            "k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 5},
+            "async": {"type": "boolean", "default": False, "description": "not enabled: 501"},
+            "stream": {"type": "boolean", "description": "server-sent events instead of JSON"},
+            "table": {
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]
+            },
+            "metadata": {"type": "object", "description": "jsonb containment filter"},
+        },
+    },
+    "Document": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "source_table": {"type": "string"},
+            "doc_key": {"type": "string"},
+            "title": {"type": ["string", "null"]},
+            "metadata": {"type": "object"},
+            "access_groups": {"type": "array", "items": {"type": "string"}},
+            "source_lsn": {"type": "integer"},
+            "source_ts": _TS,
+            "indexed_at": _TS,
+            "chunks": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "chunk_id": {"type": "integer"},
+                        "chunk_index": {"type": "integer"},
+                        "text": {"type": "string"},
+                        "source_lsn": {"type": "integer"},
+                        "source_ts": _TS,
+                    },
+                },
+            },
+        },
+    },
+    "Status": {
+        "type": "object",
+        "description": "postgres, index counts, dead_letters, workers, connect, connector",
+        "additionalProperties": True,
+    },
+}
+
+PATHS: dict[str, Any] = {
+    "/api/v1/health": {
+        "get": {
+            "summary": "Liveness of the web process",
+            "security": [],
+            "responses": {"200": _json({"type": "object"}, "The process serves requests")},
+        }
+    },
+    "/api/v1/me": {
+        "get": {
+            "summary": "The user of the bearer token",
+            "responses": {"200": _json(_ref("User"), "The caller"), "401": _ERROR},
+        }
+    },
+    "/api/v1/search": {
+        "get": {
+            "summary": "Chunks the caller may see, best first",
+            "parameters": [
+                _query("q", {"type": "string", "minLength": 1}, "query text", required=True),
+                _query("k", {"type": "integer", "minimum": 1, "maximum": 100}, "results"),
+                _query("mode", {"enum": ["dense", "text", "hybrid"]}, "default hybrid (RRF)"),
+                _query("table", {"type": "string"}, "source table, repeatable", explode=True),
+                _query("metadata", {"type": "string"}, "JSON object, jsonb containment"),
+                _query("dedupe", {"type": "boolean"}, "one chunk per document"),
+            ],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {"results": {"type": "array", "items": _ref("Passage")}},
+                    },
+                    "Results",
+                ),
+                "400": _ERROR,
+                "401": _ERROR,
+                "503": _ERROR,
+            },
+        }
+    },
+    "/api/v1/ask": {
+        "post": {
+            "summary": "Answer a question from the documents the caller may see",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("AskRequest")}},
+            },
+            "responses": {
+                "200": {
+                    "description": "The answer; with stream=true or Accept: text/event-stream, "
+                    "events start, token*, then done (the Answer) or error",
+                    "content": {
+                        "application/json": {"schema": _ref("Answer")},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                "400": _ERROR,
+                "401": _ERROR,
+                "413": _ERROR,
+                "415": _ERROR,
+                "501": _ERROR,
+                "502": _ERROR,
+                "503": _ERROR,
+            },
+        }
+    },
+    "/api/v1/answers/{answer_id}": {
+        "get": {
+            "summary": "An answer by request id (asker or admin; this process's memory only)",
+            "parameters": [_path("answer_id", "the id returned by POST /ask")],
+            "responses": {"200": _json(_ref("Answer"), "The answer"), "404": _ERROR},
+        }
+    },
+    "/api/v1/documents/{source}/{key}": {
+        "get": {
+            "summary": "A document and its chunks' text, if the caller may see it",
+            "parameters": [
+                _path("source", "source table, e.g. app.articles"),
+                _path("key", "the row's key, e.g. 12"),
+            ],
+            "responses": {"200": _json(_ref("Document"), "The document"), "404": _ERROR},
+        }
+    },
+    "/api/v1/status": {
+        "get": {
+            "summary": "Pipeline state (admin only)",
+            "responses": {"200": _json(_ref("Status"), "State"), "401": _ERROR, "403": _ERROR},
+        }
+    },
+    "/api/v1/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "security": [],
+            "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+        }
+    },
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "Freshet API",
+        "version": "1",
+        "description": "Search and answers over a pgvector index kept fresh by CDC. "
+        "Send `Authorization: Bearer <token>`; without one you are an anonymous public "
+        "user (when allowed).",
+    },
+    "servers": [{"url": "/"}],
+    "security": [{"bearer": []}, {}],
+    "paths": PATHS,
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "responses": {"Error": _json(_ref("Error"), "An error with its reason")},
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """A fresh copy, so a caller cannot change the served document."""
+    return copy.deepcopy(DOCUMENT)

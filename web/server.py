@@ -1,0 +1,23 @@
+"""Serve the app: waitress when installed (production-grade WSGI), else Flask's dev server."""
+
+from __future__ import annotations
+
+import logging
+
+from freshet.settings import Settings
+from web import create_app
+
+logger = logging.getLogger(__name__)
+
+
+def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Build the app for ``settings`` and serve it until interrupted."""
+    app = create_app(settings=settings)
+    logger.info("Freshet web on http://%s:%d/", host, port)
+    try:
+        from waitress import serve
+    except ImportError:
+        logger.info("waitress is not installed; using Flask's threaded development server")
+        app.run(host=host, port=port, threaded=True, use_reloader=False)
+        return
+    serve(app, host=host, port=port, threads=8)

@@ -1,0 +1,252 @@
+/* Freshet web UI: plain JS, no build step. Data comes from /api/v1 with the token kept in
+   localStorage; all server text is inserted with textContent, never as HTML. */
+"use strict";
+
+const TOKEN_KEY = "freshet.token";
+
+function token() { return localStorage.getItem(TOKEN_KEY) || ""; }
+
+function headers(extra) {
+  const h = Object.assign({}, extra || {});
+  if (token()) h.Authorization = "Bearer " + token();
+  return h;
+}
+
+function el(tag, text, attrs) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  return node;
+}
+
+async function apiJson(path, options) {
+  const opts = Object.assign({}, options || {});
+  opts.headers = headers(opts.headers);
+  const response = await fetch(path, opts);
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (!response.ok) {
+    const message = body && body.error ? body.error.message : response.statusText;
+    throw new Error(response.status + ": " + message);
+  }
+  return body;
+}
+
+function documentUrl(table, key) {
+  return "/documents/" + encodeURIComponent(table) + "/" + key.split("/").map(encodeURIComponent).join("/");
+}
+
+function formatTime(iso) {
+  if (!iso) return "unknown";
+  const d = new Date(iso);
+  return isNaN(d) ? iso : d.toLocaleString();
+}
+
+/* --- token ------------------------------------------------------------------------------ */
+async function showWho() {
+  const who = document.getElementById("whoami");
+  if (!who) return;
+  try {
+    const me = await apiJson("/api/v1/me");
+    who.textContent = "signed in as " + me.user + (me.admin ? " (admin)" :
+      me.groups.length ? " (" + me.groups.join(", ") + ")" : " (public only)");
+  } catch (e) { who.textContent = e.message; }
+}
+
+function setupToken() {
+  const form = document.getElementById("token-form");
+  const input = document.getElementById("token");
+  input.value = token();
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const value = input.value.trim();
+    if (value) localStorage.setItem(TOKEN_KEY, value); else localStorage.removeItem(TOKEN_KEY);
+    showWho();
+  });
+  showWho();
+}
+
+/* --- ask (streamed over server-sent events) --------------------------------------------- */
+function parseEvents(buffer, onEvent) {
+  let index;
+  while ((index = buffer.indexOf("\n\n")) >= 0) {
+    const raw = buffer.slice(0, index);
+    buffer = buffer.slice(index + 2);
+    let name = "message";
+    const data = [];
+    for (const line of raw.split("\n")) {
+      if (line.startsWith("event:")) name = line.slice(6).trim();
+      else if (line.startsWith("data:")) data.push(line.slice(5).trim());
+    }
+    if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+  }
+  return buffer;
+}
+
+function renderCitations(answer) {
+  const list = document.getElementById("citations");
+  list.replaceChildren();
+  for (const c of answer.citations) {
+    const item = el("li", null, { value: String(c.n) });
+    const link = el("a", c.source_table + " / " + c.doc_key + (c.title ? " — " + c.title : ""),
+      { href: documentUrl(c.source_table, c.doc_key) + "#chunk-" + c.chunk_id });
+    item.append(link, el("span", " version " + c.source_lsn + ", committed " + formatTime(c.source_ts), { class: "meta" }));
+    list.append(item);
+  }
+  document.getElementById("as-of").textContent =
+    answer.as_of ? "As of " + formatTime(answer.as_of) + " (newest cited source commit)" : "";
+}
+
+async function ask(question, k) {
+  const out = document.getElementById("answer");
+  const error = document.getElementById("ask-error");
+  out.textContent = ""; error.textContent = "";
+  document.getElementById("citations").replaceChildren();
+  document.getElementById("as-of").textContent = "";
+  out.setAttribute("aria-busy", "true");
+  try {
+    const response = await fetch("/api/v1/ask", {
+      method: "POST",
+      headers: headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
+      body: JSON.stringify({ question: question, k: k, stream: true }),
+    });
+    if (!response.ok) {
+      let body = null;
+      try { body = await response.json(); } catch (e) { body = null; }
+      throw new Error(response.status + ": " + (body && body.error ? body.error.message : response.statusText));
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer = parseEvents(buffer + decoder.decode(value, { stream: true }), (name, data) => {
+        if (name === "token") out.textContent += data.text;
+        else if (name === "done") { out.textContent = data.answer; renderCitations(data); }
+        else if (name === "error") error.textContent = data.message;
+      });
+    }
+  } catch (e) {
+    error.textContent = e.message;
+  } finally {
+    out.setAttribute("aria-busy", "false");
+  }
+}
+
+function setupAsk() {
+  const form = document.getElementById("ask-form");
+  const question = document.getElementById("question");
+  question.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+      ev.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = question.value.trim();
+    if (text) ask(text, parseInt(document.getElementById("ask-k").value, 10) || 5);
+  });
+}
+
+/* --- search ----------------------------------------------------------------------------- */
+function setupSearch() {
+  const form = document.getElementById("search-form");
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const params = new URLSearchParams({
+      q: document.getElementById("q").value,
+      k: document.getElementById("k").value,
+      mode: document.getElementById("mode").value,
+      dedupe: document.getElementById("dedupe").checked ? "true" : "false",
+    });
+    const table = document.getElementById("table").value;
+    if (table) params.set("table", table);
+    const list = document.getElementById("results");
+    const error = document.getElementById("search-error");
+    list.replaceChildren(); error.textContent = "";
+    try {
+      const body = await apiJson("/api/v1/search?" + params.toString());
+      if (!body.results.length) error.textContent = "No results you may see.";
+      for (const r of body.results) {
+        const item = el("li");
+        item.append(el("a", r.source_table + " / " + r.doc_key + (r.title ? " — " + r.title : ""),
+          { href: documentUrl(r.source_table, r.doc_key) + "#chunk-" + r.chunk_id }));
+        item.append(el("span", " score " + r.score.toFixed(4) + ", committed " + formatTime(r.source_ts), { class: "meta" }));
+        item.append(el("p", r.text.length > 400 ? r.text.slice(0, 400) + "…" : r.text));
+        list.append(item);
+      }
+    } catch (e) { error.textContent = e.message; }
+  });
+}
+
+/* --- document --------------------------------------------------------------------------- */
+async function loadDocument() {
+  const article = document.getElementById("document");
+  const path = "/api/v1/documents/" + encodeURIComponent(article.dataset.source) + "/" +
+    article.dataset.key.split("/").map(encodeURIComponent).join("/");
+  try {
+    const doc = await apiJson(path);
+    document.getElementById("doc-title").textContent = doc.title || (doc.source_table + " / " + doc.doc_key);
+    const meta = document.getElementById("doc-meta");
+    const rows = [["source", doc.source_table + " / " + doc.doc_key], ["version (LSN)", doc.source_lsn],
+      ["committed", formatTime(doc.source_ts)], ["indexed", formatTime(doc.indexed_at)],
+      ["groups", doc.access_groups.length ? doc.access_groups.join(", ") : "public"]];
+    for (const [k, v] of rows) meta.append(el("dt", k), el("dd", v));
+    const chunks = document.getElementById("doc-chunks");
+    for (const c of doc.chunks) {
+      const section = el("section", null, { id: "chunk-" + c.chunk_id, tabindex: "-1", class: "chunk" });
+      section.append(el("h2", "Chunk " + (c.chunk_index + 1)), el("pre", c.text));
+      chunks.append(section);
+    }
+    if (location.hash) { const t = document.querySelector(location.hash); if (t) { t.focus(); t.scrollIntoView(); } }
+  } catch (e) { document.getElementById("doc-error").textContent = e.message; }
+}
+
+/* --- status ----------------------------------------------------------------------------- */
+function row(cells) {
+  const tr = el("tr");
+  for (const c of cells) tr.append(el("td", c === null || c === undefined ? "" : c));
+  return tr;
+}
+
+async function loadStatus() {
+  const error = document.getElementById("status-error");
+  error.textContent = "";
+  try {
+    const s = await apiJson("/api/v1/status");
+    const comp = document.querySelector("#components tbody");
+    comp.replaceChildren(
+      row(["postgres", s.postgres.state, s.postgres.version || s.postgres.error || ""]),
+      row(["kafka connect", s.connect.state, s.connect.url]),
+      row(["connector " + s.connector.name, s.connector.state, ""]),
+      row(["answer backend", s.llm_backend, ""]));
+    const index = document.getElementById("index");
+    index.replaceChildren();
+    const counts = s.index || {};
+    for (const [k, v] of [["documents", counts.documents], ["deleted documents", counts.deleted_documents],
+      ["chunks", counts.chunks], ["dead letters (unresolved)", s.dead_letters],
+      ["newest source commit", formatTime(counts.newest_source_ts)], ["last indexed", formatTime(counts.last_indexed_at)]]) {
+      index.append(el("dt", k), el("dd", v === undefined ? "unknown" : v));
+    }
+    document.querySelector("#tasks tbody").replaceChildren(
+      ...(s.connector.tasks || []).map((t) => row([t.id, t.state, t.worker])));
+    document.querySelector("#workers tbody").replaceChildren(
+      ...(s.workers || []).map((w) => row([w.worker_id, w.state, Math.round(w.heartbeat_age_s),
+        w.events_applied, Number(w.events_per_sec).toFixed(1), w.last_error || ""])));
+  } catch (e) { error.textContent = e.message; }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  setupToken();
+  const page = document.body.dataset.page;
+  if (page === "ask") setupAsk();
+  else if (page === "search") setupSearch();
+  else if (page === "document") loadDocument();
+  else if (page === "status") {
+    document.getElementById("status-refresh").addEventListener("click", loadStatus);
+    loadStatus();
+    setInterval(loadStatus, 10000);
+  }
+});

@@ -1,0 +1,96 @@
+"""What the admin status page shows: index counts, dead letters, workers, connector state.
+
+Read-only. A part that cannot be reached is reported as such (state DOWN / UNKNOWN) instead of
+failing the whole request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from cdc.connect import ConnectClient, ConnectError, connector_state
+from freshet.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_COUNTS = """
+SELECT
+  (SELECT count(*) FROM rag.documents WHERE deleted_at IS NULL) AS documents,
+  (SELECT count(*) FROM rag.documents WHERE deleted_at IS NOT NULL) AS deleted_documents,
+  (SELECT count(*) FROM rag.chunks) AS chunks,
+  (SELECT count(*) FROM rag.dead_letters WHERE resolved_at IS NULL) AS dead_letters,
+  (SELECT max(source_ts) FROM rag.documents) AS newest_source_ts,
+  (SELECT max(indexed_at) FROM rag.documents) AS last_indexed_at
+"""
+
+_WORKERS = """
+SELECT worker_id, group_id, hostname, pid, state, started_at, heartbeat_at,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age_s,
+       events_applied, events_skipped, embeddings, events_per_sec, lag, progress,
+       last_error, last_error_at
+FROM rag.workers ORDER BY worker_id
+"""
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
+
+
+def database_status(pool: ConnectionPool) -> dict[str, Any]:
+    """Counts and worker heartbeats from schema rag."""
+    try:
+        with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            counts = cur.execute(_COUNTS).fetchone() or {}
+            workers = cur.execute(_WORKERS).fetchall()
+            version = conn.execute("SHOW server_version").fetchone()
+    except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
+        logger.warning("status: database unreachable: %s", exc)
+        return {"postgres": {"state": "DOWN", "error": str(exc).strip().splitlines()[0]}}
+    return {
+        "postgres": {"state": "RUNNING", "version": version[0] if version else None},
+        "index": _jsonable(dict(counts)),
+        "dead_letters": counts.get("dead_letters"),
+        "workers": [_jsonable(dict(w)) for w in workers],
+    }
+
+
+def connector_status(settings: Settings, timeout: float) -> dict[str, Any]:
+    """The Debezium connector and its tasks through Connect's REST API; UNKNOWN if unreachable."""
+    client = ConnectClient(settings.connect_rest_url, timeout=timeout)
+    name = settings.connector_name
+    try:
+        raw = client.status(name)
+    except ConnectError as exc:
+        return {
+            "connect": {"url": settings.connect_rest_url, "state": "UNKNOWN", "error": str(exc)},
+            "connector": {"name": name, "state": "UNKNOWN", "tasks": []},
+        }
+    connect = {"url": settings.connect_rest_url, "state": "RUNNING"}
+    if raw is None:
+        return {"connect": connect, "connector": {"name": name, "state": "MISSING", "tasks": []}}
+    return {
+        "connect": connect,
+        "connector": {
+            "name": name,
+            "state": connector_state(raw),
+            "connector_state": raw["connector"]["state"],
+            "tasks": [
+                {"id": t["id"], "state": t["state"], "worker": t.get("worker_id")}
+                for t in raw.get("tasks", [])
+            ],
+        },
+    }
+
+
+def collect(pool: ConnectionPool | None, settings: Settings, timeout: float) -> dict[str, Any]:
+    result: dict[str, Any] = (
+        database_status(pool)
+        if pool is not None
+        else {"postgres": {"state": "DOWN", "error": "no database configured"}}
+    )
+    result.update(connector_status(settings, timeout))
+    return result
