@@ -76,6 +76,7 @@ class SyncMetrics:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     freshness: dict[str, Histogram] = field(default_factory=dict)
     lag: dict[str, int] = field(default_factory=dict)
+    assignment: list[str] = field(default_factory=list)
     events_per_sec: float = 0.0
     last_error: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -91,6 +92,11 @@ class SyncMetrics:
             if now - first_t > 0:
                 self.events_per_sec = (self.counters["events"] - first_n) / (now - first_t)
 
+    def set_assignment(self, partitions: list[str]) -> None:
+        with self._lock:
+            self.assignment = sorted(partitions)
+            self.lag = {p: v for p, v in self.lag.items() if p in partitions}
+
     def observe_freshness(self, table: str, seconds: float) -> None:
         with self._lock:
             self.freshness.setdefault(table, Histogram()).observe(max(0.0, seconds))
@@ -101,6 +107,7 @@ class SyncMetrics:
                 "counters": dict(self.counters),
                 "freshness": {t: h.summary() for t, h in self.freshness.items()},
                 "lag": dict(self.lag),
+                "assignment": list(self.assignment),
                 "events_per_sec": round(self.events_per_sec, 2),
                 "last_error": self.last_error,
             }

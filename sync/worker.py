@@ -61,9 +61,11 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         # Batches are committed before poll() returns control here, so nothing is pending.
         logger.info("partitions revoked: %s", _names(revoked))
+        self.worker.metrics.set_assignment([])
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         logger.info("partitions assigned: %s", _names(assigned))
+        self.worker.metrics.set_assignment([f"{tp.topic}[{tp.partition}]" for tp in assigned])
         self.worker.on_assigned(list(assigned))
 
 
@@ -252,7 +254,9 @@ class SyncWorker:
             return
         try:
             assigned = list(consumer.assignment())
-            if assigned and state == "running":
+            if not assigned:
+                self.metrics.lag = {}
+            elif state == "running":
                 ends = consumer.end_offsets(assigned)
                 self.metrics.lag = {
                     f"{tp.topic}[{tp.partition}]": max(0, ends[tp] - consumer.position(tp))

@@ -245,13 +245,13 @@ def status() -> Any:
     from web.status import collect
 
     settings = app_settings(current_app)
+    pool, problem = None, None
     try:
-        config_value(current_app, "DATABASE_URL")
         pool = get_pool()
     except Exception as exc:  # noqa: BLE001 - no database: status still reports the rest
         logger.warning("status: no database pool: %s", exc)
-        pool = None
-    result = collect(pool, settings, float(current_app.config["CONNECT_TIMEOUT"]))
+        problem = str(exc)
+    result = collect(pool, settings, float(current_app.config["CONNECT_TIMEOUT"]), problem)
     result["llm_backend"] = config_value(current_app, "LLM_BACKEND")
     return jsonify(result)
 

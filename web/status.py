@@ -86,11 +86,14 @@ def connector_status(settings: Settings, timeout: float) -> dict[str, Any]:
     }
 
 
-def collect(pool: ConnectionPool | None, settings: Settings, timeout: float) -> dict[str, Any]:
+def collect(
+    pool: ConnectionPool | None, settings: Settings, timeout: float, problem: str | None = None
+) -> dict[str, Any]:
+    """Everything the status page shows; ``problem`` says why there is no pool, if none."""
     result: dict[str, Any] = (
         database_status(pool)
         if pool is not None
-        else {"postgres": {"state": "DOWN", "error": "no database configured"}}
+        else {"postgres": {"state": "DOWN", "error": problem or "no database configured"}}
     )
     result.update(connector_status(settings, timeout))
     return result

@@ -262,3 +262,11 @@ def test_ui_pages_and_static_files(client: FlaskClient) -> None:
         static = client.get(f"/static/{name}")
         assert static.status_code == 200
         static.close()
+
+
+def test_status_reports_what_it_cannot_reach(client: FlaskClient) -> None:
+    status = client.get("/api/v1/status", headers=ADMIN).get_json()
+    assert status["postgres"]["state"] == "DOWN"
+    assert "FRESHET_HOME" in status["postgres"]["error"]  # no embedded database in tmp_path
+    assert status["connector"]["state"] == "UNKNOWN" and status["connect"]["state"] == "UNKNOWN"
+    assert status["llm_backend"] == "extractive"
