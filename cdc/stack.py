@@ -21,7 +21,7 @@ from cdc.connect import register_connector as put_connector
 from cdc.kafka import LocalKafka, describe_kafka
 from cdc.postgres import EmbeddedPostgres
 from cdc.processes import PortTakenError, StackError, port_in_use
-from cdc.services import LocalSyncWorker
+from cdc.services import LocalSyncWorker, LocalWeb
 from cdc.source import connector_values, prepare_source, slot_status, write_connector_secrets
 from freshet.db import CDC_ROLE, connect, database_url, redact, source_database_url
 from freshet.settings import PROJECT_ROOT, Settings
@@ -83,6 +83,9 @@ def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     if settings.start_sync:
         report("sync worker: starting (log in FRESHET_HOME/logs/sync.log)")
         started["sync"] = LocalSyncWorker(settings).start()
+    if settings.start_web:
+        report(f"web app: starting ({settings.web_url})")
+        started["web"] = LocalWeb(settings).start()
     return started
 
 
@@ -101,6 +104,9 @@ def preflight(settings: Settings) -> None:
     if settings.local_connect:
         running = LocalConnect(settings).running()
         checks.append(("Kafka Connect", settings.connect_port, "FRESHET_CONNECT_PORT", running))
+    if settings.start_web:
+        running = LocalWeb(settings).running()
+        checks.append(("The web app", settings.web_port, "FRESHET_WEB_PORT", running))
     for service, port, setting, ours_running in checks:
         if not ours_running and port_in_use(port):
             raise PortTakenError(service, port, setting)
@@ -143,6 +149,7 @@ def down(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     """Stop what this launcher started, newest first; returns what was running."""
     stopped: dict[str, bool] = {}
     for name, component in (
+        ("web", LocalWeb(settings)),
         ("sync", LocalSyncWorker(settings)),
         ("connect", LocalConnect(settings)),
         ("kafka", LocalKafka(settings)),

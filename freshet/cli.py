@@ -166,6 +166,51 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
         return 0 if all(o.resolved for o in outcomes) else 1
 
 
+def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    from web.server import run
+
+    port = args.port or settings.web_port
+    _say(f"web app on http://{args.host}:{port}/")
+    run(settings, host=args.host, port=port)
+    return 0
+
+
+def cmd_ask(settings: Settings, args: argparse.Namespace) -> int:
+    """Answer a question in-process, through the same path as POST /api/v1/ask."""
+    from web import create_app
+
+    app = create_app(settings=settings)
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    response = app.test_client().post(
+        "/api/v1/ask", json={"question": args.question, "k": args.k}, headers=headers
+    )
+    body = response.get_json(silent=True) or {}
+    if response.status_code >= 400:
+        print(f"freshet: error: {body.get('error', response.status_code)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    print(body.get("answer", ""))
+    for citation in body.get("citations", []):
+        print(
+            f"  [{citation['n']}] {citation['source_table']} {citation['doc_key']} "
+            f"(version {citation.get('source_lsn')}, {citation.get('source_ts')})"
+        )
+    if body.get("as_of"):
+        print(f"  as of {body['as_of']}")
+    return 0
+
+
+def cmd_embed(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the query vector of a text as a pgvector literal, for psql."""
+    from freshet.embedder import embedder_from_settings, vector_literal
+
+    vector = embedder_from_settings(settings).embed([args.text])[0]
+    print(f"'{vector_literal(vector)}'::vector" if args.sql else vector_literal(vector))
+    return 0
+
+
 def render_status(report: dict[str, Any]) -> str:
     """The human form of `freshet status`."""
     lines = [f"FRESHET_HOME  {report['home']}"]
@@ -252,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_list.add_argument("--json", action="store_true")
     dlq_replay = dlq_sub.add_parser("replay", help="re-run dead letters through the current code")
     dlq_replay.add_argument("ids", nargs="*", type=int, metavar="ID", help="default: all")
+    web = sub.add_parser("web", help="serve the web UI and REST API in the foreground")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=None, help="default FRESHET_WEB_PORT")
+    web.add_argument("--tag", default="", help=argparse.SUPPRESS)
+    ask = sub.add_parser("ask", help="answer a question with citations")
+    ask.add_argument("question")
+    ask.add_argument("-k", type=int, default=5, help="passages to retrieve")
+    ask.add_argument("--token", default="", help="API token whose access groups apply")
+    ask.add_argument("--json", action="store_true")
+    embed = sub.add_parser("embed", help="print a text's embedding as a pgvector literal")
+    embed.add_argument("text")
+    embed.add_argument("--sql", action="store_true", help="quote it and cast to vector")
     return parser
 
 
@@ -263,6 +320,9 @@ COMMANDS = {
     "snapshot": cmd_snapshot,
     "sync": cmd_sync,
     "dlq": cmd_dlq,
+    "web": cmd_web,
+    "ask": cmd_ask,
+    "embed": cmd_embed,
 }
 
 

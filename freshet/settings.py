@@ -118,6 +118,10 @@ class Settings:
     sync_batch: int = 500
     # FRESHET_SYNC_FETCH_WAIT_MS: longest the broker holds a fetch waiting for new records.
     sync_fetch_wait_ms: int = 10
+    # FRESHET_WEB_PORT: port of the web app (UI + REST API) started by `freshet up`.
+    web_port: int = 8000
+    # FRESHET_START_WEB: `freshet up` starts the web app in the background.
+    start_web: bool = True
     # FRESHET_START_SYNC: `freshet up` starts one sync worker in the background.
     start_sync: bool = True
     # FRESHET_METRICS_PORT: Prometheus endpoint of `freshet sync` on 127.0.0.1 (0: off).
@@ -168,6 +172,8 @@ class Settings:
             sync_fetch_wait_ms=_int(env, "FRESHET_SYNC_FETCH_WAIT_MS", defaults.sync_fetch_wait_ms),
             metrics_port=_int(env, "FRESHET_METRICS_PORT", defaults.metrics_port),
             start_sync=_bool(env, "FRESHET_START_SYNC", True),
+            web_port=_port(env, "FRESHET_WEB_PORT", defaults.web_port),
+            start_web=_bool(env, "FRESHET_START_WEB", True),
             llm_backend=env.get("LLM_BACKEND") or defaults.llm_backend,
         )
 
@@ -194,6 +200,10 @@ class Settings:
     @property
     def connect_rest_url(self) -> str:
         return self.connect_url or f"http://127.0.0.1:{self.connect_port}"
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}/"
 
     @property
     def logs_dir(self) -> Path:

@@ -46,9 +46,13 @@ def get_embed(app: Flask | None = None) -> LockedEmbed:
 
         embedder: Any = app.extensions.get("freshet.embedder")
         if embedder is None:
-            from freshet.embedder import TransformersEmbedder
+            from freshet.embedder import embedder_from_settings
+            from web import app_settings
 
-            embedder = TransformersEmbedder(config_value(app, "EMBEDDING_MODEL"))
+            settings = app_settings(app).with_overrides(
+                embedding_model=config_value(app, "EMBEDDING_MODEL")
+            )
+            embedder = embedder_from_settings(settings)
         return LockedEmbed(embedder)
 
     return _lazy(app, "freshet.embed", build)

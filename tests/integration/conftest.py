@@ -44,6 +44,8 @@ def stack_env(home: Path) -> dict[str, str]:
         FRESHET_HEARTBEAT_MS="1000",
         FRESHET_START_SYNC="false",  # tests run their own workers
         FRESHET_METRICS_PORT="0",
+        FRESHET_WEB_PORT=str(free_port()),
+        FRESHET_START_WEB="false",
     )
     return env
 

@@ -52,7 +52,8 @@ def real_sentences(count: int) -> list[str]:
 
 def insert_rows(settings: Settings, first_id: int, texts: list[str]) -> list[str]:
     with (
-        source(settings) as src, src.cursor() as cur,
+        source(settings) as src,
+        src.cursor() as cur,
         cur.copy("COPY app.articles (id, title, body) FROM STDIN") as copy,
     ):
         for i, text in enumerate(texts):
