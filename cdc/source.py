@@ -104,6 +104,8 @@ def connector_values(settings: Settings, source_url: str, secrets_file: Path) ->
         "SECRETS_FILE": str(secrets_file),
         "TOPIC_PREFIX": settings.topic_prefix,
         "HEARTBEAT_MS": str(settings.heartbeat_ms),
+        "POLL_INTERVAL_MS": str(settings.cdc_poll_interval_ms),
+        "PRODUCER_LINGER_MS": str(settings.cdc_linger_ms),
     }
 
 

@@ -94,6 +94,11 @@ class Settings:
     connector_name: str = "freshet-postgres-source"
     # FRESHET_HEARTBEAT_MS: Debezium heartbeat interval; each beat keeps the slot advancing.
     heartbeat_ms: int = 10000
+    # FRESHET_CDC_POLL_INTERVAL_MS: how long Debezium's task waits for new changes when idle
+    # (Debezium's default is 500 ms; each idle wait is latency added to a change).
+    cdc_poll_interval_ms: int = 10
+    # FRESHET_CDC_LINGER_MS: the connector's producer linger.ms (Kafka's default is 5 ms).
+    cdc_linger_ms: int = 0
     # FRESHET_STARTUP_TIMEOUT: seconds to wait for each service to become healthy.
     startup_timeout: float = 180.0
     # FRESHET_LOAD_DEMO: load the demo tables of schema `app` into the captured database on `up`.
@@ -157,6 +162,10 @@ class Settings:
             topic_prefix=env.get("FRESHET_TOPIC_PREFIX") or defaults.topic_prefix,
             connector_name=env.get("FRESHET_CONNECTOR") or defaults.connector_name,
             heartbeat_ms=_int(env, "FRESHET_HEARTBEAT_MS", defaults.heartbeat_ms),
+            cdc_poll_interval_ms=_int(
+                env, "FRESHET_CDC_POLL_INTERVAL_MS", defaults.cdc_poll_interval_ms
+            ),
+            cdc_linger_ms=_int(env, "FRESHET_CDC_LINGER_MS", defaults.cdc_linger_ms),
             startup_timeout=float(_int(env, "FRESHET_STARTUP_TIMEOUT", 180)),
             load_demo=_bool(env, "FRESHET_LOAD_DEMO", True),
             embedding_model=env.get("EMBEDDING_MODEL") or defaults.embedding_model,

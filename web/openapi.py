@@ -31,6 +31,18 @@ def _path(name: str, description: str) -> dict[str, Any]:
 
 
 _TS = {"type": ["string", "null"], "format": "date-time"}
+# Text the API strips before use: blank text is refused, so the schema asks for a non-space.
+_NON_BLANK = {"type": "string", "minLength": 1, "pattern": r"\S"}
+_TABLE = {"type": "string", "minLength": 1, "examples": ["app.articles"]}
+# One server-sent event of POST /ask (OpenAPI 3.1: the schema of a stream describes an event).
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["start", "token", "done", "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -101,14 +113,26 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["question"],
         "properties": {
-            "question": {"type": "string", "minLength": 1, "maxLength": 2000},
-            "k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 5},
-            "async": {"type": "boolean", "default": False, "description": "not enabled: 501"},
-            "stream": {"type": "boolean", "description": "server-sent events instead of JSON"},
-            "table": {
-                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]
+            "question": {**_NON_BLANK, "maxLength": 2000},
+            # Optional fields: null means the same as leaving the field out.
+            "k": {"type": ["integer", "null"], "minimum": 1, "maximum": 20, "default": 5},
+            "async": {
+                "type": ["boolean", "null"],
+                "default": False,
+                "description": "not enabled: 501",
             },
-            "metadata": {"type": "object", "description": "jsonb containment filter"},
+            "stream": {
+                "type": ["boolean", "null"],
+                "description": "server-sent events instead of JSON",
+            },
+            "table": {
+                "oneOf": [
+                    _TABLE,
+                    {"type": "array", "items": _TABLE},
+                    {"type": "null"},
+                ]
+            },
+            "metadata": {"type": ["object", "null"], "description": "jsonb containment filter"},
         },
     },
     "Document": {
@@ -163,11 +187,16 @@ PATHS: dict[str, Any] = {
         "get": {
             "summary": "Chunks the caller may see, best first",
             "parameters": [
-                _query("q", {"type": "string", "minLength": 1}, "query text", required=True),
+                _query("q", {**_NON_BLANK, "maxLength": 1000}, "query text", required=True),
                 _query("k", {"type": "integer", "minimum": 1, "maximum": 100}, "results"),
                 _query("mode", {"enum": ["dense", "text", "hybrid"]}, "default hybrid (RRF)"),
-                _query("table", {"type": "string"}, "source table, repeatable", explode=True),
-                _query("metadata", {"type": "string"}, "JSON object, jsonb containment"),
+                _query("table", _TABLE, "source table, repeatable", explode=True),
+                {
+                    "name": "metadata",
+                    "in": "query",
+                    "description": "JSON object, jsonb containment",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
                 _query("dedupe", {"type": "boolean"}, "one chunk per document"),
             ],
             "responses": {
@@ -197,7 +226,7 @@ PATHS: dict[str, Any] = {
                     "events start, token*, then done (the Answer) or error",
                     "content": {
                         "application/json": {"schema": _ref("Answer")},
-                        "text/event-stream": {"schema": {"type": "string"}},
+                        "text/event-stream": {"schema": _SSE_EVENT},
                     },
                 },
                 "400": _ERROR,

@@ -3,10 +3,7 @@ the project's own launcher, in a private FRESHET_HOME on free ports, stopped aft
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,46 +13,24 @@ from typing import Any
 import pytest
 
 from cdc import stack
+from cdc.sandbox import private_home, sandbox_env
 from freshet.embedder import Embedder, TransformersEmbedder
 from freshet.settings import Settings
 from sync.chunking import TokenChunker
 from sync.worker import SyncWorker
 
-PASSTHROUGH = ("JAVA_HOME", "FRESHET_JARS", "PATH")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 def stack_env(home: Path) -> dict[str, str]:
-    """Environment for a private stack: its own home and ports, nothing shared with a demo."""
-    env = {name: os.environ[name] for name in PASSTHROUGH if name in os.environ}
-    env.update(
-        FRESHET_HOME=str(home),
-        FRESHET_PG_PORT=str(free_port()),
-        FRESHET_KAFKA_PORT=str(free_port()),
-        FRESHET_KAFKA_CONTROLLER_PORT=str(free_port()),
-        FRESHET_CONNECT_PORT=str(free_port()),
+    """A private stack for tests: small memory settings, fast heartbeats, no background
+    sync worker or web app (the tests run their own)."""
+    return sandbox_env(
+        home,
         FRESHET_PG_SHARED_BUFFERS="128MB",
         FRESHET_PG_MAINTENANCE_WORK_MEM="256MB",
         FRESHET_HEARTBEAT_MS="1000",
-        FRESHET_START_SYNC="false",  # tests run their own workers
-        FRESHET_METRICS_PORT="0",
-        FRESHET_WEB_PORT=str(free_port()),
+        FRESHET_START_SYNC="false",
         FRESHET_START_WEB="false",
     )
-    return env
-
-
-def private_home(tag: str) -> Path:
-    # Not under pytest's tmp_path: that is 0700 and PostgreSQL runs as another user when the
-    # tests run as root.
-    home = Path(tempfile.mkdtemp(prefix=f"freshet-{tag}-"))
-    home.chmod(0o755)
-    return home
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from cdc import stack
 from cdc.connect import ConnectClient, LocalConnect
 from cdc.kafka import LocalKafka
 from cdc.postgres import EmbeddedPostgres
+from cdc.services import LocalSyncWorker, LocalWeb
 from freshet.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -53,6 +54,8 @@ def pids(settings: Settings) -> dict[str, int | None]:
         "postgres": EmbeddedPostgres(settings).pid(),
         "kafka": LocalKafka(settings).process.pid(),
         "connect": LocalConnect(settings).process.pid(),
+        "sync": LocalSyncWorker(settings).process.pid(),
+        "web": LocalWeb(settings).process.pid(),
     }
 
 
@@ -60,6 +63,8 @@ def test_up_twice_changes_nothing_and_down_leaves_no_process(
     make_stack_env: Callable[[str], dict[str, str]],
 ) -> None:
     env = make_stack_env("lifecycle")
+    # The whole of `up`: the sync worker and the web app run in the background too.
+    env.update(FRESHET_START_SYNC="true", FRESHET_START_WEB="true")
     settings = Settings.from_env(env)
     home = settings.home
     try:

@@ -1,0 +1,166 @@
+"""Shared pieces of the benchmarks: a private stack, the SciFact corpus, result tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cdc import stack
+from cdc.sandbox import private_home, sandbox_env
+from freshet.db import connect, database_url, source_database_url
+from freshet.settings import PROJECT_ROOT, Settings
+
+SCIFACT = PROJECT_ROOT.parent / "shared" / "eval" / "scifact"
+RESULTS = PROJECT_ROOT / "bench" / "results"
+MAPPINGS = PROJECT_ROOT / "bench" / "mappings.toml"
+
+
+@dataclass(frozen=True)
+class Bench:
+    settings: Settings
+    env: dict[str, str]
+
+
+@contextmanager
+def private_stack(tag: str, keep: Path | None = None, **overrides: str) -> Iterator[Bench]:
+    """The real stack (launcher) in a private home on free ports; stopped and removed after,
+    unless `keep` names a home to reuse between runs."""
+    home = keep or private_home(tag)
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o755)
+    env = sandbox_env(
+        home,
+        FRESHET_START_SYNC="false",
+        FRESHET_START_WEB="false",
+        FRESHET_LOAD_DEMO="false",
+        FRESHET_MAPPINGS=str(MAPPINGS),
+        **overrides,
+    )
+    if keep is not None and (home / "ports.json").exists():
+        env.update(json.loads((home / "ports.json").read_text()))
+    (home / "ports.json").write_text(
+        json.dumps({k: v for k, v in env.items() if k.endswith("_PORT")})
+    )
+    settings = Settings.from_env(env)
+    print(f"starting a private stack in {home} ...", flush=True)
+    try:
+        stack.up(settings)
+        yield Bench(settings, env)
+    finally:
+        stack.down(settings)
+        if keep is None:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def scifact_corpus(limit: int | None = None) -> list[dict[str, str]]:
+    path = SCIFACT / "corpus.jsonl"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: the SciFact data lives in ../shared/eval/")
+    docs = []
+    with path.open() as handle:
+        for line in handle:
+            docs.append(json.loads(line))
+            if limit is not None and len(docs) >= limit:
+                break
+    return docs
+
+
+def load_scifact(settings: Settings, docs: list[dict[str, str]]) -> None:
+    """Create app.scifact and COPY the corpus into it (captured by Debezium like any table)."""
+    with connect(source_database_url(settings), autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS app.scifact (id bigint PRIMARY KEY, corpus_id text"
+            " NOT NULL, title text NOT NULL, abstract text NOT NULL)"
+        )
+        conn.execute("TRUNCATE app.scifact")
+        with (
+            conn.cursor() as cur,
+            cur.copy("COPY app.scifact (id, corpus_id, title, abstract) FROM STDIN") as copy,
+        ):
+            for i, doc in enumerate(docs, start=1):
+                copy.write_row((i, doc["_id"], doc["title"], doc["text"]))
+
+
+def count_documents(settings: Settings, table: str) -> int:
+    with connect(database_url(settings), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM rag.documents WHERE source_table = %s AND deleted_at IS NULL",
+            (table,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """VmHWM: the process's peak resident set size."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{title}")
+    print("-" * (width + 30))
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    print("-" * (width + 30))
+
+
+def write_results(name: str, results: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = {
+        "benchmark": name,
+        "finished_at": datetime.now(UTC).isoformat(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        **results,
+    }
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"results written to {path}")
+    return path
+
+
+@contextmanager
+def sync_process(bench: Bench, name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """One `freshet sync` process for the private stack, stopped with SIGTERM afterwards."""
+    log = bench.settings.logs_dir / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "freshet.cli", "sync"],
+            env={**bench.env, "PYTHONWARNINGS": "ignore"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=PROJECT_ROOT,
+        )
+    print(f"sync worker pid {worker.pid}, log {log}", flush=True)
+    try:
+        yield worker
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=120)

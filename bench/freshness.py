@@ -1,0 +1,205 @@
+"""Freshness: time from a source commit to the new text being visible in rag.chunks.
+
+    .venv/bin/python -m bench.freshness [--seconds 60]
+
+A private stack and one `freshet sync` process on the same 2 cores. Multi-paragraph rows
+(SciFact abstracts, read at run time) get one-paragraph edits at 5/s and at 20/s, then
+whole-text rewrites at 2/s. Each edit carries a unique marker; a reader polls rag.chunks every
+2 ms on its own connection and stamps when the marker becomes visible. Reports
+p50/p95/p99/max per phase. Targets at 5 edits/s: p50 <= 100 ms, p99 <= 250 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import threading
+import time
+
+from bench.common import (
+    count_documents,
+    print_table,
+    private_stack,
+    scifact_corpus,
+    sync_process,
+    wait_until,
+    write_results,
+)
+from freshet.db import connect, database_url, source_database_url
+from freshet.settings import Settings
+
+ROWS = 20
+PARAGRAPHS = 6
+FIRST_ID = 500000
+
+
+class Reader(threading.Thread):
+    """Polls the chunks of the benchmark rows and stamps each marker's first sighting."""
+
+    def __init__(self, settings: Settings, keys: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.settings = settings
+        self.keys = keys
+        self.pending: dict[str, float] = {}  # marker -> commit time
+        self.seen: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def expect(self, marker: str, committed_at: float) -> None:
+        with self.lock:
+            self.pending[marker] = committed_at
+
+    def run(self) -> None:
+        with connect(database_url(self.settings), autocommit=True) as conn:
+            while not self.stop.is_set():
+                with self.lock:
+                    markers = list(self.pending)
+                if markers:
+                    texts = [
+                        r[0]
+                        for r in conn.execute(
+                            "SELECT text FROM rag.chunks WHERE source_table = 'app.articles'"
+                            " AND doc_key = ANY(%s) AND text LIKE '%%[rev-%%'",
+                            (self.keys,),
+                        )
+                    ]
+                    now = time.time()
+                    joined = "\n".join(texts)
+                    with self.lock:
+                        for marker in markers:
+                            if marker in joined:
+                                self.seen[marker] = now - self.pending.pop(marker)
+                time.sleep(0.002)
+
+
+def run_phase(
+    settings: Settings,
+    reader: Reader,
+    paragraphs: list[list[str]],
+    rate: float,
+    seconds: float,
+    rewrite: bool,
+    pool: list[str],
+    label: str,
+) -> list[float]:
+    rng = random.Random(label)
+    results_before = set(reader.seen)
+    markers: list[str] = []
+    with connect(source_database_url(settings), autocommit=True) as conn:
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() - started < seconds:
+            row = n % ROWS
+            marker = f"[rev-{label}-{n}]"
+            if rewrite:
+                body = "\n\n".join(
+                    f"{p} {marker}" if i == 0 else p
+                    for i, p in enumerate(rng.sample(pool, PARAGRAPHS))
+                )
+            else:
+                edited = list(paragraphs[row])
+                target = rng.randrange(PARAGRAPHS)
+                edited[target] = f"{edited[target]} {marker}"
+                body = "\n\n".join(edited)
+            conn.execute(
+                "UPDATE app.articles SET body = %s, updated_at = now() WHERE id = %s",
+                (body, FIRST_ID + row),
+            )
+            reader.expect(marker, time.time())
+            markers.append(marker)
+            n += 1
+            time.sleep(max(0.0, started + n / rate - time.monotonic()))
+    wait_until(lambda: all(m in reader.seen for m in markers), 30, 0.05)
+    missing = [m for m in markers if m not in reader.seen]
+    if missing:
+        print(f"  {len(missing)} edits of phase {label} never became visible", flush=True)
+    return [reader.seen[m] for m in markers if m in reader.seen and m not in results_before]
+
+
+def summary(latencies: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    return {
+        "count": len(ordered),
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "max_ms": ordered[-1] * 1000,
+        "mean_ms": statistics.fmean(ordered) * 1000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60)
+    args = parser.parse_args()
+    abstracts = [d["text"] for d in scifact_corpus(ROWS * PARAGRAPHS * 3)]
+    paragraphs = [abstracts[i * PARAGRAPHS : (i + 1) * PARAGRAPHS] for i in range(ROWS)]
+    keys = [str(FIRST_ID + i) for i in range(ROWS)]
+
+    with private_stack("bench-fresh") as bench:
+        settings = bench.settings
+        with connect(source_database_url(settings), autocommit=True) as conn:
+            for i in range(ROWS):
+                conn.execute(
+                    "INSERT INTO app.articles (id, title, body) VALUES (%s, %s, %s)",
+                    (FIRST_ID + i, f"Freshness row {i}", "\n\n".join(paragraphs[i])),
+                )
+        reader = Reader(settings, keys)
+        with sync_process(bench, "bench-fresh-worker"):
+            try:
+                if not wait_until(lambda: count_documents(settings, "app.articles") >= ROWS, 600):
+                    raise SystemExit("the rows were not indexed; see the worker's log")
+                time.sleep(3)
+                reader.start()
+                phases = {}
+                for label, rate, rewrite in (
+                    ("edit-5/s", 5.0, False),
+                    ("edit-20/s", 20.0, False),
+                    ("rewrite-2/s", 2.0, True),
+                ):
+                    print(f"phase {label} for {args.seconds:.0f}s ...", flush=True)
+                    latencies = run_phase(
+                        settings, reader, paragraphs, rate, args.seconds, rewrite, abstracts, label
+                    )
+                    phases[label] = summary(latencies)
+            finally:
+                reader.stop.set()
+
+    rows = []
+    for label, s in phases.items():
+        rows.append(
+            (
+                label,
+                f"n={s['count']:<5} p50 {s['p50_ms']:6.1f} ms  p95 {s['p95_ms']:6.1f} ms"
+                f"  p99 {s['p99_ms']:6.1f} ms  max {s['max_ms']:6.1f} ms",
+            )
+        )
+    print_table(
+        "freshness: source commit -> visible in rag.chunks (targets at 5/s: p50 <= 100 "
+        "ms, p99 <= 250 ms)",
+        rows,
+    )
+    write_results(
+        "freshness",
+        {
+            "phases": phases,
+            "rows": ROWS,
+            "paragraphs_per_row": PARAGRAPHS,
+            "seconds_per_phase": args.seconds,
+            "settings": {
+                "cdc_poll_interval_ms": settings.cdc_poll_interval_ms,
+                "cdc_linger_ms": settings.cdc_linger_ms,
+                "sync_fetch_wait_ms": settings.sync_fetch_wait_ms,
+            },
+            "targets": {"edit-5/s": {"p50_ms": 100, "p99_ms": 250}},
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Search latency, throughput and HNSW recall at 100,000 chunks of real text.
+
+    .venv/bin/python -m bench.query [--chunks 100000]
+
+Chunks real text (SciFact abstracts, the PostgreSQL manual when postgresql-doc is installed,
+and man pages, read at run time) with the model's tokenizer, embeds it once and caches texts
+and vectors under FRESHET_HOME/bench/query (never in git), and loads them into rag.chunks of
+a private stack (the HNSW index is built after the load, as a bulk load would). Then, against
+the real web app over HTTP:
+  - GET /api/v1/search p50/p99 latency, query embedding included, one client;
+  - queries per second with 4 concurrent clients;
+  - recall@10 of the HNSW path against exact search for 200 queries, each measured on a fresh
+    connection (a prepared statement could otherwise keep a plan made under another setting).
+Targets: p50 <= 15 ms, p99 <= 40 ms, recall@10 >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import requests
+from pgvector.psycopg import register_vector
+from werkzeug.serving import make_server
+
+from bench.common import SCIFACT, print_table, private_stack, write_results
+from bench.corpus import documents
+from freshet.db import database_url
+from freshet.embedder import embedder_from_settings
+from freshet.settings import PROJECT_ROOT, Settings
+from sync.chunking import TokenChunker
+from web import create_app
+
+TABLE = "bench.query"
+
+
+def build_corpus(settings: Settings, cache: Path, target: int) -> tuple[list[str], np.ndarray]:
+    texts_file, vectors_file = cache / "texts.jsonl", cache / "vectors.npy"
+    if texts_file.exists() and vectors_file.exists():
+        texts = [json.loads(line) for line in texts_file.open()]
+        if len(texts) >= target:
+            print(f"reusing {len(texts)} cached chunks and vectors from {cache}", flush=True)
+            return texts[:target], np.load(vectors_file)[:target]
+    embedder = embedder_from_settings(settings)
+    chunker = TokenChunker(embedder.tokenizer)
+    texts, seen = [], set()
+    for _, text in documents():
+        for chunk in chunker.chunk(text):
+            if chunk.hash not in seen and len(chunk.text) > 40:
+                seen.add(chunk.hash)
+                texts.append(chunk.text)
+        if len(texts) >= target:
+            break
+    texts = texts[:target]
+    print(f"embedding {len(texts)} chunks once (cached in {cache}) ...", flush=True)
+    vectors = np.zeros((len(texts), embedder.dim), dtype=np.float32)
+    started = time.monotonic()
+    step = 2048
+    for i in range(0, len(texts), step):
+        vectors[i : i + step] = embedder.embed(texts[i : i + step])
+        done = min(i + step, len(texts))
+        rate = done / (time.monotonic() - started)
+        print(
+            f"  {done}/{len(texts)} ({rate:.0f}/s, ETA {(len(texts) - done) / rate:.0f}s)",
+            flush=True,
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    with texts_file.open("w") as handle:
+        for text in texts:
+            handle.write(json.dumps(text) + "\n")
+    np.save(vectors_file, vectors)
+    return texts, vectors
+
+
+def load(settings: Settings, texts: list[str], vectors: np.ndarray) -> None:
+    with psycopg.connect(database_url(settings), autocommit=True) as conn:
+        register_vector(conn)
+        count = conn.execute(
+            "SELECT count(*) FROM rag.chunks WHERE source_table = %s", (TABLE,)
+        ).fetchone()
+        if count and count[0] == len(texts):
+            return
+        conn.execute("DELETE FROM rag.documents WHERE source_table = %s", (TABLE,))
+        conn.execute("DROP INDEX IF EXISTS rag.ix_chunks_embedding_hnsw")
+        doc = conn.execute(
+            "INSERT INTO rag.documents (source_table, doc_key, title, source_lsn)"
+            " VALUES (%s, 'corpus', 'query benchmark corpus', 0) RETURNING id",
+            (TABLE,),
+        ).fetchone()
+        assert doc is not None
+        started = time.monotonic()
+        with (
+            conn.cursor() as cur,
+            cur.copy(
+                "COPY rag.chunks (document_id, source_table, doc_key, chunk_index, text, text_hash,"
+                " embedding, source_lsn) FROM STDIN WITH (FORMAT BINARY)"
+            ) as copy,
+        ):
+            copy.set_types(["int8", "text", "text", "int4", "text", "text", "vector", "int8"])
+            for i, (text, vector) in enumerate(zip(texts, vectors, strict=True)):
+                copy.write_row((doc[0], TABLE, f"corpus-{i}", i, text, str(i), vector, 0))
+        print(
+            f"loaded {len(texts)} chunks in {time.monotonic() - started:.0f}s; building HNSW",
+            flush=True,
+        )
+        started = time.monotonic()
+        # The same index as migration 0001 defines.
+        conn.execute(
+            "CREATE INDEX ix_chunks_embedding_hnsw ON rag.chunks "
+            "USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
+        )
+        conn.execute("ANALYZE rag.chunks")
+        print(f"HNSW built in {time.monotonic() - started:.0f}s", flush=True)
+
+
+def bench_queries(count: int) -> list[str]:
+    with (SCIFACT / "queries.jsonl").open() as handle:
+        return [json.loads(line)["text"] for line in handle][:count]
+
+
+def recall_at_10(settings: Settings, queries: list[str], ef_search: int) -> float:
+    embedder = embedder_from_settings(settings)
+    vectors = embedder.embed(queries)
+    sql = "SELECT id FROM rag.chunks WHERE source_table = %s ORDER BY embedding <=> %s LIMIT 10"
+    recalls = []
+    for vector in vectors:
+        results = []
+        for exact in (False, True):
+            with psycopg.connect(database_url(settings), autocommit=True) as conn:
+                register_vector(conn)
+                with conn.transaction():
+                    conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef_search),))
+                    if exact:
+                        conn.execute("SET LOCAL enable_indexscan = off")
+                    results.append({r[0] for r in conn.execute(sql, (TABLE, vector))})
+        recalls.append(len(results[0] & results[1]) / 10)
+    return statistics.fmean(recalls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chunks", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--mode", default="dense", choices=("dense", "text", "hybrid"))
+    parser.add_argument("--home", type=Path, default=PROJECT_ROOT / ".freshet" / "bench" / "query")
+    args = parser.parse_args()
+    queries = bench_queries(args.queries)
+
+    with private_stack("bench-query", keep=args.home) as bench:
+        settings = bench.settings
+        texts, vectors = build_corpus(settings, args.home / "cache", args.chunks)
+        load(settings, texts, vectors)
+        app = create_app(settings=settings)
+        ef_search = int(app.config["HNSW_EF_SEARCH"])
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_port}/api/v1/search"
+
+        def one(session: requests.Session, query: str) -> float:
+            started = time.perf_counter()
+            response = session.get(url, params={"q": query, "k": 10, "mode": args.mode}, timeout=30)
+            response.raise_for_status()
+            return time.perf_counter() - started
+
+        try:
+            session = requests.Session()
+            for query in queries[:20]:  # warm-up: model, pool, caches
+                one(session, query)
+            latencies = sorted(one(session, q) for q in queries)
+            total = len(queries) * 2
+
+            def client(worker: int) -> int:
+                s = requests.Session()
+                for i in range(total // 4):
+                    one(s, queries[(worker * 37 + i) % len(queries)])
+                return total // 4
+
+            started = time.perf_counter()
+            with ThreadPoolExecutor(4) as pool:
+                done = sum(pool.map(client, range(4)))
+            qps = done / (time.perf_counter() - started)
+        finally:
+            server.shutdown()
+        recall = recall_at_10(settings, queries, ef_search)
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+
+    print_table(
+        f"query: {len(texts)} chunks, {len(queries)} queries, mode={args.mode}",
+        [
+            ("p50 latency (target <= 15 ms)", f"{pct(0.5):.1f} ms"),
+            ("p99 latency (target <= 40 ms)", f"{pct(0.99):.1f} ms"),
+            ("QPS, 4 concurrent clients", f"{qps:.1f}"),
+            (f"recall@10 HNSW vs exact, ef_search={ef_search} (target >= 0.95)", f"{recall:.3f}"),
+        ],
+    )
+    write_results(
+        "query",
+        {
+            "chunks": len(texts),
+            "queries": len(queries),
+            "mode": args.mode,
+            "p50_ms": pct(0.5),
+            "p99_ms": pct(0.99),
+            "qps_4_clients": qps,
+            "recall_at_10": recall,
+            "ef_search": ef_search,
+            "targets": {"p50_ms": 15, "p99_ms": 40, "recall_at_10": 0.95},
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Backfill throughput of the whole pipeline versus the raw embedder, in one run.
+
+    .venv/bin/python -m bench.sync_throughput [--rows N]
+
+Inserts the SciFact abstracts (read from ../shared/eval at run time) into a captured source
+table of a private stack, runs one `freshet sync` process, and times the backfill from the
+first indexed document to the last: rows/s and chunks/s. Then embeds the very same chunks
+with the raw embedder (same model, threads and precision, no Kafka, no database) for the
+ratio. Target: the pipeline reaches >= 0.85 of the raw embedder's chunks/s. Also reports the
+worker's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+
+from bench.common import (
+    count_documents,
+    load_scifact,
+    peak_rss_mib,
+    print_table,
+    private_stack,
+    scifact_corpus,
+    sync_process,
+    wait_until,
+    write_results,
+)
+from freshet.db import connect, database_url
+from freshet.embedder import embedder_from_settings
+from sync.chunking import TokenChunker
+from sync.mapping import Mappings
+
+TABLE = "app.scifact"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=None, help="default: all 5,183 abstracts")
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+    docs = scifact_corpus(args.rows)
+    rows = len(docs)
+
+    with private_stack("bench-sync") as bench:
+        settings = bench.settings
+        load_scifact(settings, docs)
+        with sync_process(bench, "bench-sync-worker") as worker:
+            print(f"backfilling {rows} rows through Debezium -> Kafka -> sync ...", flush=True)
+            if not wait_until(lambda: count_documents(settings, TABLE) > 0, 600, 0.05):
+                raise SystemExit("nothing was indexed; see the worker's log")
+            started = time.monotonic()
+            first_count = count_documents(settings, TABLE)
+            done = wait_until(lambda: count_documents(settings, TABLE) >= rows, args.timeout, 0.1)
+            elapsed = time.monotonic() - started
+            if not done:
+                raise SystemExit(f"backfill incomplete after {args.timeout}s")
+            rss = peak_rss_mib(worker.pid)
+        with connect(database_url(settings), autocommit=True) as conn:
+            chunk_rows = conn.execute(
+                "SELECT c.text, d.doc_key FROM rag.chunks c JOIN rag.documents d"
+                " ON d.id = c.document_id WHERE c.source_table = %s",
+                (TABLE,),
+            ).fetchall()
+            first_chunks = conn.execute(
+                "SELECT count(*) FROM rag.chunks c JOIN rag.documents d ON d.id = c.document_id"
+                " WHERE c.source_table = %s AND d.id <= (SELECT min(id) + %s FROM rag.documents"
+                " WHERE source_table = %s)",
+                (TABLE, first_count - 1, TABLE),
+            ).fetchone()
+        timed_rows = rows - first_count
+        timed_chunks = len(chunk_rows) - int(first_chunks[0] if first_chunks else 0)
+        pipeline_rows_s = timed_rows / elapsed
+        pipeline_chunks_s = timed_chunks / elapsed
+
+        # The raw embedder on the same chunks, same settings, nothing else running.
+        embedder = embedder_from_settings(settings)
+        chunker = TokenChunker(embedder.tokenizer)
+        mapping = Mappings.load(settings.mappings_path).get(TABLE)
+        assert mapping is not None
+        texts: list[str] = []
+        for i, doc in enumerate(docs, start=1):
+            row = {"id": i, "corpus_id": doc["_id"], "title": doc["title"], "abstract": doc["text"]}
+            texts.extend(c.text for c in chunker.chunk(mapping.map_row(row).text))
+        stored = sorted(hashlib.sha256(t.encode()).hexdigest() for t, _ in chunk_rows)
+        same_chunks = stored == sorted(hashlib.sha256(t.encode()).hexdigest() for t in texts)
+        embedder.embed(texts[:64])  # warm-up
+        raw_started = time.monotonic()
+        embedder.embed(texts)
+        raw_elapsed = time.monotonic() - raw_started
+        raw_chunks_s = len(texts) / raw_elapsed
+
+    ratio = pipeline_chunks_s / raw_chunks_s
+    print_table(
+        f"sync throughput: {rows} SciFact rows, {len(texts)} chunks",
+        [
+            ("pipeline rows/s", f"{pipeline_rows_s:.1f}"),
+            ("pipeline chunks/s", f"{pipeline_chunks_s:.1f}"),
+            ("raw embedder chunks/s", f"{raw_chunks_s:.1f}"),
+            ("ratio (target >= 0.85)", f"{ratio:.3f}"),
+            ("backfill seconds (timed part)", f"{elapsed:.1f}"),
+            ("worker peak RSS MiB", f"{rss:.0f}" if rss else "n/a"),
+            ("indexed chunks == raw chunks", str(same_chunks)),
+            ("embedder", f"bf16={embedder.bf16} threads={settings.embed_threads or 'default'}"),
+        ],
+    )
+    write_results(
+        "sync_throughput",
+        {
+            "rows": rows,
+            "chunks": len(texts),
+            "timed_rows": timed_rows,
+            "timed_chunks": timed_chunks,
+            "backfill_seconds": elapsed,
+            "pipeline_rows_per_s": pipeline_rows_s,
+            "pipeline_chunks_per_s": pipeline_chunks_s,
+            "raw_chunks_per_s": raw_chunks_s,
+            "ratio": ratio,
+            "target_ratio": 0.85,
+            "worker_peak_rss_mib": rss,
+            "same_chunks": same_chunks,
+            "bf16": embedder.bf16,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
