@@ -19,9 +19,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-# Services started by this process, kept so their exit can be collected (no zombies, and no
-# "subprocess still running" warnings when a Popen object is dropped while the daemon runs).
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+# The shell forks the service into the background in a new session and prints its PID; the
+# shell exits at once, so the service is re-parented to init and is never our child.
+_DAEMONIZE = 'setsid "$@" >>"$FRESHET_LOG" 2>&1 </dev/null & echo $!'
 
 
 class StackError(RuntimeError):
@@ -106,23 +106,27 @@ class ManagedProcess:
         return None
 
     def start(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+        """Start `argv` as a daemon: its own session, not our child (so it outlives us, leaves
+        no zombie, and Ctrl+C in this terminal does not reach it; `down` stops it)."""
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
             log.write(f"\n--- freshet: starting {self.name} at {time.ctime()} ---\n".encode())
-            log.flush()
-            proc = subprocess.Popen(  # noqa: S603 - argv is built by the launcher
-                list(argv),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=dict(env) if env is not None else None,
-                start_new_session=True,  # Ctrl+C in the terminal does not reach it; `down` does
-            )
-        _CHILDREN[proc.pid] = proc
-        self.pid_file.write_text(f"{proc.pid}\n")
-        logger.info("started %s pid=%s log=%s", self.name, proc.pid, self.log_file)
-        return proc.pid
+        launch_env = dict(os.environ if env is None else env, FRESHET_LOG=str(self.log_file))
+        launched = subprocess.run(  # noqa: S603 - argv is built by the launcher
+            ["/bin/sh", "-c", _DAEMONIZE, "freshet-launch", *argv],
+            env=launch_env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if launched.returncode != 0 or not launched.stdout.strip().isdigit():
+            raise StackError(f"could not start {self.name}: {launched.stderr.strip()}")
+        pid = int(launched.stdout.strip())
+        self.pid_file.write_text(f"{pid}\n")
+        logger.info("started %s pid=%s log=%s", self.name, pid, self.log_file)
+        return pid
 
     def stop(self, timeout: float = 30.0) -> bool:
         """SIGTERM, wait, then SIGKILL; True when a process of ours was running."""
@@ -133,13 +137,11 @@ class ManagedProcess:
         _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and pid_alive(pid):
-            _reap(pid)
             time.sleep(0.2)
         if pid_alive(pid):
             logger.warning("%s pid=%s ignored SIGTERM for %.0fs; killing", self.name, pid, timeout)
             _signal_group(pid, signal.SIGKILL)
             for _ in range(50):
-                _reap(pid)
                 if not pid_alive(pid):
                     break
                 time.sleep(0.1)
@@ -154,17 +156,6 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
     except (ProcessLookupError, PermissionError):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status when the process is our own child (this process started it)."""
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is not None:
-            del _CHILDREN[pid]
-        return
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
 
 
 def wait_until(

@@ -4,6 +4,7 @@ collide with a running demo."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import tempfile
 from pathlib import Path
@@ -11,10 +12,28 @@ from pathlib import Path
 PASSTHROUGH = ("JAVA_HOME", "FRESHET_JARS", "PATH")
 
 
+# Below Linux's ephemeral range (32768-60999 by default): a port the kernel hands out for
+# outgoing connections could be taken by a client between our check and the server's bind.
+_PORTS = range(20000, 32000)
+_taken: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, outside the ephemeral range, not handed out before by this
+    process."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.choice(_PORTS)
+        if port in _taken:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
+    raise RuntimeError("no free port found in 20000-32000")
 
 
 def private_home(tag: str) -> Path:

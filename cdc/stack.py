@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import requests
 from alembic import command
 from alembic.config import Config
 
@@ -207,7 +208,18 @@ def status(settings: Settings) -> dict[str, Any]:
         connect_info["error"] = str(exc)
         result["connector"] = {"name": settings.connector_name, "state": "UNKNOWN"}
     result["connect"] = connect_info
+    web_pid = LocalWeb(settings).process.pid()
+    if web_pid is not None or settings.start_web:
+        result["web"] = {"url": settings.web_url, "pid": web_pid, "state": _web_state(settings)}
     return result
+
+
+def _web_state(settings: Settings) -> str:
+    try:
+        response = requests.get(f"{settings.web_url}api/v1/health", timeout=3)
+    except requests.RequestException:
+        return "DOWN"
+    return "RUNNING" if response.status_code == 200 else f"HTTP {response.status_code}"
 
 
 def _connector_report(name: str, raw: dict[str, Any] | None) -> dict[str, Any]:

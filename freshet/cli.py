@@ -60,8 +60,9 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     started = stack.up(settings, report=_say)
     print(render_status(stack.status(settings)))
+    web = f"web UI and API on {settings.web_url}; " if settings.start_web else ""
     _say(
-        f"demo running: connector {settings.connector_name} streams schema app to Kafka topics "
+        f"demo running: {web}connector {settings.connector_name} streams schema app to "
         f"{settings.topic_prefix}.app.*; press Ctrl+C to stop what this command started"
     )
     while not stop.wait(timeout=1.0):
@@ -238,6 +239,9 @@ def render_status(report: dict[str, Any]) -> str:
     lines.append(f"connect       {conn.get('state', 'DOWN'):<9} {cwhere:<9} {cinfo}")
     connector = report["connector"]
     lines.append(f"connector     {connector['state']:<9} {connector['name']}")
+    web = report.get("web")
+    if web:
+        lines.append(f"web app       {web['state']:<9} {'local':<9} {web['url']}")
     for task in connector.get("tasks", []):
         lines.append(f"  task {task['id']:<7} {task['state']:<9} {task.get('worker') or ''}")
         if task.get("trace"):

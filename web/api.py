@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -45,7 +46,7 @@ def parse_k(raw: Any, default: int, maximum: int = MAX_K) -> int:
         raise ApiError(f"k must be an integer between 1 and {maximum}", 400, {"field": "k"})
     try:
         k = int(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON Infinity
         raise ApiError(
             f"k must be an integer between 1 and {maximum}", 400, {"field": "k"}
         ) from None
@@ -66,11 +67,41 @@ def parse_bool(raw: Any, name: str, default: bool = False) -> bool:
     raise ApiError(f"{name} must be true or false", 400, {"field": name})
 
 
+def storable(value: Any) -> bool:
+    """Whether PostgreSQL can take the value as text or jsonb: no NUL character, no lone
+    surrogate (not encodable as UTF-8) and no NaN or infinity, at any depth."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(storable(k) and storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(storable(v) for v in value)
+    return True
+
+
+def _require_storable(value: Any, name: str, what: str) -> None:
+    if not storable(value):
+        raise ApiError(
+            f"{name} must be {what} without NUL characters, unpaired surrogates, NaN or infinity",
+            400,
+            {"field": name},
+        )
+
+
 def parse_text(raw: Any, name: str, limit: int) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise ApiError(f"{name} must be a non-empty string", 400, {"field": name})
     if len(raw) > limit:
         raise ApiError(f"{name} is longer than {limit} characters", 400, {"field": name})
+    _require_storable(raw, name, "text")
     return raw.strip()
 
 
@@ -88,6 +119,8 @@ def parse_filters(tables: Any, metadata: Any) -> Filters:
             raise ApiError("metadata must be a JSON object", 400, {"field": "metadata"}) from None
     if metadata is not None and not isinstance(metadata, dict):
         raise ApiError("metadata must be a JSON object", 400, {"field": "metadata"})
+    _require_storable(tables, "table", "table names")
+    _require_storable(metadata, "metadata", "a JSON object")
     return Filters(tuple(tables), metadata or None)
 
 
@@ -227,6 +260,11 @@ def get_answer(answer_id: str) -> Any:
 @bp.get("/documents/<source>/<path:key>")
 def get_document(source: str, key: str) -> Any:
     user = current_user()
+    if not (storable(source) and storable(key)):
+        # No stored row can have such a key: PostgreSQL text cannot hold it.
+        raise ApiError(
+            "no such document, or you may not see it", 404, {"source": source, "key": key}
+        )
     try:
         document = get_retriever().document(source, key, user)
     except (psycopg.OperationalError, PoolTimeout) as exc:

@@ -278,7 +278,8 @@ DOCUMENT: dict[str, Any] = {
         "version": "1",
         "description": "Search and answers over a pgvector index kept fresh by CDC. "
         "Send `Authorization: Bearer <token>`; without one you are an anonymous public "
-        "user (when allowed).",
+        "user (when allowed). Text that PostgreSQL cannot hold (NUL characters, unpaired "
+        "surrogates) and NaN or infinite numbers are refused with a 400.",
     },
     "servers": [{"url": "/"}],
     "security": [{"bearer": []}, {}],

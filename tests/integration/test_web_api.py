@@ -8,7 +8,6 @@ import json
 import random
 import re
 import shutil
-import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from psycopg.types.json import Jsonb
 
 from cdc.demo import article_rows, module_doc_rows
 from cdc.postgres import EmbeddedPostgres
+from cdc.sandbox import free_port
 from cdc.stack import migrate
 from freshet.db import connect, database_url
 from freshet.embedder import TransformersEmbedder
@@ -46,12 +46,6 @@ INJECTED_TEXT = (
     "card within five working days."
 )
 BASE_TS = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

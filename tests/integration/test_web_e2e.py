@@ -41,6 +41,15 @@ ARTICLES = "app.articles"
 StartWorker = Callable[..., WorkerThread]
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The browser and selenium talk to 127.0.0.1 only; a proxy setting must not apply."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        if name in os.environ:
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
 class WebServer:
     """The Flask app on a real socket (werkzeug's threaded server) in a background thread."""
 
@@ -199,12 +208,3 @@ def test_ask_page_cites_a_committed_row_and_its_update(
             assert browser.find_element(By.ID, "doc-error").text == ""
         finally:
             src.execute("DELETE FROM app.articles WHERE id = %s", (key,))
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The browser and selenium talk to 127.0.0.1 only; a proxy setting must not apply."""
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        if name in os.environ:
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
