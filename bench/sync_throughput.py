@@ -57,6 +57,12 @@ def main() -> None:
             if not done:
                 raise SystemExit(f"backfill incomplete after {args.timeout}s")
             rss = peak_rss_mib(worker.pid)
+            time.sleep(2.5)  # one more heartbeat, so the timers below are complete
+            with connect(database_url(settings), autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT progress->'timers' FROM rag.workers ORDER BY heartbeat_at DESC LIMIT 1"
+                ).fetchone()
+            timers = row[0] if row and row[0] else {}
         with connect(database_url(settings), autocommit=True) as conn:
             chunk_rows = conn.execute(
                 "SELECT c.text, d.doc_key FROM rag.chunks c JOIN rag.documents d"
@@ -81,8 +87,13 @@ def main() -> None:
         assert mapping is not None
         texts: list[str] = []
         for i, doc in enumerate(docs, start=1):
-            row = {"id": i, "corpus_id": doc["_id"], "title": doc["title"], "abstract": doc["text"]}
-            texts.extend(c.text for c in chunker.chunk(mapping.map_row(row).text))
+            source_row = {
+                "id": i,
+                "corpus_id": doc["_id"],
+                "title": doc["title"],
+                "abstract": doc["text"],
+            }
+            texts.extend(c.text for c in chunker.chunk(mapping.map_row(source_row).text))
         stored = sorted(hashlib.sha256(t.encode()).hexdigest() for t, _ in chunk_rows)
         same_chunks = stored == sorted(hashlib.sha256(t.encode()).hexdigest() for t in texts)
         embedder.embed(texts[:64])  # warm-up
@@ -101,6 +112,13 @@ def main() -> None:
             ("ratio (target >= 0.85)", f"{ratio:.3f}"),
             ("backfill seconds (timed part)", f"{elapsed:.1f}"),
             ("worker peak RSS MiB", f"{rss:.0f}" if rss else "n/a"),
+            (
+                "worker time: embed / write / read+chunk / whole batches (s)",
+                " / ".join(
+                    f"{timers.get(k, 0):.0f}"
+                    for k in ("embed_seconds", "write_seconds", "plan_seconds", "batch_seconds")
+                ),
+            ),
             ("indexed chunks == raw chunks", str(same_chunks)),
             ("embedder", f"bf16={embedder.bf16} threads={settings.embed_threads or 'default'}"),
         ],
@@ -119,6 +137,7 @@ def main() -> None:
             "ratio": ratio,
             "target_ratio": 0.85,
             "worker_peak_rss_mib": rss,
+            "worker_timers": timers,
             "same_chunks": same_chunks,
             "bf16": embedder.bf16,
         },

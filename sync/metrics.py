@@ -53,6 +53,8 @@ class Histogram:
         }
 
 
+TIMERS = ("plan_seconds", "embed_seconds", "write_seconds", "batch_seconds")
+
 COUNTERS = (
     "events",
     "applied",
@@ -74,6 +76,7 @@ COUNTERS = (
 class SyncMetrics:
     worker_id: str
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMERS, 0.0))
     freshness: dict[str, Histogram] = field(default_factory=dict)
     lag: dict[str, int] = field(default_factory=dict)
     assignment: list[str] = field(default_factory=list)
@@ -92,6 +95,11 @@ class SyncMetrics:
             if now - first_t > 0:
                 self.events_per_sec = (self.counters["events"] - first_n) / (now - first_t)
 
+    def time(self, **seconds: float) -> None:
+        with self._lock:
+            for name, value in seconds.items():
+                self.timers[name] = self.timers.get(name, 0.0) + value
+
     def set_assignment(self, partitions: list[str]) -> None:
         with self._lock:
             self.assignment = sorted(partitions)
@@ -105,6 +113,7 @@ class SyncMetrics:
         with self._lock:
             return {
                 "counters": dict(self.counters),
+                "timers": {k: round(v, 3) for k, v in self.timers.items()},
                 "freshness": {t: h.summary() for t, h in self.freshness.items()},
                 "lag": dict(self.lag),
                 "assignment": list(self.assignment),
@@ -120,6 +129,9 @@ class SyncMetrics:
             for name, value in self.counters.items():
                 lines.append(f"# TYPE freshet_sync_{name}_total counter")
                 lines.append(f"freshet_sync_{name}_total{{{label}}} {value}")
+            for name, seconds in self.timers.items():
+                lines.append(f"# TYPE freshet_sync_{name}_total counter")
+                lines.append(f"freshet_sync_{name}_total{{{label}}} {seconds:.6f}")
             lines.append("# TYPE freshet_sync_events_per_second gauge")
             lines.append(f"freshet_sync_events_per_second{{{label}}} {self.events_per_sec:.3f}")
             lines.append("# TYPE freshet_sync_consumer_lag gauge")

@@ -155,6 +155,7 @@ class SyncWorker:
 
     # --- one batch -------------------------------------------------------------------
     def process(self, records: Sequence[KafkaRecord], stop: threading.Event | None = None) -> None:
+        started = time.perf_counter()
         routed = self.router.route(records)
         stats = self._apply_with_retry(routed.changes, routed.rejected, stop)
         dead = routed.rejected + stats.dead
@@ -181,6 +182,12 @@ class SyncWorker:
             chunks_deleted=stats.chunks_deleted,
             metadata_only=stats.metadata_only,
             batches=1,
+        )
+        self.metrics.time(
+            plan_seconds=stats.plan_seconds,
+            embed_seconds=stats.embed_seconds,
+            write_seconds=stats.write_seconds,
+            batch_seconds=time.perf_counter() - started,
         )
         self._done += len(records)
         if self.progress is not None and self._backlog:
@@ -287,7 +294,13 @@ class SyncWorker:
                     counters["embeddings"],
                     snap["events_per_sec"],
                     json.dumps(snap["lag"]),
-                    json.dumps({"counters": counters, "freshness": snap["freshness"]}),
+                    json.dumps(
+                        {
+                            "counters": counters,
+                            "timers": snap["timers"],
+                            "freshness": snap["freshness"],
+                        }
+                    ),
                     snap["last_error"],
                     snap["last_error"],
                 ),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ class ApplyStats:
     embeddings: int = 0
     chunks_written: int = 0
     chunks_deleted: int = 0
+    # Seconds spent reading + chunking, embedding, and writing (the rest is Kafka and commit).
+    plan_seconds: float = 0.0
+    embed_seconds: float = 0.0
+    write_seconds: float = 0.0
     # (table, source commit time) of every live (non-snapshot) change that took effect.
     committed: list[tuple[str, datetime]] = field(default_factory=list)
     dead: list[Rejected] = field(default_factory=list)
@@ -93,12 +98,18 @@ class Writer:
         if not changes:
             return stats
         with conn.transaction():
+            started = time.perf_counter()
             stored = self._load(conn, changes)
             intents = self._resolve(changes, stored, stats)
             self._plan(conn, intents, stored, stats)
+            planned = time.perf_counter()
             self._embed(intents, stats)
+            embedded = time.perf_counter()
             for intent in intents:
                 self._write(conn, intent, stored.get(intent.key), stats)
+            stats.plan_seconds = planned - started
+            stats.embed_seconds = embedded - planned
+        stats.write_seconds = time.perf_counter() - embedded
         return stats
 
     # --- reading the stored state ------------------------------------------------------
