@@ -281,14 +281,18 @@ class PgRetriever(Retriever):
         ]
 
     def text(self, query: str, user: User, limit: int, filters: Filters) -> list[Passage]:
-        """Full-text matches ranked by cover density (ts_rank_cd) via the GIN index."""
+        """Full-text matches of any query word, ranked by cover density (ts_rank_cd), via the
+        GIN index."""
         params = query_params(user, self.public_documents, filters)
         params.update(query=query, limit=limit)
         statement = sql.SQL(
             "SELECT {cols}, d.title, ts_rank_cd(c.tsv, q) AS rank"
             " FROM rag.chunks AS c"
             " JOIN rag.documents AS d ON d.id = c.document_id AND d.deleted_at IS NULL,"
-            " websearch_to_tsquery('english', %(query)s) AS q"
+            # Any of the query's words (OR), ranked by how densely a chunk covers them: an AND
+            # of every word of a natural-language question almost never matches anything.
+            " (SELECT string_agg(quote_literal(w.lexeme), ' | ')::tsquery"
+            "  FROM unnest(to_tsvector('english', %(query)s)) AS w) AS q"
             " WHERE c.tsv @@ q AND {where}"
             " ORDER BY rank DESC, c.id LIMIT %(limit)s"
         ).format(cols=_CHUNK_COLUMNS, where=where_clause(user, self.public_documents, filters))

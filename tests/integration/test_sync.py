@@ -247,3 +247,91 @@ def test_toasted_column_left_unchanged_is_neither_blanked_nor_re_embedded(
     # Debezium really sent the placeholder: the test exercised the TOAST path.
     assert updates[1]["after"]["body"] == UNAVAILABLE_PLACEHOLDER
     assert updates[2]["after"]["body"] == UNAVAILABLE_PLACEHOLDER
+
+
+def test_dlq_list_and_replay_through_the_cli(
+    running_stack: Settings, running_stack_env: dict[str, str], start_worker: StartWorker
+) -> None:
+    """A dead letter that still fails keeps failing with its reason; one whose record now
+    applies is resolved by `freshet dlq replay`."""
+    import subprocess
+    import sys
+
+    from cdc.events import RecordPosition
+    from freshet.settings import PROJECT_ROOT
+    from sync import deadletters
+    from sync.changes import Rejected
+
+    worker = start_worker()
+    caught_up(worker)
+    topic = f"{running_stack.topic_prefix}.app.articles"
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=running_stack.bootstrap_servers,
+        auto_offset_reset="earliest",
+        group_id=None,
+        consumer_timeout_ms=5000,
+    )
+    try:
+        good = next(m for m in consumer if m.value and json.loads(m.value)["op"] == "r")
+    finally:
+        consumer.close()
+    with index(running_stack) as idx:
+        with idx.transaction():
+            deadletters.store(
+                idx,
+                [
+                    Rejected(
+                        RecordPosition(topic, good.partition, good.offset),
+                        good.key,
+                        good.value,
+                        "write",
+                        "OperationalError",
+                        "simulated outage",
+                    ),
+                    Rejected(
+                        RecordPosition(topic, 0, 10**9),
+                        b'{"id":1}',
+                        b"{broken",
+                        "decode",
+                        "DecodeError",
+                        "record value is not JSON",
+                    ),
+                ],
+            )
+        ids = [
+            r[0]
+            for r in idx.execute(
+                "SELECT id FROM rag.dead_letters WHERE topic = %s AND kafka_offset IN (%s, %s)"
+                " ORDER BY kafka_offset",
+                (topic, good.offset, 10**9),
+            )
+        ]
+    assert len(ids) == 2
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "freshet.cli", *args],
+            env={**running_stack_env, "PYTHONWARNINGS": "ignore"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=PROJECT_ROOT,
+        )
+
+    listed = cli("dlq", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {d["id"] for d in json.loads(listed.stdout)} >= set(ids)
+
+    replayed = cli("dlq", "replay", *map(str, ids))
+    assert replayed.returncode == 1  # one of the two still fails
+    assert f"{ids[0]:>6}  resolved" in replayed.stdout
+    assert f"{ids[1]:>6}  still failing: record value is not JSON" in replayed.stdout
+    with index(running_stack) as idx:
+        rows = idx.execute(
+            "SELECT id, resolved_at IS NOT NULL, replay_count FROM rag.dead_letters"
+            " WHERE id = ANY(%s) ORDER BY id",
+            (ids,),
+        ).fetchall()
+        assert rows == [(ids[0], True, 1), (ids[1], False, 1)]
+        idx.execute("DELETE FROM rag.dead_letters WHERE id = ANY(%s)", (ids,))
