@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_argument("tables", nargs="+", metavar="TABLE", help="e.g. app.articles")
     sync = sub.add_parser("sync", help="run one sync worker in the foreground")
     sync.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: off)")
+    sync.add_argument("--tag", default="", help=argparse.SUPPRESS)  # names launcher-run workers
     dlq = sub.add_parser("dlq", help="list or replay dead letters")
     dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
     dlq_list = dlq_sub.add_parser("list", help="dead letters not yet resolved")

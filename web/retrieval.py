@@ -292,7 +292,7 @@ class PgRetriever(Retriever):
             # Any of the query's words (OR), ranked by how densely a chunk covers them: an AND
             # of every word of a natural-language question almost never matches anything.
             " (SELECT string_agg(quote_literal(w.lexeme), ' | ')::tsquery"
-            "  FROM unnest(to_tsvector('english', %(query)s)) AS w) AS q"
+            "  FROM unnest(to_tsvector('english', %(query)s)) AS w) AS t(q)"
             " WHERE c.tsv @@ q AND {where}"
             " ORDER BY rank DESC, c.id LIMIT %(limit)s"
         ).format(cols=_CHUNK_COLUMNS, where=where_clause(user, self.public_documents, filters))
