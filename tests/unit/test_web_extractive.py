@@ -9,7 +9,7 @@ import pytest
 
 from freshet.embedder import TransformersEmbedder
 from tests.unit.web_fakes import passage
-from web.llm.base import cited_numbers, make_answer
+from web.llm.base import EMPTY_ANSWER, cited_numbers, make_answer
 from web.llm.extractive import (
     NOTHING_RELEVANT,
     EmbeddingScorer,
@@ -116,3 +116,8 @@ def test_generated_text_without_markers_cites_every_passage_shown() -> None:
     assert answer.as_of == datetime(2026, 9, 1, tzinfo=UTC)
     strict = make_answer("free text", PASSAGES, "x", cite_all_unmarked=False)
     assert strict.citations == []
+
+
+def test_empty_generation_says_so_and_cites_nothing() -> None:
+    answer = make_answer("  \n", PASSAGES, "x")
+    assert answer.text == EMPTY_ANSWER and answer.citations == [] and answer.as_of is None

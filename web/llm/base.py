@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 _CITE = re.compile(r"\[(\d{1,3})\]")
 
+EMPTY_ANSWER = "The language model returned no text for this question; nothing is cited."
+
 
 class LLMError(RuntimeError):
     """The answer backend failed or is misconfigured; the message says what to fix."""
@@ -97,6 +99,9 @@ def make_answer(
     Citations are the passages the text names; a model that names none (small local models
     often do not) gets every passage it was shown, since the answer was drawn from them all.
     """
+    if not text.strip():
+        logger.warning("the %s backend produced no text", backend)
+        return Answer(EMPTY_ANSWER, [], backend, None)
     numbers = cited_numbers(text, len(passages))
     if not numbers and cite_all_unmarked and passages and text.strip():
         numbers = list(range(1, len(passages) + 1))
