@@ -41,16 +41,11 @@ from web import create_app
 TABLE = "bench.query"
 
 
-def build_corpus(settings: Settings, cache: Path, target: int) -> tuple[list[str], np.ndarray]:
-    texts_file, vectors_file = cache / "texts.jsonl", cache / "vectors.npy"
-    if texts_file.exists() and vectors_file.exists():
-        texts = [json.loads(line) for line in texts_file.open()]
-        if len(texts) >= target:
-            print(f"reusing {len(texts)} cached chunks and vectors from {cache}", flush=True)
-            return texts[:target], np.load(vectors_file)[:target]
-    embedder = embedder_from_settings(settings)
-    chunker = TokenChunker(embedder.tokenizer)
-    texts, seen = [], set()
+def select_texts(settings: Settings, target: int) -> list[str]:
+    """The first ``target`` distinct chunks of the corpus, in a stable order."""
+    chunker = TokenChunker(embedder_from_settings(settings).tokenizer)
+    texts: list[str] = []
+    seen: set[str] = set()
     for _, text in documents():
         for chunk in chunker.chunk(text):
             if chunk.hash not in seen and len(chunk.text) > 40:
@@ -58,25 +53,48 @@ def build_corpus(settings: Settings, cache: Path, target: int) -> tuple[list[str
                 texts.append(chunk.text)
         if len(texts) >= target:
             break
+    if len(texts) < target:
+        print(f"the corpus holds only {len(texts)} distinct chunks (asked for {target})")
+    return texts[:target]
+
+
+SHARD = 4096
+
+
+def build_corpus(settings: Settings, cache: Path, target: int) -> tuple[list[str], np.ndarray]:
+    """Texts and their vectors, embedded once: shards of SHARD vectors are cached as they are
+    done, so an interrupted run resumes where it stopped."""
+    cache.mkdir(parents=True, exist_ok=True)
+    texts_file = cache / "texts.jsonl"
+    texts = [json.loads(line) for line in texts_file.open()] if texts_file.exists() else []
+    if len(texts) < target:
+        print(f"chunking the corpus for {target} chunks ...", flush=True)
+        texts = select_texts(settings, target)
+        for stale in cache.glob("vectors-*.npy"):
+            stale.unlink()
+        with texts_file.open("w") as handle:
+            handle.writelines(json.dumps(text) + "\n" for text in texts)
     texts = texts[:target]
-    print(f"embedding {len(texts)} chunks once (cached in {cache}) ...", flush=True)
-    vectors = np.zeros((len(texts), embedder.dim), dtype=np.float32)
-    started = time.monotonic()
-    step = 2048
-    for i in range(0, len(texts), step):
-        vectors[i : i + step] = embedder.embed(texts[i : i + step])
-        done = min(i + step, len(texts))
-        rate = done / (time.monotonic() - started)
+    embedder = embedder_from_settings(settings)
+    shards: list[np.ndarray] = []
+    started, fresh = time.monotonic(), 0
+    for first in range(0, len(texts), SHARD):
+        path = cache / f"vectors-{first // SHARD:05d}.npy"
+        batch = texts[first : first + SHARD]
+        if path.exists() and len(np.load(path, mmap_mode="r")) == len(batch):
+            shards.append(np.load(path))
+            continue
+        shards.append(embedder.embed(batch).astype(np.float32))
+        np.save(path, shards[-1])
+        fresh += len(batch)
+        done = first + len(batch)
+        rate = fresh / (time.monotonic() - started)
         print(
-            f"  {done}/{len(texts)} ({rate:.0f}/s, ETA {(len(texts) - done) / rate:.0f}s)",
+            f"  embedded {done}/{len(texts)} ({rate:.0f} chunks/s,"
+            f" ETA {(len(texts) - done) / rate:.0f} s; cached in {cache})",
             flush=True,
         )
-    cache.mkdir(parents=True, exist_ok=True)
-    with texts_file.open("w") as handle:
-        for text in texts:
-            handle.write(json.dumps(text) + "\n")
-    np.save(vectors_file, vectors)
-    return texts, vectors
+    return texts, np.concatenate(shards)[: len(texts)]
 
 
 def load(settings: Settings, texts: list[str], vectors: np.ndarray) -> None:
@@ -150,8 +168,15 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--mode", default="dense", choices=("dense", "text", "hybrid"))
     parser.add_argument("--home", type=Path, default=PROJECT_ROOT / ".freshet" / "bench" / "query")
+    parser.add_argument(
+        "--embed-only", action="store_true", help="build the cached vectors, start no stack"
+    )
     args = parser.parse_args()
     queries = bench_queries(args.queries)
+    if args.embed_only:
+        texts, _ = build_corpus(Settings.from_env(), args.home / "cache", args.chunks)
+        print(f"{len(texts)} chunks and vectors cached in {args.home / 'cache'}")
+        return
 
     with private_stack("bench-query", keep=args.home) as bench:
         settings = bench.settings

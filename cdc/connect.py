@@ -11,9 +11,9 @@ from typing import Any
 import requests
 
 from cdc.jvm import java_command, plugin_dir
-from cdc.processes import ManagedProcess, PortTakenError, StackError, port_in_use, wait_until
+from cdc.processes import StackError
+from cdc.service import LocalService
 from cdc.templates import render_file, write_rendered
-from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -131,32 +131,24 @@ def connector_state(status: dict[str, Any] | None) -> str:
 
 
 @dataclass(frozen=True)
-class LocalConnect:
-    settings: Settings
+class LocalConnect(LocalService):
+    service_name = "Kafka Connect"
+    file_stem = "connect"
 
     @property
     def root(self) -> Path:
         return self.settings.home / "connect"
 
     @property
-    def process(self) -> ManagedProcess:
-        return ManagedProcess(
-            name="Kafka Connect",
-            pid_file=self.settings.run_dir / "connect.pid",
-            log_file=self.settings.logs_dir / "connect.log",
-            marker=str(self.root / "worker.properties"),
-        )
-
-    def running(self) -> bool:
-        return self.process.pid() is not None
+    def marker(self) -> str:
+        return str(self.root / "worker.properties")
 
     def start(self) -> bool:
-        process = self.process
-        if process.pid() is not None:
+        """Start the distributed worker; False when ours was already running."""
+        if self.running():
             return False
         s = self.settings
-        if port_in_use(s.connect_port):
-            raise PortTakenError("Kafka Connect", s.connect_port, "FRESHET_CONNECT_PORT")
+        self.check_ports((s.connect_port, "FRESHET_CONNECT_PORT"))
         config = write_rendered(
             "connect-distributed.properties",
             {
@@ -166,23 +158,15 @@ class LocalConnect:
             },
             self.root / "worker.properties",
         )
-        argv = java_command(
-            s, s.connect_heap, "org.apache.kafka.connect.cli.ConnectDistributed", str(config)
-        )
-        pid = process.start(argv)
-        client = ConnectClient(s.connect_rest_url, timeout=3)
-        wait_until(
-            client.ready,
-            what=f"Kafka Connect ({s.connect_rest_url}, pid {pid})",
-            timeout=s.startup_timeout,
-            log_file=process.log_file,
-            alive=lambda: process.pid() is not None,
+        self.launch(
+            java_command(
+                s, s.connect_heap, "org.apache.kafka.connect.cli.ConnectDistributed", str(config)
+            ),
+            ready=ConnectClient(s.connect_rest_url, timeout=3).ready,
+            what=f"Kafka Connect ({s.connect_rest_url})",
             interval=1.0,
         )
         return True
-
-    def stop(self) -> bool:
-        return self.process.stop(timeout=60)
 
 
 def connector_config(values: dict[str, str]) -> tuple[str, dict[str, str]]:

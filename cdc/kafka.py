@@ -10,29 +10,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdc.jvm import java_command
-from cdc.processes import ManagedProcess, PortTakenError, StackError, port_in_use, wait_until
+from cdc.processes import StackError, port_in_use
+from cdc.service import LocalService
 from cdc.templates import write_rendered
-from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LocalKafka:
-    settings: Settings
+class LocalKafka(LocalService):
+    service_name = "Kafka"
+    file_stem = "kafka"
 
     @property
     def root(self) -> Path:
         return self.settings.home / "kafka"
 
     @property
-    def process(self) -> ManagedProcess:
-        return ManagedProcess(
-            name="Kafka",
-            pid_file=self.settings.run_dir / "kafka.pid",
-            log_file=self.settings.logs_dir / "kafka.log",
-            marker=str(self.root / "server.properties"),
-        )
+    def marker(self) -> str:
+        return str(self.root / "server.properties")
 
     def _config(self) -> Path:
         s = self.settings
@@ -73,37 +69,24 @@ class LocalKafka:
                 f"formatting Kafka storage failed: {result.stdout.strip()} {result.stderr.strip()}"
             )
 
-    def running(self) -> bool:
-        return self.process.pid() is not None
-
     def start(self) -> bool:
         """Start the broker; False when ours was already running."""
-        process = self.process
-        if process.pid() is not None:
+        if self.running():
             return False
         s = self.settings
-        for port, setting in (
+        self.check_ports(
             (s.kafka_port, "FRESHET_KAFKA_PORT"),
             (s.kafka_controller_port, "FRESHET_KAFKA_CONTROLLER_PORT"),
-        ):
-            if port_in_use(port):
-                raise PortTakenError("Kafka", port, setting)
+        )
         self.root.mkdir(parents=True, exist_ok=True)
         config = self._config()
         self._format(config)
-        argv = java_command(s, s.kafka_heap, "kafka.Kafka", str(config))
-        pid = process.start(argv)
-        wait_until(
-            lambda: broker_ready(s.bootstrap_servers),
-            what=f"Kafka (127.0.0.1:{s.kafka_port}, pid {pid})",
-            timeout=s.startup_timeout,
-            log_file=process.log_file,
-            alive=lambda: process.pid() is not None,
+        self.launch(
+            java_command(s, s.kafka_heap, "kafka.Kafka", str(config)),
+            ready=lambda: broker_ready(s.bootstrap_servers),
+            what=f"Kafka (127.0.0.1:{s.kafka_port})",
         )
         return True
-
-    def stop(self) -> bool:
-        return self.process.stop(timeout=60)
 
 
 def _reachable(bootstrap_servers: str) -> bool:

@@ -4,95 +4,74 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import requests
 
-from cdc.processes import ManagedProcess, PortTakenError, port_in_use, wait_until
-from freshet.settings import Settings
+from cdc.service import LocalService
+
+# A worker that survives this long got past imports and settings; loading the model and
+# joining the group take longer, and `freshet status` shows its heartbeat once it has.
+SYNC_SURVIVAL_S = 3.0
 
 
 @dataclass(frozen=True)
-class LocalSyncWorker:
+class FreshetCommand(LocalService):
+    """A `freshet <command> --tag <marker>` process serving this FRESHET_HOME."""
+
+    command: ClassVar[str]
+
+    @property
+    def marker(self) -> str:
+        return f"freshet-{self.command}:{self.settings.home}"
+
+    def launch_command(
+        self, ready: Callable[[], bool], what: str, timeout: float | None = None
+    ) -> int:
+        env = dict(os.environ, FRESHET_HOME=str(self.settings.home), PYTHONUNBUFFERED="1")
+        argv = [sys.executable, "-m", "freshet.cli", self.command, "--tag", self.marker]
+        return self.launch(argv, ready=ready, what=what, env=env, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class LocalSyncWorker(FreshetCommand):
     """One `freshet sync` process (more members can join the group from anywhere)."""
 
-    settings: Settings
-
-    @property
-    def process(self) -> ManagedProcess:
-        return ManagedProcess(
-            name="sync worker",
-            pid_file=self.settings.run_dir / "sync.pid",
-            log_file=self.settings.logs_dir / "sync.log",
-            marker=self.tag,
-        )
-
-    @property
-    def tag(self) -> str:
-        return f"freshet-sync:{self.settings.home}"
-
-    def running(self) -> bool:
-        return self.process.pid() is not None
+    service_name = "sync worker"
+    file_stem = "sync"
+    command = "sync"
 
     def start(self) -> bool:
-        process = self.process
-        if process.pid() is not None:
+        if self.running():
             return False
-        env = dict(os.environ, FRESHET_HOME=str(self.settings.home), PYTHONUNBUFFERED="1")
-        process.start([sys.executable, "-m", "freshet.cli", "sync", "--tag", self.tag], env=env)
-        # The worker loads the model before it joins the group; dying early is what matters.
-        wait_until(
-            lambda: True,
+        started = time.monotonic()
+        self.launch_command(
+            lambda: time.monotonic() - started >= SYNC_SURVIVAL_S,
             what="sync worker",
-            timeout=1,
-            log_file=process.log_file,
-            alive=lambda: process.pid() is not None,
+            timeout=SYNC_SURVIVAL_S + 5,
         )
         return True
-
-    def stop(self) -> bool:
-        return self.process.stop(timeout=60)
 
 
 @dataclass(frozen=True)
-class LocalWeb:
+class LocalWeb(FreshetCommand):
     """The Flask app (web UI + REST API), served on 127.0.0.1:FRESHET_WEB_PORT."""
 
-    settings: Settings
-
-    @property
-    def process(self) -> ManagedProcess:
-        return ManagedProcess(
-            name="web app",
-            pid_file=self.settings.run_dir / "web.pid",
-            log_file=self.settings.logs_dir / "web.log",
-            marker=self.tag,
-        )
-
-    @property
-    def tag(self) -> str:
-        return f"freshet-web:{self.settings.home}"
-
-    def running(self) -> bool:
-        return self.process.pid() is not None
+    service_name = "web app"
+    file_stem = "web"
+    command = "web"
+    stop_timeout = 30.0
 
     def start(self) -> bool:
-        process = self.process
-        if process.pid() is not None:
+        if self.running():
             return False
-        if port_in_use(self.settings.web_port):
-            raise PortTakenError("The web app", self.settings.web_port, "FRESHET_WEB_PORT")
-        env = dict(os.environ, FRESHET_HOME=str(self.settings.home), PYTHONUNBUFFERED="1")
-        process.start([sys.executable, "-m", "freshet.cli", "web", "--tag", self.tag], env=env)
+        self.check_ports((self.settings.web_port, "FRESHET_WEB_PORT"))
         url = f"{self.settings.web_url}api/v1/health"
-        wait_until(
+        self.launch_command(
             lambda: requests.get(url, timeout=2).status_code == 200,
             what=f"the web app ({self.settings.web_url})",
-            timeout=self.settings.startup_timeout,
-            log_file=process.log_file,
-            alive=lambda: process.pid() is not None,
         )
         return True
-
-    def stop(self) -> bool:
-        return self.process.stop(timeout=30)

@@ -18,6 +18,7 @@ from cdc.kafka import LocalKafka
 from cdc.postgres import EmbeddedPostgres
 from cdc.services import LocalSyncWorker, LocalWeb
 from freshet.settings import Settings
+from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -121,7 +122,14 @@ def test_taken_port_gives_a_clear_message_and_starts_nothing(
 
 
 def test_status_reports_every_component(running_stack: Settings) -> None:
-    report = stack.status(running_stack)
+    # `up` returns once the connector runs; the snapshot creates the topics and streaming
+    # (an active slot) begins after it, which takes longer on a loaded machine.
+    settled = wait_for(
+        lambda: (r := stack.status(running_stack))["slot"].get("active") and r,
+        timeout=60,
+        interval=1,
+    )
+    report = settled or stack.status(running_stack)
     assert report["postgres"]["state"] == "RUNNING"
     assert report["postgres"]["version"].startswith("18")
     assert report["kafka"]["state"] == "RUNNING"
