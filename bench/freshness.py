@@ -77,7 +77,7 @@ class Reader(threading.Thread):
 def run_phase(
     settings: Settings,
     reader: Reader,
-    paragraphs: list[list[str]],
+    current: list[list[str]],
     rate: float,
     seconds: float,
     rewrite: bool,
@@ -94,15 +94,16 @@ def run_phase(
             row = n % ROWS
             marker = f"[rev-{label}-{n}]"
             if rewrite:
-                body = "\n\n".join(
+                current[row] = [
                     f"{p} {marker}" if i == 0 else p
                     for i, p in enumerate(rng.sample(pool, PARAGRAPHS))
-                )
+                ]
             else:
-                edited = list(paragraphs[row])
+                # One paragraph of the row as it is now gets a new marker (in place of the
+                # one it may carry): the other paragraphs stay exactly as they are.
                 target = rng.randrange(PARAGRAPHS)
-                edited[target] = f"{edited[target]} {marker}"
-                body = "\n\n".join(edited)
+                current[row][target] = f"{_unmarked(current[row][target])} {marker}"
+            body = "\n\n".join(current[row])
             conn.execute(
                 "UPDATE app.articles SET body = %s, updated_at = now() WHERE id = %s",
                 (body, FIRST_ID + row),
@@ -114,8 +115,16 @@ def run_phase(
     wait_until(lambda: all(m in reader.seen for m in markers), 30, 0.05)
     missing = [m for m in markers if m not in reader.seen]
     if missing:
-        print(f"  {len(missing)} edits of phase {label} never became visible", flush=True)
+        # A row edited again before the worker read the first edit is applied once, at its
+        # newest version; a marker that the newer edit replaced is never indexed.
+        print(
+            f"  {len(missing)} edits of phase {label} were superseded before indexing", flush=True
+        )
     return [reader.seen[m] for m in markers if m in reader.seen and m not in results_before]
+
+
+def _unmarked(paragraph: str) -> str:
+    return paragraph.split(" [rev-", 1)[0]
 
 
 def summary(latencies: list[float]) -> dict[str, float]:
@@ -158,6 +167,7 @@ def main() -> None:
                     raise SystemExit("the rows were not indexed; see the worker's log")
                 time.sleep(3)
                 reader.start()
+                current = [list(p) for p in paragraphs]  # each row's text as it is now
                 phases = {}
                 for label, rate, rewrite in (
                     ("edit-5/s", 5.0, False),
@@ -166,7 +176,7 @@ def main() -> None:
                 ):
                     print(f"phase {label} for {args.seconds:.0f}s ...", flush=True)
                     latencies = run_phase(
-                        settings, reader, paragraphs, rate, args.seconds, rewrite, abstracts, label
+                        settings, reader, current, rate, args.seconds, rewrite, abstracts, label
                     )
                     phases[label] = summary(latencies)
             finally:

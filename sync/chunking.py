@@ -37,7 +37,8 @@ import hashlib
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -120,57 +121,49 @@ class TokenChunker(Chunker):
         return len(self.tokenizer.encode(text, add_special_tokens=False, **self._encode_kwargs))
 
     def chunk(self, text: str) -> list[Chunk]:
-        pieces: list[str] = []
+        counter = self._counter(text)
+        pieces: list[tuple[str, int]] = []
         current: list[str] = []
         current_tokens = 0
         after_heading = False
-        for para in _paragraphs(text):
-            tokens = self.count_tokens(para)
+        for start, end in _paragraph_spans(text):
+            para = text[start:end]
+            tokens = counter(start, end)
             if tokens > self.max_tokens:
                 if current:
-                    pieces.append("\n\n".join(current))
+                    pieces.append(("\n\n".join(current), current_tokens))
                     current, current_tokens = [], 0
-                pieces.extend(
-                    para[s.start : s.end] for s in self._windows(para, self._word_spans(para))
-                )
+                spans = self._word_spans(text, start, end, counter)
+                pieces.extend((text[w.start : w.end], w.tokens) for w in self._windows(text, spans))
                 after_heading = False
                 continue
             heading = _HEADING.match(para) is not None
             anchor = heading or (not after_heading and self._is_anchor(para, tokens))
             if current and (anchor or current_tokens + tokens > self.max_tokens):
-                pieces.append("\n\n".join(current))
+                pieces.append(("\n\n".join(current), current_tokens))
                 current, current_tokens = [], 0
             current.append(para)
             current_tokens += tokens
             after_heading = heading
         if current:
-            pieces.append("\n\n".join(current))
+            pieces.append(("\n\n".join(current), current_tokens))
         return [
-            Chunk(index=i, text=piece, token_count=self.count_tokens(piece), hash=text_hash(piece))
-            for i, piece in enumerate(pieces)
+            Chunk(index=i, text=piece, token_count=tokens, hash=text_hash(piece))
+            for i, (piece, tokens) in enumerate(pieces)
         ]
 
-    def _is_anchor(self, para: str, tokens: int) -> bool:
-        # A uniform value from the paragraph's own content: the decision ignores its neighbours.
-        value = int.from_bytes(hashlib.sha256(para.encode("utf-8")).digest()[:8], "big") / 2**64
-        return value < tokens / self.anchor_tokens
+    def _counter(self, text: str) -> Callable[[int, int], int]:
+        """Tokens in text[start:end], for paragraph and word boundaries of ``text``.
 
-    def _word_spans(self, text: str) -> list[_Span]:
-        """Whitespace-separated words with their token counts; oversized words are cut."""
-        words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
-        counts = self._offset_counts(text, words)
-        if counts is None:
-            counts = [self.count_tokens(text[s:e]) for s, e in words]
-        spans: list[_Span] = []
-        for (start, end), tokens in zip(words, counts, strict=True):
-            if tokens > self.max_tokens:
-                spans.extend(self._cut_word(text, start, end))
-            else:
-                spans.append(_Span(start, end, max(tokens, 0)))
-        return spans
+        A fast tokenizer encodes the document once and counts the tokens that start in the
+        range (WordPiece and BPE tokens never straddle whitespace, so this equals encoding
+        the piece alone); other tokenizers encode each piece."""
+        starts = self._token_starts(text)
+        if starts is None:
+            return lambda start, end: self.count_tokens(text[start:end])
+        return lambda start, end: bisect_left(starts, end) - bisect_left(starts, start)
 
-    def _offset_counts(self, text: str, words: list[tuple[int, int]]) -> list[int] | None:
-        """Per-word token counts from one pass of a fast tokenizer's offsets, if it has them."""
+    def _token_starts(self, text: str) -> list[int] | None:
         if not getattr(self.tokenizer, "is_fast", False):
             return None
         try:
@@ -180,15 +173,26 @@ class TokenChunker(Chunker):
             offsets: Sequence[tuple[int, int]] = encoding["offset_mapping"]
         except (TypeError, KeyError, NotImplementedError, ValueError):
             return None
-        starts = [s for s, _ in words]
-        counts = [0] * len(words)
-        w = 0
-        for tok_start, _tok_end in offsets:
-            while w + 1 < len(starts) and starts[w + 1] <= tok_start:
-                w += 1
-            if words:
-                counts[w] += 1
-        return counts
+        return sorted(start for start, _ in offsets)
+
+    def _is_anchor(self, para: str, tokens: int) -> bool:
+        # A uniform value from the paragraph's own content: the decision ignores its neighbours.
+        value = int.from_bytes(hashlib.sha256(para.encode("utf-8")).digest()[:8], "big") / 2**64
+        return value < tokens / self.anchor_tokens
+
+    def _word_spans(
+        self, text: str, start: int, end: int, counter: Callable[[int, int], int]
+    ) -> list[_Span]:
+        """Whitespace-separated words of text[start:end] with their token counts; oversized
+        words are cut."""
+        spans: list[_Span] = []
+        for match in _WORD.finditer(text, start, end):
+            tokens = counter(match.start(), match.end())
+            if tokens > self.max_tokens:
+                spans.extend(self._cut_word(text, match.start(), match.end()))
+            else:
+                spans.append(_Span(match.start(), match.end(), tokens))
+        return spans
 
     def _cut_word(self, text: str, start: int, end: int) -> list[_Span]:
         """Split a single word longer than max_tokens (a URL, a blob) by halving it."""
@@ -234,6 +238,17 @@ class TokenChunker(Chunker):
         return last
 
 
-def _paragraphs(text: str) -> list[str]:
-    """Blank-line separated paragraphs, stripped, empty ones dropped."""
-    return [p for p in (part.strip() for part in _PARAGRAPH_BREAK.split(text)) if p]
+def _paragraph_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of the blank-line separated paragraphs, stripped, empty ones dropped."""
+    spans: list[tuple[int, int]] = []
+    position = 0
+    for separator in [*_PARAGRAPH_BREAK.finditer(text), None]:
+        end = separator.start() if separator else len(text)
+        piece = text[position:end]
+        stripped = piece.strip()
+        if stripped:
+            first = position + (len(piece) - len(piece.lstrip()))
+            spans.append((first, first + len(stripped)))
+        if separator:
+            position = separator.end()
+    return spans

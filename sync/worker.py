@@ -189,9 +189,32 @@ class SyncWorker:
             write_seconds=stats.write_seconds,
             batch_seconds=time.perf_counter() - started,
         )
+        if logger.isEnabledFor(logging.DEBUG):
+            self._log_batch(records, routed.changes, stats, started)
         self._done += len(records)
         if self.progress is not None and self._backlog:
             self.progress(min(self._done, self._backlog), self._backlog)
+
+    @staticmethod
+    def _log_batch(
+        records: Sequence[KafkaRecord], changes: list[Any], stats: ApplyStats, started: float
+    ) -> None:
+        """Where a batch's time went: source commit -> Kafka -> this worker -> index."""
+        now = time.time()
+        commits = [c.commit_time.timestamp() for c in changes if c.commit_time is not None]
+        stamps = [r.timestamp / 1000 for r in records if getattr(r, "timestamp", None)]
+        polled = now - (time.perf_counter() - started)
+        logger.debug(
+            "batch of %d records: oldest commit %.0f ms before poll (Kafka append after %.0f"
+            " ms); plan %.0f ms, embed %.0f ms (%d texts), write %.0f ms",
+            len(records),
+            (polled - min(commits)) * 1000 if commits else -1,
+            (min(stamps) - min(commits)) * 1000 if commits and stamps else -1,
+            stats.plan_seconds * 1000,
+            stats.embed_seconds * 1000,
+            stats.embeddings,
+            stats.write_seconds * 1000,
+        )
 
     def _apply_with_retry(
         self, changes: list[Any], rejected: list[Rejected], stop: threading.Event | None

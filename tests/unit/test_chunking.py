@@ -245,3 +245,38 @@ def test_real_tokenizer_chunks_fit_the_model(real_tokenizer: Any) -> None:
             return real_tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     assert TokenChunker(SlowPath()).chunk(text) == chunks
+
+
+class PiecewiseTokenizer:
+    """The real tokenizer without its offsets: the chunker must encode every piece alone."""
+
+    is_fast = False
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def encode(self, text: str, add_special_tokens: bool = False, **kwargs: Any) -> list[int]:
+        ids: list[int] = self.inner.encode(text, add_special_tokens=add_special_tokens, **kwargs)
+        return ids
+
+
+def test_one_pass_token_counts_equal_encoding_each_piece(real_tokenizer: Any) -> None:
+    # The fast path encodes a document once and counts tokens by offset; it must cut exactly
+    # where encoding each paragraph and word on its own would, whatever the text.
+    rng = random.Random(11)
+    alphabet = "abcdefghij klmnop.,;!?-()'\"#\t\néüß漢字😀0123456789\u200b"
+    docs = ["\n\n".join(sentences(rng, rng.randint(3, 400)) for _ in range(6)) for _ in range(20)]
+    docs += [
+        "\n\n".join(
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 1500))) for _ in range(5)
+        )
+        for _ in range(40)
+    ]
+    docs += ["x" * 3000, "# Title\n\n" + "word " * 500, " \n\n \n", ""]
+    for max_tokens, overlap in ((200, 32), (48, 8)):
+        fast = TokenChunker(real_tokenizer, max_tokens=max_tokens, overlap_tokens=overlap)
+        slow = TokenChunker(
+            PiecewiseTokenizer(real_tokenizer), max_tokens=max_tokens, overlap_tokens=overlap
+        )
+        for doc in docs:
+            assert fast.chunk(doc) == slow.chunk(doc), doc[:60]
