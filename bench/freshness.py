@@ -31,6 +31,8 @@ from freshet.db import connect, database_url, source_database_url
 from freshet.settings import Settings
 
 ROWS = 20
+# label -> (edits per second, whole-text rewrite instead of a one-paragraph edit)
+PHASES = {"edit-5/s": (5.0, False), "edit-20/s": (20.0, False), "rewrite-2/s": (2.0, True)}
 PARAGRAPHS = 6
 FIRST_ID = 500000
 
@@ -146,12 +148,28 @@ def summary(latencies: list[float]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated subset of {','.join(PHASES)}",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the private stack, e.g. FRESHET_CDC_POLL_INTERVAL_MS=25",
+    )
     args = parser.parse_args()
+    chosen = args.phases.split(",")
+    if unknown := [p for p in chosen if p not in PHASES]:
+        parser.error(f"unknown phase(s) {unknown}; choose from {list(PHASES)}")
+    overrides = dict(item.split("=", 1) for item in args.set)
     abstracts = [d["text"] for d in scifact_corpus(ROWS * PARAGRAPHS * 3)]
     paragraphs = [abstracts[i * PARAGRAPHS : (i + 1) * PARAGRAPHS] for i in range(ROWS)]
     keys = [str(FIRST_ID + i) for i in range(ROWS)]
 
-    with private_stack("bench-fresh") as bench:
+    with private_stack("bench-fresh", **overrides) as bench:
         settings = bench.settings
         with connect(source_database_url(settings), autocommit=True) as conn:
             create_demo_schema(conn)  # app.articles, without the demo rows
@@ -169,11 +187,8 @@ def main() -> None:
                 reader.start()
                 current = [list(p) for p in paragraphs]  # each row's text as it is now
                 phases = {}
-                for label, rate, rewrite in (
-                    ("edit-5/s", 5.0, False),
-                    ("edit-20/s", 20.0, False),
-                    ("rewrite-2/s", 2.0, True),
-                ):
+                for label in chosen:
+                    rate, rewrite = PHASES[label]
                     print(f"phase {label} for {args.seconds:.0f}s ...", flush=True)
                     latencies = run_phase(
                         settings, reader, current, rate, args.seconds, rewrite, abstracts, label
@@ -203,6 +218,7 @@ def main() -> None:
             "rows": ROWS,
             "paragraphs_per_row": PARAGRAPHS,
             "seconds_per_phase": args.seconds,
+            "overrides": overrides,
             "settings": {
                 "cdc_poll_interval_ms": settings.cdc_poll_interval_ms,
                 "cdc_linger_ms": settings.cdc_linger_ms,

@@ -43,7 +43,10 @@ def plugin_dir(settings: Settings) -> Path:
 
 
 def java_command(settings: Settings, heap: str, main_class: str, *args: str) -> list[str]:
+    # `nice` execs java, so the PID the launcher records is the JVM's.
+    niceness = max(0, min(19, settings.jvm_nice))
     return [
+        *(["nice", "-n", str(niceness)] if niceness else []),
         java_binary(settings),
         f"-Xmx{heap}",
         "-XX:+UseG1GC",

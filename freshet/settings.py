@@ -87,6 +87,10 @@ class Settings:
     connect_url: str = ""
     # FRESHET_CONNECT_HEAP: -Xmx of the local Connect worker.
     connect_heap: str = "768m"
+    # FRESHET_JVM_NICE: scheduling niceness (0-19) of the local Kafka and Connect JVMs. Their
+    # idle polling otherwise preempts the embedder's threads on a small machine; see
+    # docs/sync.md, "Tuning for freshness".
+    jvm_nice: int = 10
 
     # FRESHET_TOPIC_PREFIX: Debezium topic.prefix; topics are PREFIX.SCHEMA.TABLE.
     topic_prefix: str = "freshet"
@@ -159,6 +163,7 @@ class Settings:
             connect_port=_port(env, "FRESHET_CONNECT_PORT", defaults.connect_port),
             connect_url=env.get("CONNECT_URL", "").rstrip("/"),
             connect_heap=env.get("FRESHET_CONNECT_HEAP") or defaults.connect_heap,
+            jvm_nice=_int(env, "FRESHET_JVM_NICE", defaults.jvm_nice),
             topic_prefix=env.get("FRESHET_TOPIC_PREFIX") or defaults.topic_prefix,
             connector_name=env.get("FRESHET_CONNECTOR") or defaults.connector_name,
             heartbeat_ms=_int(env, "FRESHET_HEARTBEAT_MS", defaults.heartbeat_ms),

@@ -202,7 +202,8 @@ class SyncWorker:
         """Where a batch's time went: source commit -> Kafka -> this worker -> index."""
         now = time.time()
         commits = [c.commit_time.timestamp() for c in changes if c.commit_time is not None]
-        stamps = [r.timestamp / 1000 for r in records if getattr(r, "timestamp", None)]
+        # Kafka's append (or producer) time of each record; test doubles may not carry one.
+        stamps = [t / 1000 for r in records if (t := getattr(r, "timestamp", None))]
         polled = now - (time.perf_counter() - started)
         logger.debug(
             "batch of %d records: oldest commit %.0f ms before poll (Kafka append after %.0f"
