@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="freshet",
         description="Streaming RAG kept fresh: Debezium CDC -> Kafka -> pgvector -> answers.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug details of Freshet's own modules"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("up", help="start PostgreSQL, Kafka, Connect, migrate, register connectors")
     sub.add_parser("down", help="stop what `up` started")
@@ -334,9 +336,12 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.verbose:  # debug details of Freshet's own modules, not of every library
+        for package in ("cdc", "freshet", "sync", "web"):
+            logging.getLogger(package).setLevel(logging.DEBUG)
     from cdc.processes import StackError
 
     try:
