@@ -39,6 +39,7 @@ from bench.common import (
 )
 from freshet.settings import PROJECT_ROOT
 from web import create_app
+from web.retrieval import weighted_rrf
 
 TABLE = "app.scifact"
 MODES = ("dense", "text", "hybrid")
@@ -69,6 +70,63 @@ def recall_at(ranked: list[str], relevant: dict[str, int], k: int = 100) -> floa
     return hits / len(relevant) if relevant else 0.0
 
 
+def ranked_documents(
+    session: requests.Session, url: str, query: str, mode: str, corpus_ids: list[str]
+) -> list[str]:
+    """SciFact document ids in the order /api/v1/search ranks them (best chunk per document)."""
+    params: dict[str, str | int] = {
+        "q": query,
+        "k": 100,
+        "mode": mode,
+        "dedupe": "true",
+        "table": TABLE,
+    }
+    response = session.get(url, params=params, timeout=60)
+    response.raise_for_status()
+    ranked: list[str] = []
+    for hit in response.json()["results"]:
+        doc = corpus_ids[int(hit["doc_key"]) - 1]
+        if doc not in ranked:
+            ranked.append(doc)
+    return ranked
+
+
+def evaluate(ranked: dict[str, list[str]], relevant: dict[str, dict[str, int]]) -> dict[str, float]:
+    ndcgs = [ndcg_at(ranked[qid], rels) for qid, rels in relevant.items()]
+    recalls = [recall_at(ranked[qid], rels) for qid, rels in relevant.items()]
+    return {"ndcg@10": sum(ndcgs) / len(ndcgs), "recall@100": sum(recalls) / len(recalls)}
+
+
+def tune_fusion(
+    lists: dict[str, dict[str, list[str]]], relevant: dict[str, dict[str, int]], split: str
+) -> None:
+    """Weighted RRF of the dense and text document rankings over a grid of text weights and
+    RRF k, as the web app fuses them (FRESHET_HYBRID_TEXT_WEIGHT, FRESHET_RRF_K)."""
+    grid: list[tuple[float, int, float]] = []
+    for rrf_k in (10, 30, 60, 100):
+        for weight in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0):
+            fused = {
+                qid: [
+                    doc
+                    for doc, _ in weighted_rrf(
+                        [lists["dense"][qid], lists["text"][qid]], [1.0, weight], rrf_k
+                    )
+                ]
+                for qid in relevant
+            }
+            grid.append((weight, rrf_k, evaluate(fused, relevant)["ndcg@10"]))
+    best = max(grid, key=lambda g: g[2])
+    print_table(
+        f"fusion on SciFact {split}: nDCG@10 by text weight (dense weight 1) and RRF k",
+        [(f"text weight {w:.1f}, k {k}", f"{score:.4f}") for w, k, score in grid]
+        + [("best", f"text weight {best[0]}, k {best[1]}: {best[2]:.4f}")],
+    )
+    write_results(
+        f"fusion_{split}",
+        {"grid": [{"text_weight": w, "rrf_k": k, "ndcg@10": v} for w, k, v in grid]},
+    )
+
+
 def ensure_indexed(bench: Bench) -> None:
     settings = bench.settings
     docs = scifact_corpus()
@@ -86,6 +144,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", default="test", choices=("test", "train"))
     parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="grid-search the hybrid fusion's text weight and RRF k (use --split train)",
+    )
+    parser.add_argument(
         "--home", type=Path, default=PROJECT_ROOT / ".freshet" / "bench" / "scifact"
     )
     args = parser.parse_args()
@@ -102,37 +165,24 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}/api/v1/search"
         scores: dict[str, dict[str, float]] = {}
         timings: dict[str, float] = {}
+        lists: dict[str, dict[str, list[str]]] = {}
         try:
             session = requests.Session()
-            for mode in MODES:
-                ndcgs, recalls = [], []
+            for mode in ("dense", "text") if args.tune else MODES:
                 started = time.monotonic()
-                for qid, rels in relevant.items():
-                    params: dict[str, str | int] = {
-                        "q": texts[qid],
-                        "k": 100,
-                        "mode": mode,
-                        "dedupe": "true",
-                        "table": TABLE,
-                    }
-                    response = session.get(url, params=params, timeout=60)
-                    response.raise_for_status()
-                    ranked: list[str] = []
-                    for hit in response.json()["results"]:
-                        doc = corpus_ids[int(hit["doc_key"]) - 1]
-                        if doc not in ranked:
-                            ranked.append(doc)
-                    ndcgs.append(ndcg_at(ranked, rels))
-                    recalls.append(recall_at(ranked, rels))
-                timings[mode] = time.monotonic() - started
-                scores[mode] = {
-                    "ndcg@10": sum(ndcgs) / len(ndcgs),
-                    "recall@100": sum(recalls) / len(recalls),
+                lists[mode] = {
+                    qid: ranked_documents(session, url, texts[qid], mode, corpus_ids)
+                    for qid in relevant
                 }
+                timings[mode] = time.monotonic() - started
+                scores[mode] = evaluate(lists[mode], relevant)
                 print(f"{mode}: nDCG@10 {scores[mode]['ndcg@10']:.4f}", flush=True)
         finally:
             server.shutdown()
 
+    if args.tune:
+        tune_fusion(lists, relevant, args.split)
+        return
     targets = {"dense": 0.63, "hybrid": 0.68}
     print_table(
         f"SciFact {args.split} ({len(relevant)} queries) via /api/v1/search",

@@ -37,6 +37,10 @@ DEFAULTS: dict[str, Any] = {
     "LLM_MAX_RETRIES": 3,
     "LLM_MAX_TOKENS": 256,
     "HNSW_EF_SEARCH": 100,
+    # Hybrid search: weighted reciprocal rank fusion with the dense list at weight 1. Tuned on
+    # SciFact's train queries (`python -m bench.quality --split train --tune`).
+    "HYBRID_TEXT_WEIGHT": 0.3,
+    "RRF_K": 10,
     "PUBLIC_DOCUMENTS": True,
     "ALLOW_ANONYMOUS": True,
     "API_TOKENS": DEMO_API_TOKENS,

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from psycopg import sql
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 Mode = Literal["dense", "text", "hybrid"]
 MODES: tuple[str, ...] = ("dense", "text", "hybrid")
 RRF_K = 60
+T = TypeVar("T")
 MAX_CANDIDATES = 1000  # hnsw.ef_search cannot exceed 1000
 
 _CHUNK_COLUMNS = sql.SQL(
@@ -141,17 +142,26 @@ class Retriever(ABC):
         """The document with its visible chunks; None when unknown, deleted or not visible."""
 
 
-def rrf(rankings: Iterable[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
-    """Reciprocal rank fusion: score(id) = sum over lists of 1 / (k + rank), rank from 1.
+def weighted_rrf(
+    rankings: Sequence[Sequence[T]], weights: Sequence[float], k: int = RRF_K
+) -> list[tuple[T, float]]:
+    """Weighted reciprocal rank fusion: score(id) = sum of weight / (k + rank), rank from 1.
 
     Ties keep the order in which ids were first seen, so the result is deterministic.
     """
-    scores: dict[int, float] = {}
-    for ranking in rankings:
+    if len(weights) != len(rankings):
+        raise ValueError("one weight per ranking")
+    scores: dict[T, float] = {}
+    for ranking, weight in zip(rankings, weights, strict=True):
         for rank, item in enumerate(ranking, start=1):
-            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+            scores[item] = scores.get(item, 0.0) + weight / (k + rank)
     order = {item: i for i, item in enumerate(scores)}
     return sorted(scores.items(), key=lambda kv: (-kv[1], order[kv[0]]))
+
+
+def rrf(rankings: Sequence[Sequence[T]], k: int = RRF_K) -> list[tuple[T, float]]:
+    """Plain reciprocal rank fusion: every ranking weighs 1."""
+    return weighted_rrf(rankings, [1.0] * len(rankings), k)
 
 
 def dedupe_by_document(passages: Iterable[Passage]) -> list[Passage]:
@@ -221,10 +231,14 @@ class PgRetriever(Retriever):
         *,
         ef_search: int = 100,
         public_documents: bool = True,
+        text_weight: float = 1.0,
+        rrf_k: int = RRF_K,
     ) -> None:
         self._pool = pool
         self._embed = embed
         self.ef_search = ef_search
+        self.text_weight = text_weight
+        self.rrf_k = rrf_k
         self.public_documents = public_documents
 
     def search(
@@ -244,7 +258,11 @@ class PgRetriever(Retriever):
             fetch = min(limit * (4 if dedupe else 1), MAX_CANDIDATES)
             dense = self.dense(query, user, fetch, filters) if mode != "text" else []
             text = self.text(query, user, fetch, filters) if mode != "dense" else []
-            results = fuse(dense, text) if mode == "hybrid" else dense or text
+            results = (
+                fuse(dense, text, self.text_weight, self.rrf_k)
+                if mode == "hybrid"
+                else dense or text
+            )
             if dedupe:
                 results = dedupe_by_document(results)
             exhausted = len(dense) < fetch and len(text) < fetch
@@ -336,15 +354,22 @@ class PgRetriever(Retriever):
         )
 
 
-def fuse(dense: Sequence[Passage], text: Sequence[Passage]) -> list[Passage]:
-    """RRF of the dense and text lists; each passage keeps both of its raw scores."""
+def fuse(
+    dense: Sequence[Passage],
+    text: Sequence[Passage],
+    text_weight: float = 1.0,
+    k: int = RRF_K,
+) -> list[Passage]:
+    """Weighted RRF of the dense and text lists; each passage keeps both of its raw scores."""
     by_id: dict[int, Passage] = {}
     for p in dense:
         by_id[p.chunk_id] = p
     for p in text:
         known = by_id.get(p.chunk_id)
         by_id[p.chunk_id] = replace(known, text_rank=p.text_rank) if known else p
-    fused = rrf([[p.chunk_id for p in dense], [p.chunk_id for p in text]])
+    fused = weighted_rrf(
+        [[p.chunk_id for p in dense], [p.chunk_id for p in text]], [1.0, text_weight], k
+    )
     return [replace(by_id[i], score=score) for i, score in fused]
 
 

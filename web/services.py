@@ -69,6 +69,8 @@ def get_retriever(app: Flask | None = None) -> Retriever:
             get_embed(app),
             ef_search=int(app.config["HNSW_EF_SEARCH"]),
             public_documents=bool(app.config["PUBLIC_DOCUMENTS"]),
+            text_weight=float(app.config["HYBRID_TEXT_WEIGHT"]),
+            rrf_k=int(app.config["RRF_K"]),
         )
 
     return _lazy(app, "freshet.retriever", build)
