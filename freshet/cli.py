@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -117,6 +118,10 @@ def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     stop = _install_stop_handlers()
     worker = build_worker(settings)
     worker.progress = progress_printer()
+    # The model and libraries are loaded for good: keep the collector from rescanning their
+    # objects. A full collection over them takes ~190 ms here, a latency spike for a change.
+    gc.collect()
+    gc.freeze()
     server = None
     if settings.metrics_port:
         try:
