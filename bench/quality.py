@@ -39,7 +39,7 @@ from bench.common import (
 )
 from freshet.settings import PROJECT_ROOT
 from web import create_app
-from web.retrieval import weighted_rrf
+from web.retrieval import rrf
 
 TABLE = "app.scifact"
 MODES = ("dense", "text", "hybrid")
@@ -108,7 +108,7 @@ def tune_fusion(
             fused = {
                 qid: [
                     doc
-                    for doc, _ in weighted_rrf(
+                    for doc, _ in rrf(
                         [lists["dense"][qid], lists["text"][qid]], [1.0, weight], rrf_k
                     )
                 ]

@@ -41,9 +41,8 @@ from web import create_app
 TABLE = "bench.query"
 
 
-def select_texts(settings: Settings, target: int) -> list[str]:
+def select_texts(chunker: TokenChunker, target: int) -> list[str]:
     """The first ``target`` distinct chunks of the corpus, in a stable order."""
-    chunker = TokenChunker(embedder_from_settings(settings).tokenizer)
     texts: list[str] = []
     seen: set[str] = set()
     for _, text in documents():
@@ -67,15 +66,15 @@ def build_corpus(settings: Settings, cache: Path, target: int) -> tuple[list[str
     cache.mkdir(parents=True, exist_ok=True)
     texts_file = cache / "texts.jsonl"
     texts = [json.loads(line) for line in texts_file.open()] if texts_file.exists() else []
+    embedder = embedder_from_settings(settings)
     if len(texts) < target:
         print(f"chunking the corpus for {target} chunks ...", flush=True)
-        texts = select_texts(settings, target)
+        texts = select_texts(TokenChunker(embedder.tokenizer), target)
         for stale in cache.glob("vectors-*.npy"):
             stale.unlink()
         with texts_file.open("w") as handle:
             handle.writelines(json.dumps(text) + "\n" for text in texts)
     texts = texts[:target]
-    embedder = embedder_from_settings(settings)
     shards: list[np.ndarray] = []
     started, fresh = time.monotonic(), 0
     for first in range(0, len(texts), SHARD):

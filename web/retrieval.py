@@ -142,13 +142,17 @@ class Retriever(ABC):
         """The document with its visible chunks; None when unknown, deleted or not visible."""
 
 
-def weighted_rrf(
-    rankings: Sequence[Sequence[T]], weights: Sequence[float], k: int = RRF_K
+def rrf(
+    rankings: Sequence[Sequence[T]],
+    weights: Sequence[float] | None = None,
+    k: int = RRF_K,
 ) -> list[tuple[T, float]]:
-    """Weighted reciprocal rank fusion: score(id) = sum of weight / (k + rank), rank from 1.
+    """Weighted reciprocal rank fusion: score(id) = sum of weight / (k + rank), rank from 1;
+    every ranking weighs 1 unless ``weights`` says otherwise.
 
     Ties keep the order in which ids were first seen, so the result is deterministic.
     """
+    weights = [1.0] * len(rankings) if weights is None else weights
     if len(weights) != len(rankings):
         raise ValueError("one weight per ranking")
     scores: dict[T, float] = {}
@@ -157,11 +161,6 @@ def weighted_rrf(
             scores[item] = scores.get(item, 0.0) + weight / (k + rank)
     order = {item: i for i, item in enumerate(scores)}
     return sorted(scores.items(), key=lambda kv: (-kv[1], order[kv[0]]))
-
-
-def rrf(rankings: Sequence[Sequence[T]], k: int = RRF_K) -> list[tuple[T, float]]:
-    """Plain reciprocal rank fusion: every ranking weighs 1."""
-    return weighted_rrf(rankings, [1.0] * len(rankings), k)
 
 
 def dedupe_by_document(passages: Iterable[Passage]) -> list[Passage]:
@@ -367,9 +366,7 @@ def fuse(
     for p in text:
         known = by_id.get(p.chunk_id)
         by_id[p.chunk_id] = replace(known, text_rank=p.text_rank) if known else p
-    fused = weighted_rrf(
-        [[p.chunk_id for p in dense], [p.chunk_id for p in text]], [1.0, text_weight], k
-    )
+    fused = rrf([[p.chunk_id for p in dense], [p.chunk_id for p in text]], [1.0, text_weight], k)
     return [replace(by_id[i], score=score) for i, score in fused]
 
 

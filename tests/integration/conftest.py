@@ -4,9 +4,12 @@ the project's own launcher, in a private FRESHET_HOME on free ports, stopped aft
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import pytest
 from cdc import stack
 from cdc.sandbox import private_home, sandbox_env
 from freshet.embedder import Embedder, TransformersEmbedder
-from freshet.settings import Settings
+from freshet.settings import PROJECT_ROOT, Settings
 from sync.chunking import TokenChunker
 from sync.worker import SyncWorker
 
@@ -138,3 +141,37 @@ def wait_for(check: Callable[[], Any], timeout: float, interval: float = 0.05) -
             return result
         time.sleep(interval)
     return None
+
+
+def freshet(
+    env: dict[str, str], *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run the `freshet` command line as a user would, in ``env``; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "freshet.cli", *args],
+        env={**env, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=PROJECT_ROOT,
+    )
+
+
+@contextmanager
+def topic_from_start(bootstrap_servers: str, topic: str) -> Iterator[Any]:
+    """A group-less consumer of ``topic`` from its first record; iteration ends after 5 s
+    without a new record."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=5000,
+    )
+    try:
+        yield consumer
+    finally:
+        consumer.close()

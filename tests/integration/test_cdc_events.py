@@ -10,6 +10,7 @@ import pytest
 from cdc.events import ChangeEvent, Op, Tombstone, decode
 from freshet.db import connect, source_database_url
 from freshet.settings import Settings
+from tests.integration.conftest import topic_from_start
 from tests.support import RawRecord, TopicTail, key_is
 
 pytestmark = pytest.mark.integration
@@ -105,28 +106,18 @@ def test_insert_event_carries_lsn_txid_and_commit_time(running_stack: Settings) 
 
 def test_demo_tables_were_snapshotted(running_stack: Settings) -> None:
     """Every demo row existed before the connector, so each arrives as a snapshot read."""
-    from kafka import KafkaConsumer
-
     settings = running_stack
     with connect(source_database_url(settings), autocommit=True) as conn:
         expected = conn.execute("SELECT count(*) FROM app.module_docs").fetchone()
     assert expected is not None and expected[0] >= 100
-    consumer = KafkaConsumer(
-        f"{settings.topic_prefix}.app.module_docs",
-        bootstrap_servers=settings.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        consumer_timeout_ms=5000,
-    )
-    try:
+    with topic_from_start(
+        settings.bootstrap_servers, f"{settings.topic_prefix}.app.module_docs"
+    ) as consumer:
         reads = {
             json.loads(m.key)["name"]
             for m in consumer
             if m.value and json.loads(m.value)["op"] == "r"
         }
-    finally:
-        consumer.close()
     assert len(reads) == expected[0]
 
 

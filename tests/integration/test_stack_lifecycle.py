@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,20 +16,9 @@ from cdc.kafka import LocalKafka
 from cdc.postgres import EmbeddedPostgres
 from cdc.services import LocalSyncWorker, LocalWeb
 from freshet.settings import Settings
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import freshet, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def freshet(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "freshet.cli", *args],
-        env={**env, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).resolve().parents[2],
-    )
 
 
 def our_processes(home: Path) -> list[str]:

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from cdc.demo import module_doc_rows
 from cdc.events import UNAVAILABLE_PLACEHOLDER
@@ -16,7 +16,7 @@ from freshet.embedder import Embedder
 from freshet.settings import Settings
 from sync.chunking import TokenChunker
 from sync.deadletters import DLQ_TOPIC
-from tests.integration.conftest import WorkerThread, wait_for
+from tests.integration.conftest import WorkerThread, freshet, topic_from_start, wait_for
 from tests.integration.sync_support import (
     caught_up,
     chunk_ids,
@@ -183,17 +183,8 @@ def test_malformed_record_goes_to_dead_letters_and_the_partition_keeps_flowing(
         assert good == (metadata.partition, good[1]) and good[1] > metadata.offset  # type: ignore[index]
         src.execute("DELETE FROM app.articles WHERE id = %s", (key,))
 
-    consumer = KafkaConsumer(
-        DLQ_TOPIC,
-        bootstrap_servers=running_stack.bootstrap_servers,
-        auto_offset_reset="earliest",
-        group_id=None,
-        consumer_timeout_ms=5000,
-    )
-    try:
+    with topic_from_start(running_stack.bootstrap_servers, DLQ_TOPIC) as consumer:
         letters = [json.loads(m.value) for m in consumer]
-    finally:
-        consumer.close()
     assert any(
         d["topic"] == topic and d["offset"] == metadata.offset and d["stage"] == "decode"
         for d in letters
@@ -254,28 +245,15 @@ def test_dlq_list_and_replay_through_the_cli(
 ) -> None:
     """A dead letter that still fails keeps failing with its reason; one whose record now
     applies is resolved by `freshet dlq replay`."""
-    import subprocess
-    import sys
-
     from cdc.events import RecordPosition
-    from freshet.settings import PROJECT_ROOT
     from sync import deadletters
     from sync.changes import Rejected
 
     worker = start_worker()
     caught_up(worker)
     topic = f"{running_stack.topic_prefix}.app.articles"
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=running_stack.bootstrap_servers,
-        auto_offset_reset="earliest",
-        group_id=None,
-        consumer_timeout_ms=5000,
-    )
-    try:
+    with topic_from_start(running_stack.bootstrap_servers, topic) as consumer:
         good = next(m for m in consumer if m.value and json.loads(m.value)["op"] == "r")
-    finally:
-        consumer.close()
     with index(running_stack) as idx:
         with idx.transaction():
             deadletters.store(
@@ -309,21 +287,11 @@ def test_dlq_list_and_replay_through_the_cli(
         ]
     assert len(ids) == 2
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "freshet.cli", *args],
-            env={**running_stack_env, "PYTHONWARNINGS": "ignore"},
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=PROJECT_ROOT,
-        )
-
-    listed = cli("dlq", "list", "--json")
+    listed = freshet(running_stack_env, "dlq", "list", "--json", timeout=300)
     assert listed.returncode == 0, listed.stderr
     assert {d["id"] for d in json.loads(listed.stdout)} >= set(ids)
 
-    replayed = cli("dlq", "replay", *map(str, ids))
+    replayed = freshet(running_stack_env, "dlq", "replay", *map(str, ids), timeout=300)
     assert replayed.returncode == 1  # one of the two still fails
     assert f"{ids[0]:>6}  resolved" in replayed.stdout
     assert f"{ids[1]:>6}  still failing: record value is not JSON" in replayed.stdout

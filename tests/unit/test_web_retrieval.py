@@ -16,7 +16,6 @@ from web.retrieval import (
     fuse,
     query_params,
     rrf,
-    weighted_rrf,
     where_clause,
 )
 
@@ -85,11 +84,11 @@ def test_query_params_carry_groups_and_public_flag() -> None:
 
 
 def test_weighted_rrf_scales_each_list() -> None:
-    fused = dict(weighted_rrf([[1, 2], [2, 3]], [1.0, 0.5], k=10))
+    fused = dict(rrf([[1, 2], [2, 3]], [1.0, 0.5], k=10))
     assert fused[1] == pytest.approx(1 / 11)
     assert fused[2] == pytest.approx(1 / 12 + 0.5 / 11)
     assert fused[3] == pytest.approx(0.5 / 12)
     # Weight 0 leaves the first list's order and adds the other list's items after it.
-    assert [i for i, _ in weighted_rrf([[5, 6], [7, 5]], [1.0, 0.0])] == [5, 6, 7]
+    assert [i for i, _ in rrf([[5, 6], [7, 5]], [1.0, 0.0])] == [5, 6, 7]
     with pytest.raises(ValueError, match="one weight per ranking"):
-        weighted_rrf([[1]], [1.0, 2.0])
+        rrf([[1]], [1.0, 2.0])
