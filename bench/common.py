@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import requests
 
 from cdc import stack
 from cdc.sandbox import private_home, sandbox_env
@@ -40,14 +42,13 @@ def private_stack(tag: str, keep: Path | None = None, **overrides: str) -> Itera
     home = keep or private_home(tag)
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o755)
-    env = sandbox_env(
-        home,
-        FRESHET_START_SYNC="false",
-        FRESHET_START_WEB="false",
-        FRESHET_LOAD_DEMO="false",
-        FRESHET_MAPPINGS=str(MAPPINGS),
-        **overrides,
-    )
+    defaults = {
+        "FRESHET_START_SYNC": "false",
+        "FRESHET_START_WEB": "false",
+        "FRESHET_LOAD_DEMO": "false",
+        "FRESHET_MAPPINGS": str(MAPPINGS),
+    }
+    env = sandbox_env(home, **{**defaults, **overrides})
     if keep is not None and (home / "ports.json").exists():
         env.update(json.loads((home / "ports.json").read_text()))
     (home / "ports.json").write_text(
@@ -146,21 +147,46 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
 
 
 @contextmanager
-def sync_process(bench: Bench, name: str) -> Iterator[subprocess.Popen[bytes]]:
-    """One `freshet sync` process for the private stack, stopped with SIGTERM afterwards."""
+def freshet_process(bench: Bench, command: str, name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """One `freshet <command>` process for the private stack, stopped with SIGTERM afterwards."""
     log = bench.settings.logs_dir / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "freshet.cli", "sync"],
+        process = subprocess.Popen(
+            [sys.executable, "-m", "freshet.cli", command],
             env={**bench.env, "PYTHONWARNINGS": "ignore"},
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=PROJECT_ROOT,
         )
-    print(f"sync worker pid {worker.pid}, log {log}", flush=True)
+    print(f"freshet {command}: pid {process.pid}, log {log}", flush=True)
     try:
-        yield worker
+        yield process
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=120)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+
+
+def sync_process(bench: Bench, name: str) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    """One `freshet sync` worker for the private stack."""
+    return freshet_process(bench, "sync", name)
+
+
+@contextmanager
+def web_process(bench: Bench, name: str, timeout: float = 180.0) -> Iterator[str]:
+    """`freshet web` for the private stack, served as in production; yields its base URL once
+    /api/v1/health answers."""
+    url = bench.settings.web_url
+    with freshet_process(bench, "web", name) as process:
+
+        def healthy() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"freshet web exited with {process.returncode}; see its log")
+            try:
+                return requests.get(f"{url}api/v1/health", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        if not wait_until(healthy, timeout):
+            raise RuntimeError(f"freshet web did not answer on {url} in {timeout:.0f}s")
+        yield url

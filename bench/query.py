@@ -6,7 +6,7 @@ Chunks real text (SciFact abstracts, the PostgreSQL manual when postgresql-doc i
 and man pages, read at run time) with the model's tokenizer, embeds it once and caches texts
 and vectors under FRESHET_HOME/bench/query (never in git), and loads them into rag.chunks of
 a private stack (the HNSW index is built after the load, as a bulk load would). Then, against
-the real web app over HTTP:
+the real web app served as in production (`freshet web`: waitress, its own process), over HTTP:
   - GET /api/v1/search p50/p99 latency, query embedding included, one client;
   - queries per second with 4 concurrent clients;
   - recall@10 of the HNSW path against exact search for 200 queries, each measured on a fresh
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,9 +27,8 @@ import numpy as np
 import psycopg
 import requests
 from pgvector.psycopg import register_vector
-from werkzeug.serving import make_server
 
-from bench.common import SCIFACT, print_table, private_stack, write_results
+from bench.common import SCIFACT, print_table, private_stack, web_process, write_results
 from bench.corpus import documents
 from freshet.db import database_url
 from freshet.embedder import embedder_from_settings
@@ -181,19 +179,20 @@ def main() -> None:
         settings = bench.settings
         texts, vectors = build_corpus(settings, args.home / "cache", args.chunks)
         load(settings, texts, vectors)
-        app = create_app(settings=settings)
-        ef_search = int(app.config["HNSW_EF_SEARCH"])
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_port}/api/v1/search"
+        ef_search = int(create_app(settings=settings).config["HNSW_EF_SEARCH"])
+        # The web app as it is served in production (`freshet web`: waitress), in its own
+        # process, so the clients below do not share its interpreter.
+        with web_process(bench, "bench-query-web") as base:
+            url = f"{base}api/v1/search"
 
-        def one(session: requests.Session, query: str) -> float:
-            started = time.perf_counter()
-            response = session.get(url, params={"q": query, "k": 10, "mode": args.mode}, timeout=30)
-            response.raise_for_status()
-            return time.perf_counter() - started
+            def one(session: requests.Session, query: str) -> float:
+                started = time.perf_counter()
+                response = session.get(
+                    url, params={"q": query, "k": 10, "mode": args.mode}, timeout=30
+                )
+                response.raise_for_status()
+                return time.perf_counter() - started
 
-        try:
             session = requests.Session()
             for query in queries[:20]:  # warm-up: model, pool, caches
                 one(session, query)
@@ -210,8 +209,6 @@ def main() -> None:
             with ThreadPoolExecutor(4) as pool:
                 done = sum(pool.map(client, range(4)))
             qps = done / (time.perf_counter() - started)
-        finally:
-            server.shutdown()
         recall = recall_at_10(settings, queries, ef_search)
 
     def pct(q: float) -> float:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from flask import Flask, current_app
 
 from web.llm import Answerer, make_answerer
-from web.retrieval import LockedEmbed, PgRetriever, Retriever
+from web.retrieval import EmbedThread, PgRetriever, Retriever
 
 logger = logging.getLogger(__name__)
 
@@ -37,23 +37,23 @@ def _lazy(app: Flask, key: str, build: Callable[[], T]) -> T:
     return value
 
 
-def get_embed(app: Flask | None = None) -> LockedEmbed:
+def get_embed(app: Flask | None = None) -> EmbedThread:
     """The query embedder (the shared freshet Embedder, serialised)."""
     app = app or _app()
 
-    def build() -> LockedEmbed:
+    def build() -> EmbedThread:
         from web import config_value
 
         embedder: Any = app.extensions.get("freshet.embedder")
-        if embedder is None:
-            from freshet.embedder import embedder_from_settings
-            from web import app_settings
+        if embedder is not None:
+            return EmbedThread(embedder)
+        from freshet.embedder import embedder_from_settings
+        from web import app_settings
 
-            settings = app_settings(app).with_overrides(
-                embedding_model=config_value(app, "EMBEDDING_MODEL")
-            )
-            embedder = embedder_from_settings(settings)
-        return LockedEmbed(embedder)
+        settings = app_settings(app).with_overrides(
+            embedding_model=config_value(app, "EMBEDDING_MODEL")
+        )
+        return EmbedThread(lambda: embedder_from_settings(settings))
 
     return _lazy(app, "freshet.embed", build)
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from freshet.embedder import (
@@ -101,6 +102,17 @@ def test_bf16_autocast_stays_close_to_fp32(
     bf16 = embedder.embed(TEXTS[:3])
     assert bf16.dtype == np.float32
     assert np.all(np.sum(fp32 * bf16, axis=1) > 0.99)
+
+
+def test_bf16_weights_stored_once_give_the_same_vectors_as_autocast(
+    embedder: TransformersEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(embedder, "bf16", True)
+    autocast_only = embedder.embed(TEXTS)
+    stored = TransformersEmbedder(batch_size=3, bf16=True)
+    linear = [m for m in stored._model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    np.testing.assert_array_equal(stored.embed(TEXTS), autocast_only)
 
 
 def test_tokenizer_is_the_models(embedder: TransformersEmbedder) -> None:
