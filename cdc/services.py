@@ -37,12 +37,8 @@ class FreshetCommand(LocalService):
 
 
 @dataclass(frozen=True)
-class LocalSyncWorker(FreshetCommand):
-    """One `freshet sync` process (more members can join the group from anywhere)."""
-
-    service_name = "sync worker"
-    file_stem = "sync"
-    command = "sync"
+class LocalWorker(FreshetCommand):
+    """A consumer-group member started in the background; more can join from anywhere."""
 
     def start(self) -> bool:
         if self.running():
@@ -50,10 +46,19 @@ class LocalSyncWorker(FreshetCommand):
         started = time.monotonic()
         self.launch_command(
             lambda: time.monotonic() - started >= SYNC_SURVIVAL_S,
-            what="sync worker",
+            what=self.service_name,
             timeout=SYNC_SURVIVAL_S + 5,
         )
         return True
+
+
+@dataclass(frozen=True)
+class LocalSyncWorker(LocalWorker):
+    """One `freshet sync` process of group rag-sync."""
+
+    service_name = "sync worker"
+    file_stem = "sync"
+    command = "sync"
 
 
 @dataclass(frozen=True)
@@ -75,3 +80,21 @@ class LocalWeb(FreshetCommand):
             what=f"the web app ({self.settings.web_url})",
         )
         return True
+
+
+@dataclass(frozen=True)
+class LocalInference(LocalWorker):
+    """`freshet infer`: rag.requests -> retrieve + answer -> rag.answers.raw."""
+
+    service_name = "inference worker"
+    file_stem = "infer"
+    command = "infer"
+
+
+@dataclass(frozen=True)
+class LocalValidator(LocalWorker):
+    """`freshet validate`: rag.answers.raw -> answer rules -> rag.answers / .rejected."""
+
+    service_name = "validator worker"
+    file_stem = "validate"
+    command = "validate"

@@ -22,7 +22,7 @@ from cdc.connect import register_connector as put_connector
 from cdc.kafka import LocalKafka, describe_kafka
 from cdc.postgres import EmbeddedPostgres
 from cdc.processes import PortTakenError, StackError, port_in_use
-from cdc.services import LocalSyncWorker, LocalWeb
+from cdc.services import LocalInference, LocalSyncWorker, LocalValidator, LocalWeb
 from cdc.source import connector_values, prepare_source, slot_status, write_connector_secrets
 from freshet.db import CDC_ROLE, connect, database_url, redact, source_database_url
 from freshet.settings import PROJECT_ROOT, Settings
@@ -84,6 +84,10 @@ def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     if settings.start_sync:
         report("sync worker: starting (log in FRESHET_HOME/logs/sync.log)")
         started["sync"] = LocalSyncWorker(settings).start()
+    if settings.start_workflow:
+        report("async answer workflow: starting an inference and a validator worker")
+        started["infer"] = LocalInference(settings).start()
+        started["validate"] = LocalValidator(settings).start()
     if settings.start_web:
         report(f"web app: starting ({settings.web_url})")
         started["web"] = LocalWeb(settings).start()
@@ -151,6 +155,8 @@ def down(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     stopped: dict[str, bool] = {}
     for name, component in (
         ("web", LocalWeb(settings)),
+        ("validate", LocalValidator(settings)),
+        ("infer", LocalInference(settings)),
         ("sync", LocalSyncWorker(settings)),
         ("connect", LocalConnect(settings)),
         ("kafka", LocalKafka(settings)),
@@ -208,6 +214,18 @@ def status(settings: Settings) -> dict[str, Any]:
         connect_info["error"] = str(exc)
         result["connector"] = {"name": settings.connector_name, "state": "UNKNOWN"}
     result["connect"] = connect_info
+    workflow = {
+        name: step.process.pid()
+        for name, step in (
+            ("infer", LocalInference(settings)),
+            ("validate", LocalValidator(settings)),
+        )
+    }
+    if settings.start_workflow or any(workflow.values()):
+        result["workflow"] = {
+            name: {"pid": pid, "state": "RUNNING" if pid else "DOWN"}
+            for name, pid in workflow.items()
+        }
     web_pid = LocalWeb(settings).process.pid()
     if web_pid is not None or settings.start_web:
         result["web"] = {"url": settings.web_url, "pid": web_pid, "state": _web_state(settings)}

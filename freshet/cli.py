@@ -137,6 +137,32 @@ def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_workflow_step(settings: Settings, args: argparse.Namespace) -> int:
+    """One member of an async workflow step's group in the foreground, until SIGINT/SIGTERM."""
+    from web import create_app
+    from web.answers import get_rules, get_store
+    from workflow.inference import Inference
+    from workflow.messages import RAW_ANSWERS, REQUESTS
+    from workflow.step import Handler, Step
+    from workflow.validator import Validator
+
+    stop = _install_stop_handlers()
+    app = create_app(settings=settings)
+    handler: Handler
+    if args.command == "infer":
+        name, topic, group = "inference", REQUESTS, settings.inference_group
+        handler = Inference.from_app(app)
+    else:
+        name, topic, group = "validator", RAW_ANSWERS, settings.validator_group
+        handler = Validator(get_rules(app), get_store(app))
+    step = Step(name, topic, group, settings.bootstrap_servers, handler)
+    gc.collect()
+    gc.freeze()
+    _say(f"{step.name}: consuming {step.topic} in group {step.group}")
+    step.run(stop)
+    return 0
+
+
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     from freshet.db import connect, database_url
     from sync import deadletters
@@ -244,6 +270,8 @@ def render_status(report: dict[str, Any]) -> str:
     lines.append(f"connect       {conn.get('state', 'DOWN'):<9} {cwhere:<9} {cinfo}")
     connector = report["connector"]
     lines.append(f"connector     {connector['state']:<9} {connector['name']}")
+    for name, step in (report.get("workflow") or {}).items():
+        lines.append(f"{name:<13} {step['state']:<9} {'local':<9} pid {step['pid'] or '-'}")
     web = report.get("web")
     if web:
         lines.append(f"web app       {web['state']:<9} {'local':<9} {web['url']}")
@@ -301,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="run one sync worker in the foreground")
     sync.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: off)")
     sync.add_argument("--tag", default="", help=argparse.SUPPRESS)  # names launcher-run workers
+    for name, what in (
+        ("infer", "rag.requests -> retrieve + answer -> rag.answers.raw"),
+        ("validate", "rag.answers.raw -> answer rules -> rag.answers / rag.answers.rejected"),
+    ):
+        step = sub.add_parser(name, help=f"run one async workflow worker: {what}")
+        step.add_argument("--tag", default="", help=argparse.SUPPRESS)
     dlq = sub.add_parser("dlq", help="list or replay dead letters")
     dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
     dlq_list = dlq_sub.add_parser("list", help="dead letters not yet resolved")
@@ -331,6 +365,8 @@ COMMANDS = {
     "demo": cmd_demo,
     "snapshot": cmd_snapshot,
     "sync": cmd_sync,
+    "infer": cmd_workflow_step,
+    "validate": cmd_workflow_step,
     "dlq": cmd_dlq,
     "web": cmd_web,
     "ask": cmd_ask,
@@ -345,14 +381,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.verbose:  # debug details of Freshet's own modules, not of every library
-        for package in ("cdc", "freshet", "sync", "web"):
+        for package in ("cdc", "freshet", "sync", "web", "workflow"):
             logging.getLogger(package).setLevel(logging.DEBUG)
     from cdc.processes import StackError
+    from web.validation import RulesError
 
     try:
         settings = Settings.from_env()
         return COMMANDS[args.command](settings, args)
-    except (StackError, SettingsError) as exc:
+    except (StackError, SettingsError, RulesError) as exc:
         print(f"freshet: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -137,6 +137,14 @@ class Settings:
     metrics_port: int = 9464
     # LLM_BACKEND: extractive (offline default), openai or transformers.
     llm_backend: str = "extractive"
+    # FRESHET_ANSWER_RULES: the business rules every answer must pass (TOML; empty: none).
+    answer_rules: str = str(PROJECT_ROOT / "rules" / "answers.toml")
+    # FRESHET_START_WORKFLOW: `freshet up` starts one inference and one validator worker, the
+    # async answer path (rag.requests -> rag.answers.raw -> rag.answers / rag.answers.rejected).
+    start_workflow: bool = True
+    # FRESHET_INFERENCE_GROUP / FRESHET_VALIDATOR_GROUP: the async steps' consumer groups.
+    inference_group: str = "rag-inference"
+    validator_group: str = "rag-validate"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -189,6 +197,10 @@ class Settings:
             web_port=_port(env, "FRESHET_WEB_PORT", defaults.web_port),
             start_web=_bool(env, "FRESHET_START_WEB", True),
             llm_backend=env.get("LLM_BACKEND") or defaults.llm_backend,
+            answer_rules=env.get("FRESHET_ANSWER_RULES", defaults.answer_rules),
+            start_workflow=_bool(env, "FRESHET_START_WORKFLOW", True),
+            inference_group=env.get("FRESHET_INFERENCE_GROUP") or defaults.inference_group,
+            validator_group=env.get("FRESHET_VALIDATOR_GROUP") or defaults.validator_group,
         )
 
     def with_overrides(self, **changes: object) -> Settings:

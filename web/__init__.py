@@ -49,7 +49,12 @@ DEFAULTS: dict[str, Any] = {
     "DEFAULT_K": 5,
     # Cosine similarity below which the extractive answerer says it found nothing relevant.
     "EXTRACTIVE_MIN_SCORE": 0.35,
+    # Where answers are kept: postgres (table rag.answers, shared by every web process and the
+    # async workflow) or memory (this process only; tests without a database).
+    "ANSWER_STORE_BACKEND": "postgres",
     "ANSWER_STORE_SIZE": 1000,
+    # None: Settings.answer_rules (FRESHET_ANSWER_RULES); "" means no rules.
+    "ANSWER_RULES": None,
     "POOL_MIN_SIZE": 1,
     "POOL_MAX_SIZE": 10,
     "CONNECT_TIMEOUT": 2.0,
@@ -63,6 +68,7 @@ INJECTABLE = {
     "EMBEDDER": "freshet.embedder",
     "ANSWERER": "freshet.answerer",
     "ANSWER_STORE": "freshet.answer_store",
+    "REQUEST_PUBLISHER": "freshet.request_publisher",
 }
 
 _lock = threading.Lock()
@@ -141,3 +147,12 @@ def config_value(app: Flask, key: str) -> Any:
         app.config["DATABASE_URL"] = value
         return value
     return None
+
+
+def close_app(app: Flask) -> None:
+    """Release what the app opened: its database pool and its Kafka producer."""
+    from web.db import close_pool
+    from web.publisher import close_publisher
+
+    close_publisher(app)
+    close_pool(app)

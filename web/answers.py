@@ -1,9 +1,12 @@
-"""The synchronous ask path (retrieve -> prompt -> answer) and where answers are kept.
+"""Asking: retrieve -> prompt -> answer -> judge by the answer rules -> keep by request id.
 
-Limitation, by design for now: answers live in an in-process LRU store, so GET
-/api/v1/answers/<id> only finds answers made by the same web process, and they vanish on
-restart. ``AnswerStore`` is the seam where a table- or Kafka-backed store (the async path's
-``rag.answers`` topic) replaces it once its migration exists.
+The synchronous path runs every step in the web process. The async path (``async: true``)
+keeps a pending answer, publishes the request to ``rag.requests`` and returns at once; the
+inference and validator groups of ``workflow/`` run the same steps and record the outcome in
+the same store, where GET /api/v1/answers/<id> finds it from any web process.
+
+Statuses: ``pending`` (queued), ``approved`` (passed every rule), ``rejected`` (broke a rule: the
+text and citations are withheld, the violations say why), ``failed`` (the answer backend failed).
 """
 
 from __future__ import annotations
@@ -13,28 +16,38 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, current_app
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
 
 from web.auth import User
 from web.llm import Answer, Answerer
 from web.retrieval import NO_FILTERS, Filters, Passage, Retriever
+from web.validation import Judged, RuleSet, Violation, load_rules
 
 logger = logging.getLogger(__name__)
+
+STATUSES = ("pending", "approved", "rejected", "failed")
+WITHHELD = "This answer was withheld: it did not pass the answer rules."
 
 
 @dataclass(frozen=True)
 class StoredAnswer:
-    """An answer with its request id, who asked and when; what GET /answers/<id> returns."""
+    """An answer (its JSON form) with its request id, who asked, and its verdict."""
 
     id: str
     question: str
-    answer: Answer
     owner: User
+    status: str = "pending"
+    answer: Mapping[str, Any] | None = None
+    violations: tuple[Violation, ...] = ()
+    error: str | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def visible_to(self, user: User) -> bool:
@@ -42,27 +55,58 @@ class StoredAnswer:
         return user.admin or user.name == self.owner.name
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "id": self.id,
             "question": self.question,
-            "status": "done",
+            "status": self.status,
             "created_at": self.created_at.isoformat(),
-            **self.answer.to_dict(),
         }
+        if self.status == "approved" and self.answer is not None:
+            body.update(self.answer)
+        elif self.status == "rejected":
+            backend = (self.answer or {}).get("backend", "")
+            body.update(answer=WITHHELD, citations=[], as_of=None, backend=backend)
+            body["violations"] = [v.to_dict() for v in self.violations]
+        elif self.status == "failed":
+            body["error"] = self.error or "answering failed"
+        return body
+
+
+def judge(
+    answer_id: str,
+    question: str,
+    owner: User,
+    answer: Answer | Mapping[str, Any],
+    passages: int,
+    rules: RuleSet,
+) -> StoredAnswer:
+    """The answer with the rules' verdict: approved, or rejected with its violations."""
+    body = answer.to_dict() if isinstance(answer, Answer) else dict(answer)
+    violations = tuple(rules.check(Judged.of(body, passages)))
+    if violations:
+        logger.warning(
+            "answer %s rejected by %s: %s",
+            answer_id,
+            rules.source,
+            "; ".join(f"{v.rule}: {v.message}" for v in violations),
+        )
+    status = "rejected" if violations else "approved"
+    return StoredAnswer(answer_id, question, owner, status, body, violations)
 
 
 class AnswerStore(ABC):
     """Keeps answers by request id."""
 
     @abstractmethod
-    def put(self, answer: StoredAnswer) -> None: ...
+    def put(self, answer: StoredAnswer) -> None:
+        """Insert or replace the answer with this id."""
 
     @abstractmethod
     def get(self, answer_id: str) -> StoredAnswer | None: ...
 
 
 class InMemoryAnswerStore(AnswerStore):
-    """A thread-safe LRU of the newest ``capacity`` answers of this process."""
+    """A thread-safe LRU of the newest ``capacity`` answers of this process (tests, no DB)."""
 
     def __init__(self, capacity: int = 1000) -> None:
         if capacity < 1:
@@ -89,6 +133,53 @@ class InMemoryAnswerStore(AnswerStore):
         return len(self._items)
 
 
+class PgAnswerStore(AnswerStore):
+    """Answers in table rag.answers: every web process and workflow step sees the same ones."""
+
+    def __init__(self, pool: Callable[[], ConnectionPool]) -> None:
+        self._pool = pool
+
+    def put(self, answer: StoredAnswer) -> None:
+        with self._pool().connection() as conn:
+            conn.execute(
+                "INSERT INTO rag.answers (id, question, asked_by, status, answer, violations,"
+                " error, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status,"
+                " answer = EXCLUDED.answer, violations = EXCLUDED.violations,"
+                " error = EXCLUDED.error, updated_at = now()",
+                (
+                    answer.id,
+                    answer.question,
+                    answer.owner.name,
+                    answer.status,
+                    Jsonb(dict(answer.answer)) if answer.answer is not None else None,
+                    Jsonb([v.to_dict() for v in answer.violations]),
+                    answer.error,
+                    answer.created_at,
+                ),
+            )
+
+    def get(self, answer_id: str) -> StoredAnswer | None:
+        with self._pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(
+                "SELECT id, question, asked_by, status, answer, violations, error, created_at"
+                " FROM rag.answers WHERE id = %s",
+                (answer_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredAnswer(
+            id=row["id"],
+            question=row["question"],
+            owner=User(row["asked_by"]),
+            status=row["status"],
+            answer=row["answer"],
+            violations=tuple(Violation(v["rule"], v["message"]) for v in row["violations"]),
+            error=row["error"],
+            created_at=row["created_at"],
+        )
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -100,34 +191,56 @@ def retrieve(
     return retriever.search(question, user, k=k, mode="hybrid", filters=filters, dedupe=True)
 
 
-def ask(
+def answer_question(
     retriever: Retriever,
     answerer: Answerer,
-    store: AnswerStore,
+    rules: RuleSet,
+    answer_id: str,
     question: str,
     user: User,
     *,
     k: int,
     filters: Filters = NO_FILTERS,
 ) -> StoredAnswer:
-    """Answer ``question`` for ``user`` from what they may see, and keep the answer."""
+    """Retrieve what ``user`` may see, answer, and judge: the steps both paths run."""
     passages = answerer.fit(question, retrieve(retriever, question, user, k, filters))
     answer = answerer.answer(question, passages)
-    stored = StoredAnswer(new_id(), question, answer, user)
-    store.put(stored)
     logger.info(
         "answered %s for %s with %d passages, %d citations",
-        stored.id,
+        answer_id,
         user.name,
         len(passages),
         len(answer.citations),
     )
+    return judge(answer_id, question, user, answer, len(passages), rules)
+
+
+def ask(
+    retriever: Retriever,
+    answerer: Answerer,
+    store: AnswerStore,
+    rules: RuleSet,
+    question: str,
+    user: User,
+    *,
+    k: int,
+    filters: Filters = NO_FILTERS,
+) -> StoredAnswer:
+    """Answer ``question`` for ``user`` now, and keep the judged answer."""
+    stored = answer_question(
+        retriever, answerer, rules, new_id(), question, user, k=k, filters=filters
+    )
+    store.put(stored)
     return stored
 
 
 @dataclass
 class AnswerStream:
-    """A streamed answer: iterate ``pieces()``, then ``result`` holds the stored answer."""
+    """A streamed answer: iterate ``pieces()``, then ``result`` holds the judged answer.
+
+    The pieces reach the client as they are generated; the rules judge the whole text at the
+    end, and a rejected answer's final event withholds it (the client replaces what it showed).
+    """
 
     id: str
     question: str
@@ -135,6 +248,7 @@ class AnswerStream:
     passages: Sequence[Passage]
     answerer: Answerer
     store: AnswerStore
+    rules: RuleSet
     result: StoredAnswer | None = None
 
     def pieces(self) -> Iterator[str]:
@@ -143,7 +257,9 @@ class AnswerStream:
             parts.append(piece)
             yield piece
         answer = self.answerer.finish("".join(parts), self.passages)
-        self.result = StoredAnswer(self.id, self.question, answer, self.user)
+        self.result = judge(
+            self.id, self.question, self.user, answer, len(self.passages), self.rules
+        )
         self.store.put(self.result)
 
 
@@ -151,6 +267,7 @@ def ask_stream(
     retriever: Retriever,
     answerer: Answerer,
     store: AnswerStore,
+    rules: RuleSet,
     question: str,
     user: User,
     *,
@@ -159,7 +276,11 @@ def ask_stream(
 ) -> AnswerStream:
     """Retrieve now (so retrieval errors are a normal response), generate while streaming."""
     passages = answerer.fit(question, retrieve(retriever, question, user, k, filters))
-    return AnswerStream(new_id(), question, user, passages, answerer, store)
+    return AnswerStream(new_id(), question, user, passages, answerer, store, rules)
+
+
+def failed(stored: StoredAnswer, error: str) -> StoredAnswer:
+    return replace(stored, status="failed", answer=None, violations=(), error=error)
 
 
 def get_store(app: Flask | None = None) -> AnswerStore:
@@ -167,8 +288,29 @@ def get_store(app: Flask | None = None) -> AnswerStore:
     return app.extensions["freshet.answer_store"]
 
 
+def get_rules(app: Flask | None = None) -> RuleSet:
+    """The answer rules, loaded once per app from FRESHET_ANSWER_RULES."""
+    app = app or current_app._get_current_object()  # type: ignore[attr-defined]
+    rules = app.extensions.get("freshet.answer_rules")
+    if rules is None:
+        from web import app_settings
+
+        path = app.config.get("ANSWER_RULES")
+        rules = load_rules(app_settings(app).answer_rules if path is None else path)
+        logger.info("answer rules: %d from %s (%s)", len(rules.rules), rules.source, rules.digest)
+        app.extensions["freshet.answer_rules"] = rules
+    assert isinstance(rules, RuleSet)
+    return rules
+
+
 def init_app(app: Flask) -> None:
-    if "freshet.answer_store" not in app.extensions:
+    if "freshet.answer_store" in app.extensions:
+        return
+    if app.config["ANSWER_STORE_BACKEND"] == "memory":
         app.extensions["freshet.answer_store"] = InMemoryAnswerStore(
             int(app.config["ANSWER_STORE_SIZE"])
         )
+    else:
+        from web.db import get_pool
+
+        app.extensions["freshet.answer_store"] = PgAnswerStore(lambda: get_pool(app))

@@ -18,12 +18,14 @@ from psycopg_pool import PoolTimeout
 
 from web import answers as answers_mod
 from web import app_settings, config_value
-from web.auth import current_user, require_admin
+from web.auth import User, current_user, require_admin
 from web.errors import ApiError
 from web.llm import LLMError
 from web.openapi import openapi_document
+from web.publisher import QueueUnavailable, get_publisher
 from web.retrieval import MODES, Filters
 from web.services import get_answerer, get_retriever
+from workflow.messages import AnswerRequest
 
 logger = logging.getLogger(__name__)
 
@@ -192,21 +194,18 @@ def ask() -> Any:
     k = parse_k(body.get("k"), int(current_app.config["DEFAULT_K"]), MAX_ASK_K)
     filters = parse_filters(body.get("table"), body.get("metadata"))
     if parse_bool(body.get("async"), "async"):
-        raise ApiError(
-            "async answering is not enabled: the rag.requests pipeline is not deployed; "
-            "send async=false",
-            501,
-        )
+        return _submit(question, user, k, filters)
     stream = _wants_stream(body)
     store = answers_mod.get_store()
+    rules = answers_mod.get_rules()
     try:
         if stream:
             pending = answers_mod.ask_stream(
-                get_retriever(), get_answerer(), store, question, user, k=k, filters=filters
+                get_retriever(), get_answerer(), store, rules, question, user, k=k, filters=filters
             )
             return _sse_response(pending)
         stored = answers_mod.ask(
-            get_retriever(), get_answerer(), store, question, user, k=k, filters=filters
+            get_retriever(), get_answerer(), store, rules, question, user, k=k, filters=filters
         )
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise _unavailable(exc) from None
@@ -215,6 +214,25 @@ def ask() -> Any:
         raise ApiError(f"the answer backend failed: {exc}", 502) from None
     response = jsonify(stored.to_dict())
     response.headers["Location"] = f"{bp.url_prefix}/answers/{stored.id}"
+    return response
+
+
+def _submit(question: str, user: User, k: int, filters: Filters) -> Any:
+    """The async path: keep a pending answer, publish the request, answer 202 at once."""
+    store = answers_mod.get_store()
+    pending = answers_mod.StoredAnswer(answers_mod.new_id(), question, user)
+    try:
+        store.put(pending)
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise _unavailable(exc) from None
+    try:
+        get_publisher().publish(AnswerRequest(pending.id, question, k, user, filters))
+    except QueueUnavailable as exc:
+        store.put(answers_mod.failed(pending, str(exc)))
+        raise ApiError(str(exc), 503, {"id": pending.id}) from None
+    response = jsonify(pending.to_dict())
+    response.status_code = 202
+    response.headers["Location"] = f"{bp.url_prefix}/answers/{pending.id}"
     return response
 
 
@@ -247,13 +265,12 @@ def _sse_response(pending: answers_mod.AnswerStream) -> Response:
 @bp.get("/answers/<answer_id>")
 def get_answer(answer_id: str) -> Any:
     user = current_user()
-    stored = answers_mod.get_store().get(answer_id)
+    try:
+        stored = answers_mod.get_store().get(answer_id) if storable(answer_id) else None
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise _unavailable(exc) from None
     if stored is None or not stored.visible_to(user):
-        raise ApiError(
-            "no such answer (answers are kept in this web process's memory only)",
-            404,
-            {"id": answer_id},
-        )
+        raise ApiError("no such answer, or it is not yours", 404, {"id": answer_id})
     return jsonify(stored.to_dict())
 
 

@@ -101,9 +101,22 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string"},
             "question": {"type": "string"},
-            "status": {"type": "string", "enum": ["done"]},
+            "status": {
+                "type": "string",
+                "enum": ["pending", "approved", "rejected", "failed"],
+                "description": "pending: queued (async); approved: passed the answer rules; "
+                "rejected: broke one (text withheld, see violations); failed: see error",
+            },
             "created_at": {"type": "string", "format": "date-time"},
             "answer": {"type": "string"},
+            "violations": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"rule": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+            "error": {"type": "string"},
             "citations": {"type": "array", "items": _ref("Citation")},
             "as_of": {**_TS, "description": "newest source commit time among the citations"},
             "backend": {"type": "string"},
@@ -119,7 +132,8 @@ SCHEMAS: dict[str, Any] = {
             "async": {
                 "type": ["boolean", "null"],
                 "default": False,
-                "description": "not enabled: 501",
+                "description": "answer through the async workflow (rag.requests): 202 with "
+                "the pending answer's id; poll GET /answers/{id}",
             },
             "stream": {
                 "type": ["boolean", "null"],
@@ -229,11 +243,11 @@ PATHS: dict[str, Any] = {
                         "text/event-stream": {"schema": _SSE_EVENT},
                     },
                 },
+                "202": _json(_ref("Answer"), "Accepted (async): the pending answer"),
                 "400": _ERROR,
                 "401": _ERROR,
                 "413": _ERROR,
                 "415": _ERROR,
-                "501": _ERROR,
                 "502": _ERROR,
                 "503": _ERROR,
             },
@@ -241,9 +255,14 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/answers/{answer_id}": {
         "get": {
-            "summary": "An answer by request id (asker or admin; this process's memory only)",
+            "summary": "An answer by request id, pending or judged (asker or admin)",
             "parameters": [_path("answer_id", "the id returned by POST /ask")],
-            "responses": {"200": _json(_ref("Answer"), "The answer"), "404": _ERROR},
+            "responses": {
+                "200": _json(_ref("Answer"), "The answer"),
+                "401": _ERROR,
+                "404": _ERROR,
+                "503": _ERROR,
+            },
         }
     },
     "/api/v1/documents/{source}/{key}": {

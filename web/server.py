@@ -6,6 +6,7 @@ import logging
 
 from freshet.settings import Settings
 from web import create_app
+from web.answers import get_rules
 
 logger = logging.getLogger(__name__)
 
@@ -13,6 +14,7 @@ logger = logging.getLogger(__name__)
 def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Build the app for ``settings`` and serve it until interrupted."""
     app = create_app(settings=settings)
+    get_rules(app)  # a bad rules file stops the server now, not the first question
     logger.info("Freshet web on http://%s:%d/", host, port)
     try:
         from waitress import serve

@@ -25,7 +25,7 @@ from sync.worker import SyncWorker
 
 def stack_env(home: Path) -> dict[str, str]:
     """A private stack for tests: small memory settings, fast heartbeats, no background
-    sync worker or web app (the tests run their own)."""
+    sync worker, web app or workflow workers (the tests run their own)."""
     return sandbox_env(
         home,
         FRESHET_PG_SHARED_BUFFERS="128MB",
@@ -33,6 +33,7 @@ def stack_env(home: Path) -> dict[str, str]:
         FRESHET_HEARTBEAT_MS="1000",
         FRESHET_START_SYNC="false",
         FRESHET_START_WEB="false",
+        FRESHET_START_WORKFLOW="false",
     )
 
 

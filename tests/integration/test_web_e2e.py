@@ -29,8 +29,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from freshet.settings import Settings
 from tests.integration.conftest import WorkerThread, wait_for
 from tests.integration.sync_support import caught_up, chunk_texts, index, source
-from web import create_app
-from web.db import close_pool
+from web import close_app, create_app
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +67,7 @@ class WebServer:
         self.server.shutdown()
         self.thread.join(timeout=30)
         self.server.server_close()
-        close_pool(self.app)
+        close_app(self.app)
 
 
 @pytest.fixture

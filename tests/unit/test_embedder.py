@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from freshet.embedder import (
     EmbedderError,

@@ -14,9 +14,12 @@ from flask.testing import FlaskClient
 from freshet.settings import Settings
 from tests.unit.web_fakes import FakeRetriever, passage
 from web import create_app
+from web.answers import WITHHELD
 from web.llm.base import Answerer, LLMError
 from web.llm.extractive import ExtractiveAnswerer, LexicalScorer
+from web.publisher import QueueUnavailable, RequestPublisher
 from web.retrieval import Passage
+from workflow.messages import AnswerRequest
 
 PASSAGES = [
     passage(1, "Public text about Kafka Connect workers and their connector tasks."),
@@ -36,6 +39,8 @@ def make_app(tmp_path: Path, **config: Any) -> Flask:
         "SETTINGS": settings,
         "RETRIEVER": FakeRetriever(PASSAGES),
         "ANSWERER": ExtractiveAnswerer(LexicalScorer()),
+        "ANSWER_STORE_BACKEND": "memory",
+        "REQUEST_PUBLISHER": RecordingPublisher(),
     }
     base.update(config)
     return create_app(base)
@@ -153,9 +158,63 @@ def test_ask_validation(client: FlaskClient) -> None:
     error_of(client.post("/api/v1/ask", data="question=x"), 415)
 
 
-def test_ask_async_is_501_with_reason(client: FlaskClient) -> None:
-    error = error_of(client.post("/api/v1/ask", json={"question": "q", "async": True}), 501)
-    assert "async answering is not enabled" in error["message"]
+class RecordingPublisher(RequestPublisher):
+    def __init__(self, down: bool = False) -> None:
+        self.requests: list[AnswerRequest] = []
+        self.down = down
+
+    def publish(self, request: AnswerRequest) -> None:
+        if self.down:
+            raise QueueUnavailable("Kafka at 127.0.0.1:1 did not take the request")
+        self.requests.append(request)
+
+
+def test_ask_async_publishes_the_request_and_keeps_it_pending(tmp_path: Path) -> None:
+    publisher = RecordingPublisher()
+    client = make_app(tmp_path, REQUEST_PUBLISHER=publisher).test_client()
+    body = {"question": "When do workers restart?", "k": 3, "async": True, "table": "app.articles"}
+    response = client.post("/api/v1/ask", json=body, headers=STAFF)
+    assert response.status_code == 202
+    pending = response.get_json()
+    assert pending["status"] == "pending" and "answer" not in pending
+    assert response.headers["Location"] == f"/api/v1/answers/{pending['id']}"
+    [request] = publisher.requests
+    assert (request.id, request.question, request.k) == (pending["id"], body["question"], 3)
+    assert request.user.groups == ("staff",) and request.filters.tables == ("app.articles",)
+    assert client.get(f"/api/v1/answers/{pending['id']}", headers=STAFF).get_json() == pending
+    error_of(client.get(f"/api/v1/answers/{pending['id']}", headers=SUPPORT), 404)
+
+
+def test_ask_async_without_kafka_is_503_and_the_answer_failed(tmp_path: Path) -> None:
+    client = make_app(tmp_path, REQUEST_PUBLISHER=RecordingPublisher(down=True)).test_client()
+    response = client.post("/api/v1/ask", json={"question": "q", "async": True}, headers=STAFF)
+    error = error_of(response, 503)
+    assert "Kafka at 127.0.0.1:1" in error["message"]
+    stored = client.get(f"/api/v1/answers/{error['id']}", headers=STAFF).get_json()
+    assert stored["status"] == "failed" and "Kafka" in stored["error"]
+
+
+def test_an_answer_that_breaks_a_rule_is_withheld(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        '[[rule]]\nname = "no-restart-talk"\nkind = "forbidden_pattern"\n'
+        'pattern = "restart"\nmessage = "restarts are not discussed"\n'
+    )
+    client = make_app(tmp_path, ANSWER_RULES=str(rules)).test_client()
+    question = {"question": "When do Kafka Connect workers restart?"}
+    body = client.post("/api/v1/ask", json=question, headers=STAFF).get_json()
+    assert body["status"] == "rejected" and body["answer"] == WITHHELD
+    assert body["citations"] == [] and "restart" not in json.dumps(body["answer"])
+    assert body["violations"] == [
+        {"rule": "no-restart-talk", "message": "restarts are not discussed"}
+    ]
+    streamed = events(
+        client.post("/api/v1/ask", json={**question, "stream": True}, headers=STAFF).get_data(
+            as_text=True
+        )
+    )
+    assert streamed[-1][0] == "done" and streamed[-1][1]["status"] == "rejected"
+    assert streamed[-1][1]["answer"] == WITHHELD
 
 
 def test_oversized_body_is_413_json(client: FlaskClient) -> None:
@@ -177,6 +236,7 @@ def test_ask_answers_with_citations_and_keeps_the_answer(client: FlaskClient) ->
     )
     assert response.status_code == 200
     body = response.get_json()
+    assert body["status"] == "approved"
     assert "[" in body["answer"] and body["citations"]
     assert {c["chunk_id"] for c in body["citations"]} <= {1, 2, 4}
     assert response.headers["Location"] == f"/api/v1/answers/{body['id']}"

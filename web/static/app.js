@@ -123,7 +123,14 @@ async function ask(question, k) {
       if (done) break;
       buffer = parseEvents(buffer + decoder.decode(value, { stream: true }), (name, data) => {
         if (name === "token") out.textContent += data.text;
-        else if (name === "done") { out.textContent = data.answer; renderCitations(data); }
+        else if (name === "done") {
+          out.textContent = data.answer;
+          renderCitations(data);
+          if (data.status === "rejected") {
+            error.textContent = "Withheld by the answer rules: " +
+              data.violations.map((v) => v.rule + " (" + v.message + ")").join("; ");
+          }
+        }
         else if (name === "error") error.textContent = data.message;
       });
     }

@@ -1,0 +1,163 @@
+"""The async answer workflow end to end on the real stack: POST /ask {async: true} -> Kafka
+rag.requests -> `freshet infer` -> rag.answers.raw -> `freshet validate` (the answer rules) ->
+rag.answers / rag.answers.rejected and table rag.answers, read back by request id."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from kafka import KafkaProducer
+
+from cdc.services import LocalInference, LocalValidator
+from freshet.settings import PROJECT_ROOT, Settings
+from tests.integration.conftest import WorkerThread, freshet, topic_from_start, wait_for
+from tests.integration.sync_support import caught_up, source
+from web import close_app, create_app
+from workflow.messages import APPROVED, DEAD_LETTERS, REJECTED, REQUESTS
+
+pytestmark = pytest.mark.integration
+
+CANARY = (880_001, "Lighthouse routine", "The lighthouse keeper feeds the grey cat at dawn.")
+FERRET = (880_002, "Barn routine", "The farmer feeds the ferret at noon, behind the red barn.")
+
+
+@pytest.fixture(scope="module")
+def workflow_env(
+    running_stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """The session stack plus one inference and one validator process started by `freshet up`,
+    judging with the shipped rules and one more: nothing about ferrets."""
+    rules = tmp_path_factory.mktemp("rules") / "answers.toml"
+    shipped = (PROJECT_ROOT / "rules" / "answers.toml").read_text()
+    rules.write_text(
+        shipped + '\n[[rule]]\nname = "no-ferrets"\nkind = "forbidden_pattern"\n'
+        'pattern = "ferret"\nmessage = "ferrets are off topic"\n'
+    )
+    env = {
+        **running_stack_env,
+        "FRESHET_START_WORKFLOW": "true",
+        "FRESHET_ANSWER_RULES": str(rules),
+    }
+    settings = Settings.from_env(env)
+    try:
+        up = freshet(env, "up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert LocalInference(settings).running() and LocalValidator(settings).running()
+        yield env
+    finally:
+        LocalValidator(settings).stop()
+        LocalInference(settings).stop()
+
+
+@pytest.fixture(scope="module")
+def indexed(running_stack: Settings, workflow_env: dict[str, str]) -> Iterator[None]:
+    with source(running_stack) as conn:
+        for key, title, body in (CANARY, FERRET):
+            conn.execute(
+                "INSERT INTO app.articles (id, title, body) VALUES (%s, %s, %s)"
+                " ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title, body = EXCLUDED.body",
+                (key, title, body),
+            )
+    yield
+    with source(running_stack) as conn:
+        conn.execute("DELETE FROM app.articles WHERE id IN (%s, %s)", (CANARY[0], FERRET[0]))
+
+
+@pytest.fixture
+def client(
+    running_stack: Settings,
+    workflow_env: dict[str, str],
+    indexed: None,
+    start_worker: Callable[..., WorkerThread],
+) -> Iterator[FlaskClient]:
+    caught_up(start_worker())
+    app = create_app({"POOL_MAX_SIZE": 2}, settings=Settings.from_env(workflow_env))
+    yield app.test_client()
+    close_app(app)
+
+
+def outcome(client: FlaskClient, answer_id: str, timeout: float = 180) -> dict[str, Any]:
+    def judged() -> dict[str, Any] | None:
+        body: dict[str, Any] = client.get(f"/api/v1/answers/{answer_id}").get_json()
+        return None if body["status"] == "pending" else body
+
+    found = wait_for(judged, timeout, interval=0.2)
+    assert found, f"answer {answer_id} still pending after {timeout:.0f}s"
+    return found
+
+
+def ask_async(client: FlaskClient, question: str) -> str:
+    response = client.post("/api/v1/ask", json={"question": question, "async": True, "k": 3})
+    body = response.get_json()
+    assert response.status_code == 202, body
+    assert body["status"] == "pending"
+    return str(body["id"])
+
+
+def on_topic(settings: Settings, topic: str, answer_id: str) -> dict[str, Any] | None:
+    with topic_from_start(settings.bootstrap_servers, topic) as consumer:
+        for record in consumer:
+            if record.key == answer_id.encode():
+                value: dict[str, Any] = json.loads(record.value)
+                return value
+    return None
+
+
+def test_an_async_answer_is_approved_with_citations(
+    client: FlaskClient, running_stack: Settings
+) -> None:
+    answer_id = ask_async(client, "When does the lighthouse keeper feed the cat?")
+    body = outcome(client, answer_id)
+    assert body["status"] == "approved", body
+    assert "dawn" in body["answer"]
+    assert ("app.articles", str(CANARY[0])) in {
+        (c["source_table"], c["doc_key"]) for c in body["citations"]
+    }
+    published = on_topic(running_stack, APPROVED, answer_id)
+    assert published is not None and published["answer"] == body["answer"]
+
+
+def test_an_async_answer_that_breaks_a_rule_is_rejected_and_withheld(
+    client: FlaskClient, running_stack: Settings
+) -> None:
+    answer_id = ask_async(client, "When does the farmer feed the ferret?")
+    body = outcome(client, answer_id)
+    assert body["status"] == "rejected", body
+    assert "ferret" not in body["answer"] and body["citations"] == []
+    assert {"rule": "no-ferrets", "message": "ferrets are off topic"} in body["violations"]
+    published = on_topic(running_stack, REJECTED, answer_id)
+    assert published is not None and "ferret" in published["withheld"]["answer"]
+
+
+def test_a_malformed_request_is_dead_lettered_and_the_next_is_answered(
+    client: FlaskClient, running_stack: Settings
+) -> None:
+    producer = KafkaProducer(bootstrap_servers=running_stack.bootstrap_servers, acks="all")
+    try:
+        producer.send(REQUESTS, key=b"broken-request", value=b"{not json").get(timeout=30)
+    finally:
+        producer.close()
+    answer_id = ask_async(client, "Who feeds the grey cat?")
+    assert outcome(client, answer_id)["status"] == "approved"
+    letter = wait_for(
+        lambda: on_topic(running_stack, DEAD_LETTERS, "broken-request"), 60, interval=1
+    )
+    assert letter and letter["topic"] == REQUESTS and "not JSON" in letter["reason"]
+    assert letter["value"] == "{not json"
+
+
+def test_status_lists_the_workflow_workers(workflow_env: dict[str, str]) -> None:
+    result = freshet(workflow_env, "status", "--json")
+    report = json.loads(result.stdout)
+    assert report["workflow"]["infer"]["state"] == "RUNNING"
+    assert report["workflow"]["validate"]["state"] == "RUNNING"
+
+
+def test_unknown_answer_ids_are_404(client: FlaskClient, tmp_path: Path) -> None:
+    response = client.get("/api/v1/answers/no-such-request")
+    assert response.status_code == 404 and response.get_json()["error"]["message"]

@@ -1,0 +1,142 @@
+"""The async workflow's steps without Kafka: messages, inference, validation, dead letters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.unit.web_fakes import FakeRetriever, passage
+from web.answers import WITHHELD, InMemoryAnswerStore
+from web.auth import User
+from web.llm.base import Answerer, LLMError
+from web.llm.extractive import ExtractiveAnswerer, LexicalScorer
+from web.retrieval import Filters
+from web.validation import NO_RULES, parse_rules
+from workflow.inference import Inference
+from workflow.messages import (
+    APPROVED,
+    DEAD_LETTERS,
+    RAW_ANSWERS,
+    REJECTED,
+    AnswerRequest,
+    MessageError,
+)
+from workflow.step import Step
+from workflow.validator import Validator
+
+PASSAGES = [
+    passage(1, "Public: the Kafka Connect workers restart every night at two."),
+    passage(2, "Staff only: the Kafka Connect workers restart on Sundays.", groups=("staff",)),
+]
+STAFF = User("ann", ("staff",))
+
+
+@dataclass
+class Record:
+    value: bytes | None
+    topic: str = "rag.requests"
+    partition: int = 0
+    offset: int = 7
+    key: bytes | None = None
+
+
+def request(user: User = STAFF, **changes: Any) -> AnswerRequest:
+    fields: dict[str, Any] = {"id": "r1", "question": "When do workers restart?", "k": 3}
+    fields.update(changes)
+    return AnswerRequest(user=user, filters=Filters(("app.articles",)), **fields)
+
+
+def test_a_request_survives_its_round_trip() -> None:
+    original = request()
+    assert AnswerRequest.decode(original.encode()) == original
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (None, "no value"),
+        (b"\xff", "not JSON"),
+        (b"[1]", "not a JSON object"),
+        (b'{"id": "r"}', "missing field"),
+        (b'{"id": "r", "question": "q", "k": 0, "user": {"user": "a"}}', "k must be"),
+        (b'{"id": 5, "question": "q", "k": 1, "user": {"user": "a"}}', "id must be"),
+    ],
+)
+def test_an_unreadable_request_says_why(value: bytes | None, reason: str) -> None:
+    with pytest.raises(MessageError, match=reason):
+        AnswerRequest.decode(value)
+
+
+def inference(answerer: Answerer | None = None) -> Inference:
+    return Inference(FakeRetriever(PASSAGES), answerer or ExtractiveAnswerer(LexicalScorer()))
+
+
+def test_inference_answers_as_the_asker_from_what_they_may_see() -> None:
+    [out] = inference()(Record(request(User("pat")).encode()))
+    body = json.loads(out.value)
+    assert out.topic == RAW_ANSWERS and out.key == b"r1"
+    assert body["passages"] == 1 and body["user"]["user"] == "pat"
+    assert {c["chunk_id"] for c in body["answer"]["citations"]} == {1}
+    [out] = inference()(Record(request().encode()))
+    assert json.loads(out.value)["passages"] == 2
+
+
+class DownAnswerer(Answerer):
+    name = "down"
+
+    def stream(self, question: str, passages: Any) -> Any:
+        raise LLMError("endpoint down")
+
+
+def test_a_backend_failure_travels_as_an_error() -> None:
+    [out] = inference(DownAnswerer())(Record(request().encode()))
+    assert "endpoint down" in json.loads(out.value)["error"]
+
+
+def validated(raw: bytes, rules_text: str = "") -> tuple[Any, InMemoryAnswerStore]:
+    store = InMemoryAnswerStore()
+    rules = parse_rules(rules_text) if rules_text else NO_RULES
+    [out] = Validator(rules, store)(Record(raw, topic=RAW_ANSWERS))
+    return out, store
+
+
+def test_the_validator_approves_records_and_publishes() -> None:
+    [raw] = inference()(Record(request().encode()))
+    out, store = validated(raw.value)
+    stored = store.get("r1")
+    assert out.topic == APPROVED and stored is not None and stored.status == "approved"
+    assert json.loads(out.value)["citations"] and stored.owner.name == "ann"
+
+
+def test_the_validator_rejects_what_breaks_a_rule_and_keeps_the_text_for_audit() -> None:
+    [raw] = inference()(Record(request().encode()))
+    rules = '[[rule]]\nname = "no-sundays"\nkind = "forbidden_pattern"\npattern = "sunday"\n'
+    out, store = validated(raw.value, rules)
+    stored = store.get("r1")
+    assert stored is not None and stored.status == "rejected"
+    assert stored.to_dict()["answer"] == WITHHELD
+    body = json.loads(out.value)
+    assert out.topic == REJECTED and body["violations"][0]["rule"] == "no-sundays"
+    assert "Sundays" in body["withheld"]["answer"]
+
+
+def test_a_failed_answer_is_recorded_as_failed() -> None:
+    [raw] = inference(DownAnswerer())(Record(request().encode()))
+    out, store = validated(raw.value)
+    stored = store.get("r1")
+    assert out.topic == REJECTED and stored is not None and stored.status == "failed"
+    assert "endpoint down" in stored.to_dict()["error"]
+
+
+def test_the_step_sends_an_unreadable_record_to_the_dead_letter_topic() -> None:
+    step = Step("inference", "rag.requests", "g", "127.0.0.1:1", inference())
+    [out] = step.handle(Record(b"not json", offset=41))
+    body = json.loads(out.value)
+    assert out.topic == DEAD_LETTERS and step.dead_letters == 1
+    assert (body["topic"], body["offset"], body["value"]) == ("rag.requests", 41, "not json")
+    assert "not JSON" in body["reason"]
+    [out] = step.handle(Record(request().encode()))
+    assert out.topic == RAW_ANSWERS and step.handled == 1

@@ -1,0 +1,49 @@
+"""The inference step (group rag-inference): rag.requests -> retrieve + answer -> rag.answers.raw.
+
+It retrieves as the asker (their access groups travel with the request) and answers with the
+configured LLM backend; judging is the validator's job. A backend failure is a result, not a
+crash: the raw answer carries the error and the request ends as ``failed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from web.answers import retrieve
+from web.llm import Answerer, LLMError
+from web.retrieval import Retriever
+from workflow.messages import RAW_ANSWERS, AnswerRequest, dumps
+from workflow.step import Output
+
+
+class Inference:
+    def __init__(self, retriever: Retriever, answerer: Answerer) -> None:
+        self.retriever = retriever
+        self.answerer = answerer
+
+    @classmethod
+    def from_app(cls, app: Flask) -> Inference:
+        from web.services import get_answerer, get_retriever
+
+        return cls(get_retriever(app), get_answerer(app))
+
+    def __call__(self, record: Any) -> list[Output]:
+        request = AnswerRequest.decode(record.value)
+        body: dict[str, Any] = {
+            "id": request.id,
+            "question": request.question,
+            "user": request.user.to_dict(),
+        }
+        passages = self.answerer.fit(
+            request.question,
+            retrieve(self.retriever, request.question, request.user, request.k, request.filters),
+        )
+        try:
+            answer = self.answerer.answer(request.question, passages)
+        except LLMError as exc:
+            body["error"] = f"the answer backend failed: {exc}"
+        else:
+            body.update(passages=len(passages), answer=answer.to_dict())
+        return [Output(RAW_ANSWERS, request.id.encode(), dumps(body))]

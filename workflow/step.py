@@ -1,0 +1,137 @@
+"""One step of the async workflow: a consumer group that reads a topic, handles each record and
+produces what it yields, at least once.
+
+Per polled batch: handle every record, flush the producer, then commit the batch's offsets; a
+crash before the commit means the batch is handled again, so every handler is idempotent
+(outputs keyed by request id, the answers table upserted by id). A record the handler cannot
+read (MessageError) goes to rag.workflow.dlq with the reason and keeps the partition flowing;
+any other failure (database or Kafka down) is retried from that record with backoff, never
+skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+
+from workflow.messages import DEAD_LETTERS, MessageError, dumps
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 30.0
+
+
+@dataclass(frozen=True)
+class Output:
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+Handler = Callable[[Any], list[Output]]
+
+
+def dead_letter(record: Any, reason: str) -> Output:
+    """The dead-letter message for ``record``: why, where it came from, and what it held."""
+    value = record.value
+    return Output(
+        DEAD_LETTERS,
+        record.key,
+        dumps(
+            {
+                "reason": reason,
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "value": value.decode("utf-8", "replace") if value is not None else None,
+            }
+        ),
+    )
+
+
+@dataclass
+class Step:
+    """Runs ``handler`` over ``topic`` in consumer group ``group`` until ``stop`` is set."""
+
+    name: str
+    topic: str
+    group: str
+    bootstrap_servers: str
+    handler: Handler
+    batch: int = 50
+    poll_ms: int = 200
+    handled: int = 0
+    dead_letters: int = 0
+    _backoff: float = field(default=0.5, repr=False)
+
+    def run(self, stop: threading.Event) -> None:
+        consumer = KafkaConsumer(
+            self.topic,
+            bootstrap_servers=self.bootstrap_servers,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            client_id=f"freshet-{self.name}",
+        )
+        producer = KafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all")
+        logger.info("%s: consuming %s in group %s", self.name, self.topic, self.group)
+        try:
+            while not stop.is_set():
+                polled = consumer.poll(timeout_ms=self.poll_ms, max_records=self.batch)
+                for partition, records in polled.items():
+                    self._process(consumer, producer, partition, records, stop)
+        finally:
+            producer.close(timeout=10)
+            consumer.close()  # leaves the group: its partitions move to the other members
+            logger.info("%s: stopped after %d records", self.name, self.handled)
+
+    def _process(
+        self,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        partition: TopicPartition,
+        records: Sequence[Any],
+        stop: threading.Event,
+    ) -> None:
+        done = None
+        for record in records:
+            if stop.is_set():
+                break
+            try:
+                outputs = self.handle(record)
+            except Exception:  # noqa: BLE001 - retried from this record, never skipped
+                logger.exception(
+                    "%s: %s:%d@%d failed; retrying in %.1fs", self.name, *_at(record), self._backoff
+                )
+                consumer.seek(partition, record.offset)
+                stop.wait(self._backoff)
+                self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+                break
+            for out in outputs:
+                producer.send(out.topic, key=out.key, value=out.value)
+            done = record.offset
+            self._backoff = 0.5
+        if done is None:
+            return
+        producer.flush(timeout=30)
+        consumer.commit({partition: OffsetAndMetadata(done + 1, "", -1)})
+
+    def handle(self, record: Any) -> list[Output]:
+        """The handler's outputs, or the record's dead letter when it cannot be read."""
+        try:
+            outputs = self.handler(record)
+        except MessageError as exc:
+            self.dead_letters += 1
+            logger.warning("%s: %s:%d@%d to %s: %s", self.name, *_at(record), DEAD_LETTERS, exc)
+            return [dead_letter(record, str(exc))]
+        self.handled += 1
+        return outputs
+
+
+def _at(record: Any) -> tuple[str, int, int]:
+    return record.topic, record.partition, record.offset

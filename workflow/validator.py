@@ -1,0 +1,50 @@
+"""The validator step (group rag-validate): rag.answers.raw -> the answer rules ->
+rag.answers (approved) or rag.answers.rejected, and the verdict into table rag.answers.
+
+The rules are the business's (FRESHET_ANSWER_RULES), the same the synchronous path applies.
+Writing the table is an upsert by request id, so a redelivered raw answer changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from web.answers import AnswerStore, StoredAnswer, judge
+from web.validation import RuleSet
+from workflow.messages import (
+    APPROVED,
+    REJECTED,
+    MessageError,
+    dumps,
+    loads,
+    request_id,
+    user_of,
+)
+from workflow.step import Output
+
+
+class Validator:
+    def __init__(self, rules: RuleSet, store: AnswerStore) -> None:
+        self.rules = rules
+        self.store = store
+
+    def __call__(self, record: Any) -> list[Output]:
+        body = loads(record.value)
+        answer_id = request_id(body)
+        question = str(body.get("question") or "")
+        user = user_of(body)
+        if "error" in body:
+            stored = StoredAnswer(answer_id, question, user, "failed", error=str(body["error"]))
+        else:
+            answer = body.get("answer")
+            passages = body.get("passages")
+            if not isinstance(answer, dict) or not isinstance(passages, int):
+                raise MessageError("a raw answer needs `answer` (object) and `passages` (int)")
+            stored = judge(answer_id, question, user, answer, passages, self.rules)
+        self.store.put(stored)
+        out = stored.to_dict()
+        out["rules"] = self.rules.digest
+        if stored.status == "rejected":
+            out["withheld"] = stored.answer
+        topic = APPROVED if stored.status == "approved" else REJECTED
+        return [Output(topic, answer_id.encode(), dumps(out))]
