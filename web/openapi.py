@@ -120,6 +120,10 @@ SCHEMAS: dict[str, Any] = {
             "citations": {"type": "array", "items": _ref("Citation")},
             "as_of": {**_TS, "description": "newest source commit time among the citations"},
             "backend": {"type": "string"},
+            "declined": {
+                "type": "boolean",
+                "description": "the backend found nothing to answer from; it claims nothing",
+            },
         },
     },
     "AskRequest": {

@@ -24,7 +24,11 @@ SELECT
   (SELECT count(*) FROM rag.chunks) AS chunks,
   (SELECT count(*) FROM rag.dead_letters WHERE resolved_at IS NULL) AS dead_letters,
   (SELECT max(source_ts) FROM rag.documents) AS newest_source_ts,
-  (SELECT max(indexed_at) FROM rag.documents) AS last_indexed_at
+  (SELECT max(indexed_at) FROM rag.documents) AS last_indexed_at,
+  (SELECT count(*) FROM rag.answers WHERE status = 'pending') AS answers_pending,
+  (SELECT count(*) FROM rag.answers WHERE status = 'approved') AS answers_approved,
+  (SELECT count(*) FROM rag.answers WHERE status = 'rejected') AS answers_rejected,
+  (SELECT count(*) FROM rag.answers WHERE status = 'failed') AS answers_failed
 """
 
 _WORKERS = """

@@ -7,7 +7,7 @@ validator group. The file is a list of ``[[rule]]`` tables, each with a ``name``
 and the kind's parameters:
 
 - ``min_citations``: ``min`` (default 1) citations, unless the answer had no passages to cite
-  (the "nothing relevant was found" answer);
+  or declined to answer ("nothing relevant was found");
 - ``citations_resolve``: every ``[n]`` in the text names a citation the answer carries;
 - ``forbidden_pattern``: ``pattern`` (a Python regular expression, case-insensitive unless
   ``ignore_case = false``) must not occur in the text; ``message`` says why;
@@ -53,12 +53,18 @@ class Judged:
     text: str
     cited: tuple[int, ...]
     passages: int
+    declined: bool = False
 
     @classmethod
     def of(cls, answer: Mapping[str, Any], passages: int) -> Judged:
         """From an answer's JSON form (``Answer.to_dict()``)."""
         citations = answer.get("citations") or []
-        return cls(str(answer.get("answer") or ""), tuple(int(c["n"]) for c in citations), passages)
+        return cls(
+            str(answer.get("answer") or ""),
+            tuple(int(c["n"]) for c in citations),
+            passages,
+            bool(answer.get("declined", False)),
+        )
 
 
 class Rule(ABC):
@@ -82,7 +88,7 @@ class MinCitations(Rule):
         self.min = min
 
     def check(self, answer: Judged) -> str | None:
-        if answer.passages == 0 or len(answer.cited) >= self.min:
+        if answer.passages == 0 or answer.declined or len(answer.cited) >= self.min:
             return None
         return f"the answer cites {len(answer.cited)} source(s); at least {self.min} required"
 

@@ -81,11 +81,12 @@ def test_every_sentence_is_copied_from_a_passage_and_followed_by_its_number() ->
 def test_nothing_relevant_when_best_score_is_below_threshold() -> None:
     answer = ExtractiveAnswerer(LexicalScorer()).answer("What is the capital of France?", PASSAGES)
     assert answer.text == NOTHING_RELEVANT
-    assert answer.citations == [] and answer.as_of is None
+    assert answer.citations == [] and answer.as_of is None and answer.declined
 
 
 def test_nothing_relevant_without_passages() -> None:
-    assert ExtractiveAnswerer(LexicalScorer()).answer("anything?", []).text == NOTHING_RELEVANT
+    declined = ExtractiveAnswerer(LexicalScorer()).answer("anything?", [])
+    assert declined.text == NOTHING_RELEVANT and declined.declined
 
 
 def test_stream_joins_to_the_same_text_as_answer() -> None:

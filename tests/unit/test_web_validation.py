@@ -19,6 +19,7 @@ def test_the_shipped_rules_pass_a_cited_answer_and_the_nothing_found_answer() ->
     assert len(rules.rules) >= 4 and len(rules.digest) == 12
     assert rules.check(Judged("Workers restart nightly [1].", (1,), 3)) == []
     assert rules.check(Judged("Nothing relevant was found.", (), 0)) == []
+    assert rules.check(Judged("Nothing relevant was found.", (), 5, declined=True)) == []
 
 
 def test_the_shipped_rules_catch_card_numbers_credentials_and_dangling_citations() -> None:

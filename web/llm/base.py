@@ -59,6 +59,8 @@ class Answer:
     citations: list[Citation] = field(default_factory=list)
     backend: str = ""
     as_of: datetime | None = None
+    # The backend said it has no answer (nothing relevant, or no text): it claims nothing.
+    declined: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +68,7 @@ class Answer:
             "citations": [c.to_dict() for c in self.citations],
             "as_of": self.as_of.isoformat() if self.as_of else None,
             "backend": self.backend,
+            "declined": self.declined,
         }
 
 
@@ -101,7 +104,7 @@ def make_answer(
     """
     if not text.strip():
         logger.warning("the %s backend produced no text", backend)
-        return Answer(EMPTY_ANSWER, [], backend, None)
+        return Answer(EMPTY_ANSWER, [], backend, None, declined=True)
     numbers = cited_numbers(text, len(passages))
     if not numbers and cite_all_unmarked and passages and text.strip():
         numbers = list(range(1, len(passages) + 1))

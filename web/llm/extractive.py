@@ -10,7 +10,7 @@ import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -150,5 +150,6 @@ class ExtractiveAnswerer(Answerer):
         return self.finish(self.compose(question, passages), passages)
 
     def finish(self, text: str, passages: Sequence[Passage]) -> Answer:
-        # Only what the text cites: "nothing relevant" cites nothing.
-        return make_answer(text, passages, self.name, cite_all_unmarked=False)
+        # Only what the text cites: "nothing relevant" cites nothing, and declines.
+        answer = make_answer(text, passages, self.name, cite_all_unmarked=False)
+        return replace(answer, declined=True) if text == NOTHING_RELEVANT else answer

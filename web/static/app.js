@@ -234,7 +234,9 @@ async function loadStatus() {
     const counts = s.index || {};
     for (const [k, v] of [["documents", counts.documents], ["deleted documents", counts.deleted_documents],
       ["chunks", counts.chunks], ["dead letters (unresolved)", s.dead_letters],
-      ["newest source commit", formatTime(counts.newest_source_ts)], ["last indexed", formatTime(counts.last_indexed_at)]]) {
+      ["newest source commit", formatTime(counts.newest_source_ts)], ["last indexed", formatTime(counts.last_indexed_at)],
+      ["answers approved / rejected", counts.answers_approved + " / " + counts.answers_rejected],
+      ["answers pending / failed", counts.answers_pending + " / " + counts.answers_failed]]) {
       index.append(el("dt", k), el("dd", v === undefined ? "unknown" : v));
     }
     document.querySelector("#tasks tbody").replaceChildren(
