@@ -35,6 +35,8 @@ BUNDLED_MODEL_NAMES = frozenset(
 )
 # all-MiniLM-L6-v2 was trained on 128 tokens and is used up to 256 (its sentence_bert_config).
 DEFAULT_MAX_SEQ_LENGTH = 256
+# A call of at most this many texts (one changed chunk, a query) is a "small call".
+SMALL_CALL_TEXTS = 4
 _BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
@@ -152,6 +154,7 @@ class TransformersEmbedder(Embedder):
         *,
         batch_size: int = 32,
         threads: int | None = None,
+        small_call_threads: int | None = 1,
         bf16: bool | None = None,
         device: str = "cpu",
         max_seq_length: int | None = None,
@@ -166,6 +169,13 @@ class TransformersEmbedder(Embedder):
         if threads is not None:
             # Process-wide in torch: the last embedder constructed with `threads` wins.
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        # A small call runs on fewer threads: a forward pass over one short input is a long
+        # series of small parallel regions, each waiting for its slowest thread, and with other
+        # processes on the same cores one preempted thread stalls them all. Measured on 2
+        # cores with the whole stack running (bench.freshness, edits at 5/s): p99 249-316 ms
+        # on 2 threads, 112 ms on 1. Large batches keep every thread (throughput).
+        self.small_call_threads = small_call_threads or self.threads
         # transformers draws a "Loading weights" progress bar: noise in a worker's log.
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
@@ -190,12 +200,14 @@ class TransformersEmbedder(Embedder):
         if self.bf16:
             _store_linear_weights_in_bf16(self._model)
         logger.info(
-            "embedder loaded: model=%s dim=%d device=%s bf16=%s threads=%d max_seq_length=%d",
+            "embedder loaded: model=%s dim=%d device=%s bf16=%s threads=%d (small calls: %d)"
+            " max_seq_length=%d",
             path,
             self.dim,
             device,
             self.bf16,
-            torch.get_num_threads(),
+            self.threads,
+            self.small_call_threads,
             self.max_seq_length,
         )
 
@@ -213,6 +225,10 @@ class TransformersEmbedder(Embedder):
         return self._tokenizer
 
     def _embed(self, texts: list[str]) -> np.ndarray:
+        small = self.device == "cpu" and len(texts) <= SMALL_CALL_TEXTS
+        threads = self.small_call_threads if small else self.threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         # Longest first so each batch pads to similar lengths (as sentence-transformers does).
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -256,6 +272,7 @@ def embedder_from_settings(settings: Settings) -> TransformersEmbedder:
         settings.embedding_model,
         batch_size=settings.embed_batch,
         threads=settings.embed_threads,
+        small_call_threads=settings.embed_small_call_threads,
         bf16=settings.embed_bf16,
         device=settings.embed_device,
     )

