@@ -45,6 +45,7 @@ def private_stack(tag: str, keep: Path | None = None, **overrides: str) -> Itera
     defaults = {
         "FRESHET_START_SYNC": "false",
         "FRESHET_START_WEB": "false",
+        "FRESHET_START_WORKFLOW": "false",
         "FRESHET_LOAD_DEMO": "false",
         "FRESHET_MAPPINGS": str(MAPPINGS),
     }
