@@ -191,6 +191,20 @@ def retrieve(
     return retriever.search(question, user, k=k, mode="hybrid", filters=filters, dedupe=True)
 
 
+def compose(
+    retriever: Retriever,
+    answerer: Answerer,
+    question: str,
+    user: User,
+    k: int,
+    filters: Filters = NO_FILTERS,
+) -> tuple[Answer, int]:
+    """Retrieve what ``user`` may see and answer from it; the answer and how many passages it
+    was given. Raises LLMError when the backend fails."""
+    passages = answerer.fit(question, retrieve(retriever, question, user, k, filters))
+    return answerer.answer(question, passages), len(passages)
+
+
 def answer_question(
     retriever: Retriever,
     answerer: Answerer,
@@ -203,16 +217,15 @@ def answer_question(
     filters: Filters = NO_FILTERS,
 ) -> StoredAnswer:
     """Retrieve what ``user`` may see, answer, and judge: the steps both paths run."""
-    passages = answerer.fit(question, retrieve(retriever, question, user, k, filters))
-    answer = answerer.answer(question, passages)
+    answer, passages = compose(retriever, answerer, question, user, k, filters)
     logger.info(
         "answered %s for %s with %d passages, %d citations",
         answer_id,
         user.name,
-        len(passages),
+        passages,
         len(answer.citations),
     )
-    return judge(answer_id, question, user, answer, len(passages), rules)
+    return judge(answer_id, question, user, answer, passages, rules)
 
 
 def ask(

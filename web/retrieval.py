@@ -394,6 +394,3 @@ class EmbedThread:
 
     def many(self, texts: Sequence[str]) -> np.ndarray:
         return self._thread.submit(self.embedder.embed, list(texts)).result()
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)

@@ -23,12 +23,12 @@ import hashlib
 import re
 import tomllib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-_CITE = re.compile(r"\[(\d{1,3})\]")
+from web.llm.base import markers
 
 
 class RulesError(ValueError):
@@ -97,7 +97,7 @@ class CitationsResolve(Rule):
     kind = "citations_resolve"
 
     def check(self, answer: Judged) -> str | None:
-        unknown = sorted({int(n) for n in _CITE.findall(answer.text)} - set(answer.cited))
+        unknown = sorted(set(markers(answer.text)) - set(answer.cited))
         if not unknown:
             return None
         return "the text cites " + ", ".join(f"[{n}]" for n in unknown) + " with no source"
@@ -205,7 +205,3 @@ def load_rules(path: Path | str | None) -> RuleSet:
             f"FRESHET_ANSWER_RULES={str(path)!r} cannot be read: {exc.strerror or exc}"
         ) from None
     return parse_rules(text, str(path))
-
-
-def rule_kinds() -> Sequence[str]:
-    return sorted(KINDS)

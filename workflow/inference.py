@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Flask
 
-from web.answers import retrieve
+from web.answers import compose
 from web.llm import Answerer, LLMError
 from web.retrieval import Retriever
 from workflow.messages import RAW_ANSWERS, AnswerRequest, dumps
@@ -36,14 +36,17 @@ class Inference:
             "question": request.question,
             "user": request.user.to_dict(),
         }
-        passages = self.answerer.fit(
-            request.question,
-            retrieve(self.retriever, request.question, request.user, request.k, request.filters),
-        )
         try:
-            answer = self.answerer.answer(request.question, passages)
+            answer, passages = compose(
+                self.retriever,
+                self.answerer,
+                request.question,
+                request.user,
+                request.k,
+                request.filters,
+            )
         except LLMError as exc:
             body["error"] = f"the answer backend failed: {exc}"
         else:
-            body.update(passages=len(passages), answer=answer.to_dict())
+            body.update(passages=passages, answer=answer.to_dict())
         return [Output(RAW_ANSWERS, request.id.encode(), dumps(body))]

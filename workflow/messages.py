@@ -62,6 +62,8 @@ class AnswerRequest:
     def decode(cls, raw: bytes | None) -> AnswerRequest:
         body = loads(raw)
         filters = body.get("filters") or {}
+        if not isinstance(filters, dict):
+            raise MessageError("filters must be an object")
         try:
             tables = filters.get("tables") or []
             metadata = filters.get("metadata") or None
@@ -83,11 +85,11 @@ class AnswerRequest:
                 filters=Filters(tuple(tables), metadata),
                 asked_at=datetime.fromisoformat(body["asked_at"]),
             )
+        except MessageError:
+            raise
         except KeyError as exc:
             raise MessageError(f"missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
-            if isinstance(exc, MessageError):
-                raise
             raise MessageError(str(exc)) from None
 
 

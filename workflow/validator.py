@@ -40,7 +40,10 @@ class Validator:
             passages = body.get("passages")
             if not isinstance(answer, dict) or not isinstance(passages, int):
                 raise MessageError("a raw answer needs `answer` (object) and `passages` (int)")
-            stored = judge(answer_id, question, user, answer, passages, self.rules)
+            try:
+                stored = judge(answer_id, question, user, answer, passages, self.rules)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise MessageError(f"the raw answer cannot be judged: {exc!r}") from None
         self.store.put(stored)
         out = stored.to_dict()
         out["rules"] = self.rules.digest

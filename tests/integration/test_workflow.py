@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -158,6 +157,6 @@ def test_status_lists_the_workflow_workers(workflow_env: dict[str, str]) -> None
     assert report["workflow"]["validate"]["state"] == "RUNNING"
 
 
-def test_unknown_answer_ids_are_404(client: FlaskClient, tmp_path: Path) -> None:
+def test_unknown_answer_ids_are_404(client: FlaskClient) -> None:
     response = client.get("/api/v1/answers/no-such-request")
     assert response.status_code == 404 and response.get_json()["error"]["message"]

@@ -63,6 +63,7 @@ def test_a_request_survives_its_round_trip() -> None:
         (b'{"id": "r"}', "missing field"),
         (b'{"id": "r", "question": "q", "k": 0, "user": {"user": "a"}}', "k must be"),
         (b'{"id": 5, "question": "q", "k": 1, "user": {"user": "a"}}', "id must be"),
+        (b'{"id": "r", "question": "q", "k": 1, "filters": "all"}', "filters must be"),
     ],
 )
 def test_an_unreadable_request_says_why(value: bytes | None, reason: str) -> None:
@@ -140,3 +141,10 @@ def test_the_step_sends_an_unreadable_record_to_the_dead_letter_topic() -> None:
     assert "not JSON" in body["reason"]
     [out] = step.handle(Record(request().encode()))
     assert out.topic == RAW_ANSWERS and step.handled == 1
+
+
+def test_a_raw_answer_that_cannot_be_judged_is_unreadable_not_retried() -> None:
+    raw = b'{"id": "r1", "question": "q", "user": {"user": "ann"}, "passages": 1,'
+    raw += b' "answer": {"answer": "a [1]", "citations": [{"no": 1}]}}'
+    with pytest.raises(MessageError, match="cannot be judged"):
+        Validator(NO_RULES, InMemoryAnswerStore())(Record(raw, topic=RAW_ANSWERS))

@@ -72,11 +72,15 @@ class Answer:
         }
 
 
+def markers(text: str) -> list[int]:
+    """Every [n] marker of ``text``, in order."""
+    return [int(match.group(1)) for match in _CITE.finditer(text)]
+
+
 def cited_numbers(text: str, count: int) -> list[int]:
     """The distinct [n] markers of ``text`` that name one of ``count`` passages, in order."""
     seen: list[int] = []
-    for match in _CITE.finditer(text):
-        n = int(match.group(1))
+    for n in markers(text):
         if 1 <= n <= count and n not in seen:
             seen.append(n)
     return seen
