@@ -383,13 +383,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:  # debug details of Freshet's own modules, not of every library
         for package in ("cdc", "freshet", "sync", "web", "workflow"):
             logging.getLogger(package).setLevel(logging.DEBUG)
+    # A first start compiles the embedding model for ~20 s: say so, whatever the log level.
+    logging.getLogger("freshet.fast_path").setLevel(logging.INFO)
     from cdc.processes import StackError
+    from freshet.embedder import EmbedderError
     from web.validation import RulesError
 
     try:
         settings = Settings.from_env()
         return COMMANDS[args.command](settings, args)
-    except (StackError, SettingsError, RulesError) as exc:
+    except (StackError, SettingsError, RulesError, EmbedderError) as exc:
         print(f"freshet: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

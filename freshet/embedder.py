@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from freshet.fast_path import LastHiddenState, Runner, cache_key, one_text_runner
 from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ BUNDLED_MODEL_NAMES = frozenset(
 )
 # all-MiniLM-L6-v2 was trained on 128 tokens and is used up to 256 (its sentence_bert_config).
 DEFAULT_MAX_SEQ_LENGTH = 256
+DEFAULT_CACHE = Settings().embed_cache
 # A call of at most this many texts (one changed chunk, a query) is a "small call".
 SMALL_CALL_TEXTS = 4
 _BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -155,6 +158,8 @@ class TransformersEmbedder(Embedder):
         batch_size: int = 32,
         threads: int | None = None,
         small_call_threads: int | None = 1,
+        fast_path: str = "compiled",
+        cache: Path = DEFAULT_CACHE,
         bf16: bool | None = None,
         device: str = "cpu",
         max_seq_length: int | None = None,
@@ -199,15 +204,22 @@ class TransformersEmbedder(Embedder):
         self.bf16 = self._choose_bf16(bf16, device)
         if self.bf16:
             _store_linear_weights_in_bf16(self._model)
+        # One text (one changed chunk, a query) has no padding: its forward pass runs through
+        # a compiled or traced graph of the model on CPU (freshet.fast_path), ~40% faster for
+        # a short text than the eager model.
+        self.fast_path, self._one_text = "off", None
+        if device == "cpu":
+            self.fast_path, self._one_text = self._one_text_runner(fast_path, cache)
         logger.info(
             "embedder loaded: model=%s dim=%d device=%s bf16=%s threads=%d (small calls: %d)"
-            " max_seq_length=%d",
+            " one-text fast path=%s max_seq_length=%d",
             path,
             self.dim,
             device,
             self.bf16,
             self.threads,
             self.small_call_threads,
+            self.fast_path,
             self.max_seq_length,
         )
 
@@ -218,6 +230,43 @@ class TransformersEmbedder(Embedder):
         if device.startswith("cuda"):
             return bool(torch.cuda.is_bf16_supported())
         return cpu_supports_bf16(_read_cpu_flags())
+
+    def _one_text_runner(self, mode: str, cache: Path) -> tuple[str, Runner | None]:
+        threads = torch.get_num_threads()
+        # Compiled kernels keep the thread count they were compiled for: a one-text call's.
+        torch.set_num_threads(self.small_call_threads)
+        try:
+            return one_text_runner(
+                mode,
+                LastHiddenState(self._model, self.bf16),
+                lambda text: self._encode([text]),
+                cache=cache,
+                key=cache_key(
+                    self.model_path, self.bf16, self.small_call_threads, self.max_seq_length
+                ),
+                max_seq_length=self.max_seq_length,
+            )
+        finally:
+            torch.set_num_threads(threads)
+
+    def _encode(self, texts: list[str]) -> Any:
+        return self._tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_seq_length,
+            return_tensors="pt",
+        ).to(self.device)
+
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        """inference_mode plus bf16 autocast when enabled: the context of every forward pass."""
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.bf16),
+        ):
+            yield
 
     @property
     def tokenizer(self) -> Any:
@@ -238,19 +287,12 @@ class TransformersEmbedder(Embedder):
         return out
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
-        encoded = self._tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_seq_length,
-            return_tensors="pt",
-        ).to(self.device)
-        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        with (
-            torch.inference_mode(),
-            torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.bf16),
-        ):
-            hidden = self._model(**encoded).last_hidden_state
+        encoded = self._encode(texts)
+        with self._inference():
+            if self._one_text is not None and len(texts) == 1:
+                hidden = self._one_text(encoded["input_ids"], encoded["attention_mask"])
+            else:
+                hidden = self._model(**encoded).last_hidden_state
         mask = encoded["attention_mask"].unsqueeze(-1).to(torch.float32)
         summed = (hidden.to(torch.float32) * mask).sum(dim=1)
         pooled = summed / mask.sum(dim=1).clamp(min=1e-9)
@@ -273,6 +315,8 @@ def embedder_from_settings(settings: Settings) -> TransformersEmbedder:
         batch_size=settings.embed_batch,
         threads=settings.embed_threads,
         small_call_threads=settings.embed_small_call_threads,
+        fast_path=settings.embed_fast_path,
+        cache=settings.embed_cache,
         bf16=settings.embed_bf16,
         device=settings.embed_device,
     )

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# How a one-text embedding call runs on CPU (freshet.fast_path): fastest first.
+FAST_PATHS = ("compiled", "traced", "off")
 
 
 class SettingsError(ValueError):
@@ -45,6 +47,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw.lower() in {"0", "false", "no", "off"}:
         return False
     raise SettingsError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = (env.get(name) or default).strip().lower()
+    if raw not in choices:
+        raise SettingsError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
 
 
 def _auto_bool(env: Mapping[str, str], name: str) -> bool | None:
@@ -115,6 +124,11 @@ class Settings:
     # FRESHET_EMBED_SMALL_CALL_THREADS: torch threads for a call of at most 4 texts (one change,
     # a query); 0: the same as FRESHET_EMBED_THREADS.
     embed_small_call_threads: int | None = 1
+    # FRESHET_EMBED_FAST_PATH: how a one-text call (one change, a query) runs on CPU: compiled
+    # (AOTInductor, cached in FRESHET_EMBED_CACHE), traced (TorchScript) or off (eager).
+    embed_fast_path: str = "compiled"
+    # FRESHET_EMBED_CACHE: where compiled models are kept, shared by every process and stack.
+    embed_cache: Path = PROJECT_ROOT / ".freshet" / "compiled"
     # FRESHET_EMBED_BF16: bf16 autocast on CPU: auto (when the CPU has bf16 units), true, false.
     embed_bf16: bool | None = None
     # FRESHET_EMBED_BATCH: texts per forward pass.
@@ -187,6 +201,12 @@ class Settings:
             embedding_model=env.get("EMBEDDING_MODEL") or defaults.embedding_model,
             embed_threads=_int(env, "FRESHET_EMBED_THREADS", 0) or None,
             embed_small_call_threads=_int(env, "FRESHET_EMBED_SMALL_CALL_THREADS", 1) or None,
+            embed_fast_path=_choice(
+                env, "FRESHET_EMBED_FAST_PATH", FAST_PATHS, defaults.embed_fast_path
+            ),
+            embed_cache=Path(env["FRESHET_EMBED_CACHE"]).expanduser().resolve()
+            if env.get("FRESHET_EMBED_CACHE")
+            else defaults.embed_cache,
             embed_bf16=_auto_bool(env, "FRESHET_EMBED_BF16"),
             embed_batch=_int(env, "FRESHET_EMBED_BATCH", defaults.embed_batch),
             embed_device=env.get("FRESHET_EMBED_DEVICE") or defaults.embed_device,

@@ -58,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "POOL_MIN_SIZE": 1,
     "POOL_MAX_SIZE": 10,
     "CONNECT_TIMEOUT": 2.0,
+    # Report where each API request's time went in a Server-Timing response header.
+    "SERVER_TIMING": True,
     # None: Settings.from_env(), built on first use; server.run passes its own.
     "SETTINGS": None,
 }

@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import psycopg
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 from psycopg_pool import PoolTimeout
 
 from web import answers as answers_mod
-from web import app_settings, config_value
+from web import app_settings, config_value, timing
 from web.auth import User, current_user, require_admin
 from web.errors import ApiError
 from web.llm import LLMError
@@ -30,6 +31,24 @@ from workflow.messages import AnswerRequest
 logger = logging.getLogger(__name__)
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+@bp.before_request
+def _start_timing() -> None:
+    g.freshet_started = time.perf_counter()
+    timing.begin()
+
+
+@bp.after_request
+def _server_timing(response: Response) -> Response:
+    """Where the request's time went (embed, sql, text-sql, app: all of it), as Server-Timing."""
+    spans = timing.end()
+    started = g.get("freshet_started")
+    if started is not None and current_app.config.get("SERVER_TIMING", True):
+        spans["app"] = (time.perf_counter() - started) * 1000
+        response.headers["Server-Timing"] = timing.header(spans)
+    return response
+
 
 MAX_QUERY_CHARS = 1000
 MAX_QUESTION_CHARS = 2000

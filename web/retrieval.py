@@ -7,6 +7,7 @@ psycopg.sql; values travel as parameters.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,6 +23,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from freshet.embedder import Embedder
+from web import timing
 from web.auth import User
 
 logger = logging.getLogger(__name__)
@@ -239,6 +241,8 @@ class PgRetriever(Retriever):
         self.text_weight = text_weight
         self.rrf_k = rrf_k
         self.public_documents = public_documents
+        # Runs a hybrid search's full-text query beside its dense one.
+        self._side = ThreadPoolExecutor(max_workers=8, thread_name_prefix="freshet-text")
 
     def search(
         self,
@@ -253,10 +257,28 @@ class PgRetriever(Retriever):
         if mode not in MODES:
             raise ValueError(f"unknown search mode {mode!r}")
         limit = k if mode != "hybrid" else max(2 * k, 20)
+        vector: np.ndarray | None = None
         while True:
             fetch = min(limit * (4 if dedupe else 1), MAX_CANDIDATES)
-            dense = self.dense(query, user, fetch, filters) if mode != "text" else []
-            text = self.text(query, user, fetch, filters) if mode != "dense" else []
+            # Hybrid: the full-text query runs in PostgreSQL while this thread embeds the query
+            # and runs the dense one (its spans are timed into this request's record).
+            pending = (
+                self._side.submit(
+                    contextvars.copy_context().run, self.text, query, user, fetch, filters
+                )
+                if mode == "hybrid"
+                else None
+            )
+            dense: list[Passage] = []
+            if mode != "text":
+                if vector is None:
+                    with timing.span("embed"):
+                        vector = self._embed(query)
+                dense = self.dense(vector, user, fetch, filters)
+            if pending is not None:
+                text = pending.result()
+            else:
+                text = self.text(query, user, fetch, filters) if mode == "text" else []
             results = (
                 fuse(dense, text, self.text_weight, self.rrf_k)
                 if mode == "hybrid"
@@ -269,10 +291,10 @@ class PgRetriever(Retriever):
                 return results[:k]
             limit *= 4  # duplicates of one document crowded the candidates out
 
-    def dense(self, query: str, user: User, limit: int, filters: Filters) -> list[Passage]:
-        """Nearest chunks by cosine distance through the HNSW index."""
+    def dense(self, vector: np.ndarray, user: User, limit: int, filters: Filters) -> list[Passage]:
+        """Chunks nearest to the query ``vector`` by cosine distance through the HNSW index."""
         params = query_params(user, self.public_documents, filters)
-        params.update(vector=self._embed(query), limit=limit)
+        params.update(vector=vector, limit=limit)
         statement = sql.SQL(
             "WITH hits AS MATERIALIZED ("
             " SELECT {cols}, c.embedding <=> %(vector)s AS distance"
@@ -282,20 +304,25 @@ class PgRetriever(Retriever):
             " JOIN rag.documents AS d ON d.id = h.document_id AND d.deleted_at IS NULL"
             " ORDER BY h.distance, h.id"
         ).format(cols=_CHUNK_COLUMNS, where=where_clause(user, self.public_documents, filters))
-        with self._pool().connection() as conn:
-            # ef_search bounds the candidates; below LIMIT it would cut results short.
-            ef = max(self.ef_search, min(limit, MAX_CANDIDATES))
-            # pgvector >= 0.8: with a filter, keep scanning the graph until LIMIT rows pass it
-            # instead of silently returning fewer; relaxed order is re-sorted above. Both
-            # settings in one round trip, local to this transaction.
-            scan = "relaxed_order" if filters.active or not user.admin else "off"
-            conn.execute(
+        # ef_search bounds the candidates; below LIMIT it would cut results short.
+        ef = max(self.ef_search, min(limit, MAX_CANDIDATES))
+        # pgvector >= 0.8: with a filter, keep scanning the graph until LIMIT rows pass it
+        # instead of silently returning fewer; relaxed order is re-sorted above.
+        scan = "relaxed_order" if filters.active or not user.admin else "off"
+        # Both settings, local to this transaction, and the query go in one round trip.
+        with (
+            timing.span("sql"),
+            self._pool().connection() as conn,
+            conn.pipeline(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            cur.execute(
                 "SELECT set_config('hnsw.ef_search', %s, true),"
                 " set_config('hnsw.iterative_scan', %s, true)",
                 (str(ef), scan),
             )
-            with conn.cursor(row_factory=dict_row) as cur:
-                rows = cur.execute(statement, params).fetchall()
+            cur.execute(statement, params)
+            rows = cur.fetchall()
         return [
             _passage(r, score=1.0 - float(r["distance"]), distance=float(r["distance"]))
             for r in rows
@@ -317,7 +344,11 @@ class PgRetriever(Retriever):
             " WHERE c.tsv @@ q AND {where}"
             " ORDER BY rank DESC, c.id LIMIT %(limit)s"
         ).format(cols=_CHUNK_COLUMNS, where=where_clause(user, self.public_documents, filters))
-        with self._pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        with (
+            timing.span("text-sql"),
+            self._pool().connection() as conn,
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
             rows = cur.execute(statement, params).fetchall()
         return [_passage(r, score=float(r["rank"]), text_rank=float(r["rank"])) for r in rows]
 

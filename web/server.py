@@ -7,6 +7,7 @@ import logging
 from freshet.settings import Settings
 from web import create_app
 from web.answers import get_rules
+from web.services import get_embed
 
 logger = logging.getLogger(__name__)
 
@@ -15,6 +16,9 @@ def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Build the app for ``settings`` and serve it until interrupted."""
     app = create_app(settings=settings)
     get_rules(app)  # a bad rules file stops the server now, not the first question
+    # The query model loads (and on a machine's first start compiles) before the first
+    # request, which would otherwise wait for it; a missing model stops the server here.
+    get_embed(app)
     logger.info("Freshet web on http://%s:%d/", host, port)
     try:
         from waitress import serve

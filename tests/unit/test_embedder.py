@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,9 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def embedder() -> TransformersEmbedder:
-    # fp32 so that comparisons are exact to float rounding; batch of 3 to cross batch borders.
-    return TransformersEmbedder(batch_size=3, bf16=False)
+    # fp32 so that comparisons are exact to float rounding; batch of 3 to cross batch borders;
+    # the eager model throughout (the fast paths have their own tests below).
+    return TransformersEmbedder(batch_size=3, bf16=False, fast_path="off")
 
 
 def test_shape_dtype_and_unit_norm(embedder: TransformersEmbedder) -> None:
@@ -109,7 +111,7 @@ def test_bf16_weights_stored_once_give_the_same_vectors_as_autocast(
 ) -> None:
     monkeypatch.setattr(embedder, "bf16", True)
     autocast_only = embedder.embed(TEXTS)
-    stored = TransformersEmbedder(batch_size=3, bf16=True)
+    stored = TransformersEmbedder(batch_size=3, bf16=True, fast_path="off")
     linear = [m for m in stored._model.modules() if isinstance(m, torch.nn.Linear)]
     assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
     np.testing.assert_array_equal(stored.embed(TEXTS), autocast_only)
@@ -173,7 +175,9 @@ def test_vector_literal_is_pgvector_text() -> None:
 
 def test_small_calls_run_on_their_own_thread_count(embedder: TransformersEmbedder) -> None:
     before = torch.get_num_threads()
-    model = TransformersEmbedder(batch_size=8, threads=2, small_call_threads=1, bf16=False)
+    model = TransformersEmbedder(
+        batch_size=8, threads=2, small_call_threads=1, bf16=False, fast_path="off"
+    )
     try:
         one = model.embed(TEXTS[:1])
         assert torch.get_num_threads() == 1
@@ -182,3 +186,82 @@ def test_small_calls_run_on_their_own_thread_count(embedder: TransformersEmbedde
         np.testing.assert_allclose(one[0], many[0], atol=1e-5)
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_text_runs_through_a_trace_with_the_eager_vectors() -> None:
+    traced = TransformersEmbedder(bf16=True, fast_path="traced")
+    eager = TransformersEmbedder(bf16=True, fast_path="off")
+    assert traced.fast_path == "traced" and eager.fast_path == "off"
+    texts = [*TEXTS, "streaming " * 1000]  # one empty, one cut at the length limit
+    for text in texts:
+        np.testing.assert_array_equal(traced.embed([text]), eager.embed([text]))
+    # A padded batch runs the eager model: one text alone and in a batch agree (to bf16 rounding).
+    together = traced.embed(texts)
+    alone = np.vstack([traced.embed([text]) for text in texts])
+    assert np.all(np.sum(together * alone, axis=1) > 0.9999)
+
+
+def test_one_text_runs_compiled_close_to_the_eager_vectors(tmp_path: Path) -> None:
+    started = time.monotonic()
+    compiled = TransformersEmbedder(bf16=True, fast_path="compiled", cache=tmp_path)
+    first_load = time.monotonic() - started
+    assert compiled.fast_path == "compiled"
+    [package] = tmp_path.glob("embed-one-text-*.pt2")
+    eager = TransformersEmbedder(bf16=True, fast_path="off")
+    texts = [*TEXTS, "streaming " * 1000]
+    for text in texts:
+        [got], [want] = compiled.embed([text]), eager.embed([text])
+        assert float(got @ want) > 0.9999, text
+    # A second process finds the compiled model in the cache instead of compiling it again.
+    started = time.monotonic()
+    again = TransformersEmbedder(bf16=True, fast_path="compiled", cache=tmp_path)
+    assert again.fast_path == "compiled"
+    assert list(tmp_path.glob("embed-one-text-*.pt2")) == [package]
+    assert time.monotonic() - started < first_load
+    np.testing.assert_array_equal(again.embed(texts[:1]), compiled.embed(texts[:1]))
+
+
+def test_a_compiled_model_that_cannot_be_made_falls_back_to_the_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_compiler(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    model = TransformersEmbedder(bf16=False, fast_path="compiled", cache=tmp_path)
+    assert model.fast_path == "traced"
+    assert "fast path 'compiled' unavailable (no C++ compiler found)" in caplog.text
+
+
+def test_a_trace_that_cannot_be_made_leaves_the_eager_model(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("tracing is not supported here")
+
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    model = TransformersEmbedder(bf16=False, fast_path="traced")
+    assert model.fast_path == "off"
+    assert "fast path 'traced' unavailable (tracing is not supported here)" in caplog.text
+    [vector] = model.embed(["hello world"])
+    np.testing.assert_allclose(vector[:3], [-0.0344773, 0.0310232, 0.0067350], atol=1e-4)
+
+
+def test_a_fast_path_that_disagrees_with_the_eager_model_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_trace = torch.jit.trace
+
+    def off_course(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], **kw: object):
+        traced = real_trace(module, inputs, **kw)
+        return lambda ids, mask: traced(ids, mask) + torch.linspace(-1, 1, 384)
+
+    monkeypatch.setattr(torch.jit, "trace", off_course)
+    model = TransformersEmbedder(bf16=False, fast_path="traced")
+    assert model.fast_path == "off"
+    assert "fast path 'traced' disagrees with the eager model" in caplog.text
+
+
+def test_an_unknown_fast_path_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown fast path 'jit'"):
+        TransformersEmbedder(fast_path="jit")

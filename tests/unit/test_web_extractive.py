@@ -44,7 +44,7 @@ PASSAGES = [
 
 @pytest.fixture(scope="module")
 def embedder() -> TransformersEmbedder:
-    return TransformersEmbedder(bf16=False)
+    return TransformersEmbedder(bf16=False, fast_path="off")
 
 
 def test_split_sentences_drops_fragments() -> None:
