@@ -1,10 +1,9 @@
-"""Shared pieces of the benchmarks: a private stack, the SciFact corpus, result tables."""
+"""Shared pieces of the benchmarks: a private stack, its processes, the SciFact corpus; result
+tables come from bench.report (re-exported here)."""
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -13,19 +12,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import requests
 
+from bench.report import RESULTS, SCIFACT, print_table, write_results
 from cdc import stack
 from cdc.sandbox import private_home, sandbox_env
 from freshet.db import connect, database_url, source_database_url
 from freshet.settings import PROJECT_ROOT, Settings
 
-SCIFACT = PROJECT_ROOT.parent / "shared" / "eval" / "scifact"
-RESULTS = PROJECT_ROOT / "bench" / "results"
+__all__ = ["RESULTS", "SCIFACT", "print_table", "write_results"]
+
 MAPPINGS = PROJECT_ROOT / "bench" / "mappings.toml"
 
 
@@ -122,29 +120,6 @@ def peak_rss_mib(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-def print_table(title: str, rows: list[tuple[str, str]]) -> None:
-    width = max(len(k) for k, _ in rows)
-    print(f"\n{title}")
-    print("-" * (width + 30))
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    print("-" * (width + 30))
-
-
-def write_results(name: str, results: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    results = {
-        "benchmark": name,
-        "finished_at": datetime.now(UTC).isoformat(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        **results,
-    }
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"results written to {path}")
-    return path
 
 
 @contextmanager

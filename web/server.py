@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 from freshet.settings import Settings
@@ -19,6 +20,10 @@ def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
     # The query model loads (and on a machine's first start compiles) before the first
     # request, which would otherwise wait for it; a missing model stops the server here.
     get_embed(app)
+    # The model and libraries are loaded for good: keep the collector from rescanning their
+    # objects (a full collection over them is a latency spike for whichever request meets it).
+    gc.collect()
+    gc.freeze()
     logger.info("Freshet web on http://%s:%d/", host, port)
     try:
         from waitress import serve
