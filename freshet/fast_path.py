@@ -161,8 +161,11 @@ def compiled(
                     dynamic_shapes=({1: tokens}, {1: tokens}),
                 )
                 partial = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")
-                torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
-            partial.replace(package)
+                try:
+                    torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
+                    partial.replace(package)
+                finally:
+                    partial.unlink(missing_ok=True)
             logger.info("compiled in %.0f s", time.monotonic() - started)
     with _quiet():
         runner: Runner = torch._inductor.aoti_load_package(str(package))
