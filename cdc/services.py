@@ -31,7 +31,14 @@ class FreshetCommand(LocalService):
     def launch_command(
         self, ready: Callable[[], bool], what: str, timeout: float | None = None
     ) -> int:
-        env = dict(os.environ, FRESHET_HOME=str(self.settings.home), PYTHONUNBUFFERED="1")
+        # PYTHONFAULTHANDLER: a crash in native code (torch, a compiled model) writes the
+        # Python stack of every thread to the service's log instead of dying silently.
+        env = dict(
+            os.environ,
+            FRESHET_HOME=str(self.settings.home),
+            PYTHONUNBUFFERED="1",
+            PYTHONFAULTHANDLER="1",
+        )
         argv = [sys.executable, "-m", "freshet.cli", self.command, "--tag", self.marker]
         return self.launch(argv, ready=ready, what=what, env=env, timeout=timeout)
 
