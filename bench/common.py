@@ -16,13 +16,13 @@ from pathlib import Path
 
 import requests
 
-from bench.report import RESULTS, SCIFACT, print_table, write_results
+from bench.report import RESULTS, SCIFACT, print_table, scifact_corpus, write_results
 from cdc import stack
 from cdc.sandbox import private_home, sandbox_env
 from freshet.db import connect, database_url, source_database_url
 from freshet.settings import PROJECT_ROOT, Settings
 
-__all__ = ["RESULTS", "SCIFACT", "print_table", "write_results"]
+__all__ = ["RESULTS", "SCIFACT", "print_table", "scifact_corpus", "write_results"]
 
 MAPPINGS = PROJECT_ROOT / "bench" / "mappings.toml"
 
@@ -62,19 +62,6 @@ def private_stack(tag: str, keep: Path | None = None, **overrides: str) -> Itera
         stack.down(settings)
         if keep is None:
             shutil.rmtree(home, ignore_errors=True)
-
-
-def scifact_corpus(limit: int | None = None) -> list[dict[str, str]]:
-    path = SCIFACT / "corpus.jsonl"
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: the SciFact data lives in ../shared/eval/")
-    docs = []
-    with path.open() as handle:
-        for line in handle:
-            docs.append(json.loads(line))
-            if limit is not None and len(docs) >= limit:
-                break
-    return docs
 
 
 def load_scifact(settings: Settings, docs: list[dict[str, str]]) -> None:

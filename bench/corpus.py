@@ -10,14 +10,15 @@ from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
-from bench.common import scifact_corpus
+from bench.report import SCIFACT, scifact_corpus
 
 _ROFF_ESCAPES = re.compile(r"\\f[BIRPC]|\\f\(..|\\\*\(..|\\\*.|\\\(..|\\[&|^%]|\\s[+-]?\d")
 _ROFF_MACRO = re.compile(r"^\.\s*([A-Za-z]{1,3})\s*(.*)$")
 
 
-def scifact_texts() -> Iterator[str]:
-    for doc in scifact_corpus():
+def scifact_texts(limit: int | None = None, path: Path = SCIFACT / "corpus.jsonl") -> Iterator[str]:
+    """SciFact documents as the benchmarks embed them: title, blank line, abstract."""
+    for doc in scifact_corpus(limit, path):
         yield f"{doc['title']}\n\n{doc['text']}"
 
 

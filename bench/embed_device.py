@@ -17,7 +17,6 @@ machine; EMBEDDING_MODEL may point at a copy of the model directory there.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -25,19 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.corpus import scifact_texts
 from bench.report import SCIFACT, print_table, write_results
 from freshet.embedder import DEFAULT_MODEL, TransformersEmbedder
-
-
-def scifact_texts(corpus: Path, limit: int) -> list[str]:
-    texts: list[str] = []
-    with corpus.open(encoding="utf-8") as handle:
-        for line in handle:
-            doc = json.loads(line)
-            texts.append(f"{doc['title']}\n\n{doc['text']}".strip())
-            if len(texts) >= limit:
-                break
-    return texts
 
 
 def main() -> None:
@@ -49,9 +38,7 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, help="CPU vectors to compare with (.npy)")
     parser.add_argument("--save-reference", type=Path, help="save this run's vectors (.npy)")
     args = parser.parse_args()
-    if not args.corpus.is_file():
-        raise SystemExit(f"{args.corpus} is missing: the SciFact data lives in ../shared/eval/")
-    texts = scifact_texts(args.corpus, args.texts)
+    texts = list(scifact_texts(args.texts, args.corpus))
     model = os.environ.get("EMBEDDING_MODEL") or DEFAULT_MODEL
     rows: list[tuple[str, str]] = []
     runs: list[dict[str, float | int]] = []

@@ -16,6 +16,20 @@ SCIFACT = PROJECT_ROOT.parent / "shared" / "eval" / "scifact"
 RESULTS = PROJECT_ROOT / "bench" / "results"
 
 
+def scifact_corpus(
+    limit: int | None = None, path: Path = SCIFACT / "corpus.jsonl"
+) -> list[dict[str, str]]:
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: the SciFact data lives in ../shared/eval/")
+    docs = []
+    with path.open() as handle:
+        for line in handle:
+            docs.append(json.loads(line))
+            if limit is not None and len(docs) >= limit:
+                break
+    return docs
+
+
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"\n{title}")

@@ -242,7 +242,11 @@ class TransformersEmbedder(Embedder):
                 lambda text: self._encode([text]),
                 cache=cache,
                 key=cache_key(
-                    self.model_path, self.bf16, self.small_call_threads, self.max_seq_length
+                    self.model_path,
+                    _read_cpu_flags(),
+                    self.bf16,
+                    self.small_call_threads,
+                    self.max_seq_length,
                 ),
                 max_seq_length=self.max_seq_length,
             )

@@ -104,13 +104,16 @@ def traced(module: LastHiddenState, sample: Any) -> Runner:
     return runner
 
 
-def cache_key(model_path: Path, bf16: bool, threads: int, max_seq_length: int) -> str:
-    """What a compiled model depends on: the model files, torch, the CPU, the settings."""
+def cache_key(
+    model_path: Path, cpu_flags: str, bf16: bool, threads: int, max_seq_length: int
+) -> str:
+    """What a compiled model depends on: the model files, torch, the CPU (its /proc/cpuinfo
+    flags), the settings."""
     digest = hashlib.sha256()
     parts = [
         torch.__version__,
         platform.machine(),
-        _cpu_flags(),
+        cpu_flags,
         f"bf16={bf16} threads={threads} max_seq_length={max_seq_length}",
     ]
     for path in sorted(model_path.iterdir()):
@@ -121,14 +124,6 @@ def cache_key(model_path: Path, bf16: bool, threads: int, max_seq_length: int) -
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:20]
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            return next((line for line in handle if line.startswith("flags")), "")
-    except OSError:
-        return ""
 
 
 def compiled(
