@@ -86,7 +86,7 @@ def test_insert_event_carries_lsn_txid_and_commit_time(running_stack: Settings) 
         with connect(source_database_url(settings), autocommit=True) as conn:
             row = conn.execute(
                 "INSERT INTO app.articles (id, title, body) VALUES (%s, 't', 'b') "
-                "RETURNING pg_current_wal_lsn()::text, txid_current(), now()",
+                "RETURNING pg_current_wal_insert_lsn()::text, txid_current(), now()",
                 (ROW_ID + 1,),
             ).fetchone()
             assert row is not None
@@ -97,6 +97,8 @@ def test_insert_event_carries_lsn_txid_and_commit_time(running_stack: Settings) 
     (record,) = [r for r in records if key_is(r, id=ROW_ID + 1)]
     event = decoded(record)
     assert isinstance(event, ChangeEvent) and event.op is Op.CREATE
+    # The insert position, not pg_current_wal_lsn() (the write position, which can still be
+    # behind this statement's own WAL record while it runs).
     hi, lo = row[0].split("/")
     assert event.lsn is not None and event.lsn <= (int(hi, 16) << 32) + int(lo, 16)
     assert event.source.tx_id == row[1]
