@@ -46,7 +46,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 jars: $(JARS)/.installed
 
-$(JARS)/.installed: connectors/pom.xml connectors/jvm/kafka/pom.xml connectors/jvm/debezium/pom.xml connectors/jvm/compat/pom.xml connectors/jvm/compat/src/main/java/org/apache/kafka/common/utils/Sanitizer.java
+$(JARS)/.installed: connectors/pom.xml connectors/jvm/kafka/pom.xml connectors/jvm/debezium/pom.xml connectors/jvm/compat/pom.xml connectors/jvm/compat/src/main/java/org/apache/kafka/common/utils/Sanitizer.java connectors/jvm/transforms/pom.xml $(shell find connectors/jvm/transforms/src -type f)
 	rm -rf $(JARS)/lib $(JARS)/plugins
 	$(MVN) --batch-mode --quiet -f connectors/pom.xml package -Djars.dir=$(JARS)
 	touch $@
