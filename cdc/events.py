@@ -45,6 +45,9 @@ class Op(StrEnum):
     DELETE = "d"
     READ = "r"  # a snapshot row
     TRUNCATE = "t"
+    # Not Debezium's: the marker that connectors/jvm/transforms (OversizedGuard) sends instead
+    # of an event larger than the size limit, with the event's source block and its size.
+    OVERSIZED = "oversized"
 
 
 class DecodeError(ValueError):
@@ -91,6 +94,9 @@ class ChangeEvent:
     source: SourceInfo
     emitted_at: datetime | None  # when Debezium produced the event
     position: RecordPosition = field(default_factory=RecordPosition)
+    # For Op.OVERSIZED: the serialized size of the event that was replaced, and the limit.
+    oversized_bytes: int | None = None
+    size_limit: int | None = None
 
     @property
     def table(self) -> str:
@@ -151,8 +157,10 @@ def decode(
         op = Op(envelope["op"])
     except KeyError:
         raise DecodeError("envelope has no 'op' field (not a Debezium change event)") from None
-    except ValueError:
-        raise DecodeError(f"unknown op {envelope['op']!r}") from None
+    except (ValueError, TypeError):
+        raise DecodeError(f"unknown op {str(envelope['op'])[:80]!r}") from None
+    if op is Op.OVERSIZED:
+        return _oversized(decoded_key, envelope, position)
     before = _row(envelope.get("before"), "before")
     after = _row(envelope.get("after"), "after")
     if op in (Op.CREATE, Op.READ, Op.UPDATE) and after is None:
@@ -171,11 +179,34 @@ def decode(
     )
 
 
+def _oversized(key: Mapping[str, Any] | None, envelope: dict[str, Any], at: RecordPosition) -> Any:
+    info = envelope.get("oversized")
+    if not isinstance(info, dict):
+        raise DecodeError("oversized marker without its 'oversized' block")
+    try:
+        size, limit = int(info["bytes"]), int(info["limit"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise DecodeError("oversized marker with a malformed 'oversized' block") from None
+    return ChangeEvent(
+        op=Op.OVERSIZED,
+        key=key,
+        before=None,
+        after=None,
+        source=_source(envelope.get("source")),
+        emitted_at=_time(envelope.get("ts_us"), envelope.get("ts_ms")),
+        position=at,
+        oversized_bytes=size,
+        size_limit=limit,
+    )
+
+
 def _json(raw: bytes | str, what: str) -> Any:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DecodeError(f"record {what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise DecodeError(f"record {what} is JSON nested too deeply to read") from None
 
 
 def _row(raw: Any, what: str) -> dict[str, Any] | None:
@@ -218,17 +249,24 @@ def _source(raw: Any) -> SourceInfo:
         )
     except KeyError as exc:
         raise DecodeError(f"source block lacks {exc.args[0]!r}") from None
-    except (TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise DecodeError(f"malformed source block: {exc}") from None
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise DecodeError(f"malformed source block: {str(exc)[:200]}") from None
 
 
 def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{str(value)[:40]!r} is not an integer")
+    return int(value)
 
 
 def _time(us: Any, ms: Any) -> datetime | None:
-    if us is not None:
-        return datetime.fromtimestamp(int(us) / 1_000_000, tz=UTC)
-    if ms is not None:
-        return datetime.fromtimestamp(int(ms) / 1_000, tz=UTC)
-    return None
+    """A timestamp from microseconds (preferred) or milliseconds since the epoch."""
+    raw, scale = (us, 1_000_000) if us is not None else (ms, 1_000)
+    if raw is None:
+        return None
+    try:
+        return datetime.fromtimestamp(int(_int_or_none(raw) or 0) / scale, tz=UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        raise DecodeError(f"timestamp {str(raw)[:40]!r} is not a time since the epoch") from None

@@ -13,8 +13,15 @@ from cdc.jvm import java_command
 from cdc.processes import StackError, port_in_use
 from cdc.service import LocalService
 from cdc.templates import write_rendered
+from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+def max_request_bytes(settings: Settings) -> int:
+    """The broker's and producers' per-message limit: the largest change event plus headroom
+    for its key, headers and batch framing (the event limit counts the value only)."""
+    return settings.max_event_bytes + (1 << 20)
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class LocalKafka(LocalService):
                 "KAFKA_PORT": str(s.kafka_port),
                 "KAFKA_CONTROLLER_PORT": str(s.kafka_controller_port),
                 "KAFKA_DATA_DIR": str(self.root / "data"),
+                "MAX_REQUEST_BYTES": str(max_request_bytes(s)),
             },
             self.root / "server.properties",
         )
@@ -137,5 +145,44 @@ def describe_kafka(bootstrap_servers: str) -> dict[str, object]:
         return {"state": "RUNNING", "topics": topics}
     except Exception as exc:  # noqa: BLE001
         return {"state": "DOWN", "error": str(exc)}
+    finally:
+        admin.close()
+
+
+def ensure_topic_limits(bootstrap_servers: str, prefix: str, limit: int) -> list[str]:
+    """Raise max.message.bytes of the existing change topics (PREFIX.*) to ``limit``, so a
+    topic created before the limit was raised (or by another tool) accepts what the connector
+    sends; topics the connector creates later get it from its topic.creation settings. Returns
+    the topics changed."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, client_id="freshet-limits", request_timeout_ms=10000
+    )
+    try:
+        topics = sorted(t for t in admin.list_topics() if t.startswith(prefix + "."))
+        if not topics:
+            return []
+        described = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, t, ["max.message.bytes"]) for t in topics],
+            config_filter="all",
+        )
+        low = []
+        for by_name in described.values():
+            for name, configs in by_name.items():
+                entry = configs.get("max.message.bytes")
+                value = entry.get("value") if isinstance(entry, dict) else entry
+                if value is not None and int(value) < limit:
+                    low.append(name)
+        if low:
+            admin.alter_configs(
+                [
+                    ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": str(limit)})
+                    for t in low
+                ]
+            )
+            logger.info("raised max.message.bytes to %d on %s", limit, ", ".join(low))
+        return low
     finally:
         admin.close()

@@ -105,3 +105,22 @@ class LocalValidator(LocalWorker):
     service_name = "validator worker"
     file_stem = "validate"
     command = "validate"
+
+
+@dataclass(frozen=True)
+class LocalSupervisor(FreshetCommand):
+    """`freshet supervise`: restarts what `up` started when it dies (cdc/supervisor.py)."""
+
+    service_name = "supervisor"
+    file_stem = "supervise"
+    command = "supervise"
+    stop_timeout = 15.0
+
+    def start(self) -> bool:
+        if self.running():
+            return False
+        started = time.monotonic()
+        self.launch_command(
+            lambda: time.monotonic() - started >= 1.0, what="the supervisor", timeout=10
+        )
+        return True

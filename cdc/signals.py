@@ -9,20 +9,31 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import psycopg
 
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def request_snapshot(conn: psycopg.Connection, tables: Sequence[str]) -> str:
-    """Ask the connector for an incremental snapshot of `schema.table` names; returns the id."""
+def request_snapshot(
+    conn: psycopg.Connection,
+    tables: Sequence[str],
+    conditions: Mapping[str, str] | None = None,
+) -> str:
+    """Ask the connector for an incremental snapshot of `schema.table` names, each limited to
+    the rows its SQL condition selects when one is given; returns the signal id."""
     bad = [t for t in tables if not _TABLE.match(t)]
     if bad:
         raise ValueError(f"not schema.table names: {', '.join(bad)}")
     signal_id = str(uuid.uuid4())
-    data = json.dumps({"data-collections": list(tables), "type": "incremental"})
+    request: dict[str, object] = {"data-collections": list(tables), "type": "incremental"}
+    if conditions:
+        request["additional-conditions"] = [
+            {"data-collection": table, "filter": condition}
+            for table, condition in conditions.items()
+        ]
+    data = json.dumps(request)
     conn.execute(
         "INSERT INTO freshet_cdc.signal (id, type, data) VALUES (%s, 'execute-snapshot', %s)",
         (signal_id, data),

@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from cdc.kafka import max_request_bytes
 from freshet.db import CDC_ROLE, read_secret, url_parts
 from freshet.settings import Settings
 
@@ -42,11 +43,13 @@ def prepare_source(conn: psycopg.Connection, *, cdc_role: str | None) -> None:
             "CREATE TABLE IF NOT EXISTS freshet_cdc.heartbeat ("
             " id int PRIMARY KEY, beat_at timestamptz NOT NULL)"
         )
-        # Debezium's signal table (ad-hoc incremental snapshots), in its documented shape.
+        # Debezium's signal table (ad-hoc incremental snapshots), in its documented shape, with
+        # room in `data` for the key lists of `freshet verify --repair`.
         conn.execute(
             "CREATE TABLE IF NOT EXISTS freshet_cdc.signal ("
-            " id varchar(64) PRIMARY KEY, type varchar(32) NOT NULL, data varchar(2048))"
+            " id varchar(64) PRIMARY KEY, type varchar(32) NOT NULL, data text)"
         )
+        conn.execute("ALTER TABLE freshet_cdc.signal ALTER COLUMN data TYPE text")
         exists = conn.execute(
             "SELECT 1 FROM pg_publication WHERE pubname = %s", (PUBLICATION,)
         ).fetchone()
@@ -58,6 +61,12 @@ def prepare_source(conn: psycopg.Connection, *, cdc_role: str | None) -> None:
                 ).format(sql.Identifier(PUBLICATION), sql.Identifier(CAPTURED_SCHEMA))
             )
             logger.info("created publication %s", PUBLICATION)
+        # TRUNCATE must travel too: it removes the table's documents (DESIGN rule 9).
+        conn.execute(
+            sql.SQL(
+                "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate')"
+            ).format(sql.Identifier(PUBLICATION))
+        )
         if cdc_role is not None:
             role = sql.Identifier(cdc_role)
             for schema in (CAPTURED_SCHEMA, CONTROL_SCHEMA):
@@ -73,6 +82,11 @@ def prepare_source(conn: psycopg.Connection, *, cdc_role: str | None) -> None:
                 )
             conn.execute(
                 sql.SQL("GRANT INSERT, UPDATE ON freshet_cdc.heartbeat TO {}").format(role)
+            )
+            # An incremental snapshot writes its open/close window markers into the signal
+            # table through the connector's own connection.
+            conn.execute(
+                sql.SQL("GRANT INSERT, UPDATE, DELETE ON freshet_cdc.signal TO {}").format(role)
             )
 
 
@@ -106,6 +120,8 @@ def connector_values(settings: Settings, source_url: str, secrets_file: Path) ->
         "HEARTBEAT_MS": str(settings.heartbeat_ms),
         "POLL_INTERVAL_MS": str(settings.cdc_poll_interval_ms),
         "PRODUCER_LINGER_MS": str(settings.cdc_linger_ms),
+        "MAX_EVENT_BYTES": str(settings.max_event_bytes),
+        "MAX_REQUEST_BYTES": str(max_request_bytes(settings)),
     }
 
 

@@ -17,12 +17,19 @@ import requests
 from alembic import command
 from alembic.config import Config
 
+from cdc import supervisor
 from cdc.connect import ConnectClient, ConnectError, LocalConnect, connector_state
 from cdc.connect import register_connector as put_connector
-from cdc.kafka import LocalKafka, describe_kafka
+from cdc.kafka import LocalKafka, describe_kafka, ensure_topic_limits, max_request_bytes
 from cdc.postgres import EmbeddedPostgres
 from cdc.processes import PortTakenError, StackError, port_in_use
-from cdc.services import LocalInference, LocalSyncWorker, LocalValidator, LocalWeb
+from cdc.services import (
+    LocalInference,
+    LocalSupervisor,
+    LocalSyncWorker,
+    LocalValidator,
+    LocalWeb,
+)
 from cdc.source import connector_values, prepare_source, slot_status, write_connector_secrets
 from freshet.db import CDC_ROLE, connect, database_url, redact, source_database_url
 from freshet.settings import PROJECT_ROOT, Settings
@@ -81,6 +88,17 @@ def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     )
     report(f"connector {settings.connector_name}: waiting for RUNNING")
     wait_for_connector(client, settings.connector_name, settings.startup_timeout)
+    try:
+        ensure_topic_limits(
+            settings.bootstrap_servers, settings.topic_prefix, max_request_bytes(settings)
+        )
+    except Exception as exc:  # noqa: BLE001 - an external cluster may refuse; say so
+        logger.warning(
+            "could not raise max.message.bytes of the change topics to %d (%s): rows larger "
+            "than the topics' limit will fail the connector task",
+            max_request_bytes(settings),
+            exc,
+        )
     if settings.start_sync:
         report("sync worker: starting (log in FRESHET_HOME/logs/sync.log)")
         started["sync"] = LocalSyncWorker(settings).start()
@@ -91,6 +109,9 @@ def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     if settings.start_web:
         report(f"web app: starting ({settings.web_url})")
         started["web"] = LocalWeb(settings).start()
+    supervisor.want(settings, list(supervisor.services(settings)))
+    if settings.supervise:
+        started["supervisor"] = LocalSupervisor(settings).start()
     return started
 
 
@@ -153,6 +174,10 @@ def failure_trace(status: dict[str, Any]) -> str:
 def down(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     """Stop what this launcher started, newest first; returns what was running."""
     stopped: dict[str, bool] = {}
+    # Nothing is wanted any more: the supervisor must not restart what is being stopped.
+    supervisor.want(settings, [])
+    stopped["supervisor"] = LocalSupervisor(settings).stop()
+    supervisor.clear_state(settings)
     for name, component in (
         ("web", LocalWeb(settings)),
         ("validate", LocalValidator(settings)),
@@ -183,6 +208,7 @@ def status(settings: Settings) -> dict[str, Any]:
             postgres["state"] = "RUNNING"
             result["dead_letters"] = _count_dead_letters(conn)
             result["workers"] = _workers(conn)
+            result.update(_convergence(conn))
         with connect(source_database_url(settings), autocommit=True) as conn:
             result["slot"] = slot_status(conn)
     except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
@@ -229,6 +255,36 @@ def status(settings: Settings) -> dict[str, Any]:
     web_pid = LocalWeb(settings).process.pid()
     if web_pid is not None or settings.start_web:
         result["web"] = {"url": settings.web_url, "pid": web_pid, "state": _web_state(settings)}
+    result["services"] = _services(settings)
+    return result
+
+
+def _services(settings: Settings) -> dict[str, Any]:
+    """Each background service: RUNNING, DIED (wanted by `up`, not running: the supervisor
+    restarts it) or STOPPED (by `down`, or never started), with its restart count."""
+    wanted = set(supervisor.wanted(settings))
+    recorded = supervisor.report(settings)
+    watched = recorded.get("services") or {}
+    supervisor_pid = LocalSupervisor(settings).process.pid()
+    result: dict[str, Any] = {
+        "supervisor": {
+            "state": "RUNNING" if supervisor_pid else ("DIED" if wanted else "STOPPED"),
+            "pid": supervisor_pid,
+            "connector_restarts": (recorded.get("connector") or {}).get("restarts", 0),
+        }
+    }
+    for name, service in supervisor.services(settings).items():
+        try:
+            running = service.running()
+        except Exception:  # noqa: BLE001 - status reports, it does not fail
+            running = False
+        info = watched.get(name) or {}
+        result[name] = {
+            "state": "RUNNING" if running else ("DIED" if name in wanted else "STOPPED"),
+            "restarts": info.get("restarts", 0),
+            "last_exit_at": info.get("last_exit_at"),
+            "last_error": info.get("last_error"),
+        }
     return result
 
 
@@ -260,6 +316,24 @@ def _connector_report(name: str, raw: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def _convergence(conn: Any) -> dict[str, Any]:
+    """What says whether the index equals its source: the last `freshet verify`, documents
+    hidden on purpose, and mappings that no longer fit their tables."""
+    from sync import problems
+    from sync.verify import last_run
+
+    if not _has_table(conn, "rag.verify_runs"):
+        return {}
+    hidden = conn.execute(
+        "SELECT count(*) FROM rag.documents WHERE hidden_reason IS NOT NULL"
+    ).fetchone()[0]
+    return {
+        "verify": last_run(conn),
+        "hidden_documents": int(hidden),
+        "mapping_problems": problems.current(conn),
+    }
+
+
 def _count_dead_letters(conn: Any) -> int | None:
     if not _has_table(conn, "rag.dead_letters"):
         return None
@@ -284,7 +358,7 @@ def _workers(conn: Any) -> list[dict[str, Any]]:
     workers = []
     for row in rows:
         progress = row[9] or {}
-        state = row[2] if row[2] == "stopped" or row[3] < 30 else "silent"
+        state = row[2] if row[2] in ("stopped", "died") or row[3] < 30 else "silent"
         workers.append(
             {
                 "worker_id": row[0],

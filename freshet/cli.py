@@ -74,6 +74,22 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_supervise(settings: Settings, args: argparse.Namespace) -> int:
+    """Restart what `freshet up` started when it dies, until SIGINT/SIGTERM."""
+    from cdc.supervisor import Supervisor
+
+    stop = _install_stop_handlers()
+    Supervisor(settings).run(stop)
+    return 0
+
+
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    """Compare the source with the index; with --repair, fix differences through Debezium."""
+    from sync.verify_cli import run_verify
+
+    return run_verify(settings, args)
+
+
 def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
     from cdc.signals import request_snapshot
     from freshet.db import connect, source_database_url
@@ -184,12 +200,13 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         from sync.changes import Router
         from sync.mapping import Mappings
-        from sync.replay import replay
+        from sync.replay import kafka_fetch, replay
         from sync.worker import build_worker
 
         worker = build_worker(settings)
         router = Router(Mappings.load(settings.mappings_path), settings.topic_prefix)
-        outcomes = replay(conn, router, worker.writer, args.ids or None)
+        fetch = kafka_fetch(settings.bootstrap_servers)
+        outcomes = replay(conn, router, worker.writer, args.ids or None, fetch)
         for outcome in outcomes:
             verdict = "resolved" if outcome.resolved else f"still failing: {outcome.reason}"
             print(f"{outcome.id:>6}  {verdict}")
@@ -307,7 +324,50 @@ def render_status(report: dict[str, Any]) -> str:
             lines.append(f"  last error: {worker['last_error']}")
     if report.get("dead_letters") is not None:
         lines.append(f"dead letters  {report['dead_letters']}")
+    lines.extend(_render_convergence(report))
     return "\n".join(lines)
+
+
+def _render_convergence(report: dict[str, Any]) -> list[str]:
+    """Supervised services, the last verify, hidden documents, mapping problems."""
+    lines = []
+    services = report.get("services") or {}
+    supervisor = services.get("supervisor") or {}
+    restarted = [
+        f"{name} {info['restarts']}x"
+        for name, info in services.items()
+        if name != "supervisor" and info.get("restarts")
+    ]
+    died = [n for n, info in services.items() if info.get("state") == "DIED"]
+    if supervisor:
+        detail = f"restarts: {', '.join(restarted) or 'none'}"
+        if supervisor.get("connector_restarts"):
+            detail += f"; connector task restarts {supervisor['connector_restarts']}"
+        lines.append(f"supervisor    {supervisor['state']:<9} {'local':<9} {detail}")
+    if died:
+        lines.append(f"  died (being restarted): {', '.join(died)}")
+    verify = report.get("verify")
+    if verify:
+        counts = ", ".join(f"{k} {v}" for k, v in verify["counts"].items() if v) or "none"
+        state = "IN SYNC" if verify["in_sync"] else "DIFFERS"
+        lines.append(
+            f"verify        {state:<9} {verify['rows_checked']} rows, "
+            f"{verify['age_s']:.0f}s ago; differences: {counts}"
+        )
+    elif "verify" in report:
+        lines.append("verify        never run (`freshet verify`)")
+    if report.get("hidden_documents"):
+        lines.append(
+            f"hidden        {report['hidden_documents']} documents (oversized rows or a mapping "
+            "that does not fit; `freshet verify` lists them)"
+        )
+    for problem in report.get("mapping_problems") or []:
+        lines.append(
+            f"mapping       PROBLEM   {problem['table']}.{problem['column']}: "
+            f"{problem['problem'][:160]} ({problem['occurrences']} events, last "
+            f"{problem['last_seen_at']})"
+        )
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,6 +384,33 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="components, connector and task state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("demo", help="`up` with the demo data; Ctrl+C stops everything it started")
+    verify = sub.add_parser(
+        "verify", help="compare every captured row with the index; --repair fixes differences"
+    )
+    verify.add_argument(
+        "--table", action="append", metavar="TABLE", help="only this table (repeatable)"
+    )
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="re-snapshot differing rows through Debezium, remove orphans (guarded by version)",
+    )
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.add_argument(
+        "--settle",
+        type=float,
+        default=30.0,
+        help="seconds to re-check differences while changes in flight land (default 30)",
+    )
+    verify.add_argument(
+        "--wait",
+        type=float,
+        default=300.0,
+        help="with --repair: seconds to wait for the repaired rows to arrive (default 300)",
+    )
+    sub.add_parser("supervise", help=argparse.SUPPRESS).add_argument(
+        "--tag", default="", help=argparse.SUPPRESS
+    )
     snap = sub.add_parser("snapshot", help="re-snapshot tables through Debezium's signal table")
     snap.add_argument("tables", nargs="+", metavar="TABLE", help="e.g. app.articles")
     sync = sub.add_parser("sync", help="run one sync worker in the foreground")
@@ -364,6 +451,8 @@ COMMANDS = {
     "status": cmd_status,
     "demo": cmd_demo,
     "snapshot": cmd_snapshot,
+    "verify": cmd_verify,
+    "supervise": cmd_supervise,
     "sync": cmd_sync,
     "infer": cmd_workflow_step,
     "validate": cmd_workflow_step,

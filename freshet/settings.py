@@ -31,6 +31,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise SettingsError(f"{name}={value} must be a positive integer")
+    return value
+
+
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
     value = _int(env, name, default)
     if not 1 <= value <= 65535:
@@ -144,6 +151,20 @@ class Settings:
     sync_batch: int = 500
     # FRESHET_SYNC_FETCH_WAIT_MS: longest the broker holds a fetch waiting for new records.
     sync_fetch_wait_ms: int = 10
+    # FRESHET_SYNC_LARGE_EVENT_BYTES: a change event larger than this is chunked and embedded
+    # in the large lane, so other documents keep flowing meanwhile (0: no large lane).
+    sync_large_event_bytes: int = 256 * 1024
+    # FRESHET_MAX_EVENT_BYTES: the largest change event the pipeline carries (broker, topics,
+    # Connect's producer, the sync worker's consumer); a larger row arrives as a marker, is
+    # recorded as a dead letter and hides its document.
+    max_event_bytes: int = 16 * 1024 * 1024
+    # FRESHET_SUPERVISE: `freshet up` starts a supervisor that restarts any service it started
+    # that dies, and restarts FAILED connector tasks.
+    supervise: bool = True
+    # FRESHET_VERIFY_ROWS_PER_SEC: most source rows `freshet verify` reads per second (0: no
+    # limit), so it can run against a production database; FRESHET_VERIFY_PAGE: rows per query.
+    verify_rows_per_sec: int = 5000
+    verify_page: int = 500
     # FRESHET_WEB_PORT: port of the web app (UI + REST API) started by `freshet up`.
     web_port: int = 8000
     # FRESHET_START_WEB: `freshet up` starts the web app in the background.
@@ -216,6 +237,15 @@ class Settings:
             sync_group=env.get("FRESHET_SYNC_GROUP") or defaults.sync_group,
             sync_batch=_int(env, "FRESHET_SYNC_BATCH", defaults.sync_batch),
             sync_fetch_wait_ms=_int(env, "FRESHET_SYNC_FETCH_WAIT_MS", defaults.sync_fetch_wait_ms),
+            sync_large_event_bytes=_int(
+                env, "FRESHET_SYNC_LARGE_EVENT_BYTES", defaults.sync_large_event_bytes
+            ),
+            max_event_bytes=_positive(env, "FRESHET_MAX_EVENT_BYTES", defaults.max_event_bytes),
+            supervise=_bool(env, "FRESHET_SUPERVISE", defaults.supervise),
+            verify_rows_per_sec=_int(
+                env, "FRESHET_VERIFY_ROWS_PER_SEC", defaults.verify_rows_per_sec
+            ),
+            verify_page=_positive(env, "FRESHET_VERIFY_PAGE", defaults.verify_page),
             metrics_port=_int(env, "FRESHET_METRICS_PORT", defaults.metrics_port),
             start_sync=_bool(env, "FRESHET_START_SYNC", True),
             web_port=_port(env, "FRESHET_WEB_PORT", defaults.web_port),

@@ -1,7 +1,8 @@
 """Route Kafka records to per-document changes: decode, find the table's mapping, key them.
 
 Pure apart from logging. A record that cannot be decoded or keyed becomes a `Rejected` (bound
-for the dead letters); a record of a table without a mapping is ignored, loudly once per table.
+for the dead letters), whatever the exception: nothing a record contains can stop its partition.
+A record of a table without a mapping is ignored, loudly once per table.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class Kind(StrEnum):
     UPSERT = "upsert"
     DELETE = "delete"
     TOMBSTONE = "tombstone"
+    # Every document of the table older than this change's LSN goes (TRUNCATE).
+    TRUNCATE = "truncate"
+    # The row exists but its event was too large to carry: the document is hidden.
+    OVERSIZED = "oversized"
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,9 @@ class Change:
     tx_id: int | None = None
     commit_time: datetime | None = None
     snapshot: bool = False
+    # For OVERSIZED: the size of the event that was replaced by the marker, and the limit.
+    oversized_bytes: int | None = None
+    size_limit: int | None = None
     # The record as it arrived, for the dead letters should the change fail later.
     raw_key: bytes | None = None
     raw_value: bytes | None = None
@@ -77,6 +85,9 @@ class Rejected:
     stage: str
     error_type: str
     reason: str
+    # Which document it was meant for, when that much could be read.
+    table: str | None = None
+    doc_key: str | None = None
 
 
 @dataclass
@@ -125,11 +136,7 @@ class Router:
             routed.ignored += 1
             return
 
-        def reject(stage: str, exc: Exception) -> None:
-            routed.rejected.append(
-                Rejected(position, record.key, record.value, stage, type(exc).__name__, str(exc))
-            )
-
+        stage = "decode"
         try:
             decoded = decode(
                 record.key,
@@ -138,13 +145,22 @@ class Router:
                 partition=record.partition,
                 offset=record.offset,
             )
-        except DecodeError as exc:
-            reject("decode", exc)
-            return
-        try:
+            stage = "map"
             change = self._change(mapping, decoded, position)
-        except MappingError as exc:
-            reject("map", exc)
+        except Exception as exc:  # noqa: BLE001 - every failure of one record is a dead letter
+            if not isinstance(exc, DecodeError | MappingError):
+                logger.warning(
+                    "unexpected %s while routing topic=%s partition=%s offset=%s",
+                    type(exc).__name__,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                )
+            routed.rejected.append(
+                Rejected(
+                    position, record.key, record.value, stage, type(exc).__name__, str(exc), table
+                )
+            )
             return
         routed.changes.append(replace(change, raw_key=record.key, raw_value=record.value))
 
@@ -158,21 +174,33 @@ class Router:
             return Change(Kind.TOMBSTONE, mapping, mapping.doc_key(decoded.key), position)
         if decoded.table != mapping.table:
             raise MappingError(f"event of table {decoded.table} on the topic of {mapping.table}")
+        common: dict[str, Any] = {
+            "mapping": mapping,
+            "position": position,
+            "lsn": decoded.lsn,
+            "tx_id": decoded.source.tx_id,
+            "commit_time": decoded.source.commit_time,
+            "snapshot": decoded.source.is_snapshot,
+        }
         if decoded.op is Op.TRUNCATE:
-            raise MappingError(
-                "TRUNCATE is not applied row by row; re-snapshot the table with `freshet snapshot`"
+            if decoded.lsn is None:
+                raise MappingError("TRUNCATE event without a source LSN")
+            return Change(Kind.TRUNCATE, doc_key="", **common)
+        if decoded.op is Op.OVERSIZED:
+            if decoded.key is None:
+                raise MappingError("oversized-event marker without a record key")
+            return Change(
+                Kind.OVERSIZED,
+                doc_key=mapping.doc_key(decoded.key),
+                oversized_bytes=decoded.oversized_bytes,
+                size_limit=decoded.size_limit,
+                **common,
             )
         kind = Kind.DELETE if decoded.op is Op.DELETE else Kind.UPSERT
-        row = decoded.row
-        key_source = decoded.key or row or {}
+        key_source = decoded.key or decoded.row or {}
         return Change(
             kind=kind,
-            mapping=mapping,
             doc_key=mapping.doc_key(key_source),
-            position=position,
             row=decoded.after if kind is Kind.UPSERT else None,
-            lsn=decoded.lsn,
-            tx_id=decoded.source.tx_id,
-            commit_time=decoded.source.commit_time,
-            snapshot=decoded.source.is_snapshot,
+            **common,
         )

@@ -5,6 +5,7 @@ reason and the original record, so they can be inspected and replayed."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -13,21 +14,52 @@ from typing import Any
 
 import psycopg
 
+from freshet.retry import transient_db_error
 from sync.changes import Rejected
 
 logger = logging.getLogger(__name__)
 
 DLQ_TOPIC = "freshet.sync.dlq"
+# The most of a record's key and value kept in a dead letter (table and topic); a longer one is
+# cut, with its size and SHA-256 recorded, and `freshet dlq replay` reads the whole record back
+# from its topic. Both stay far below Kafka's default 1 MiB message limit even as base64.
+MAX_STORED_VALUE = 256 * 1024
+MAX_STORED_KEY = 8 * 1024
+MAX_REASON = 4000
 
 
-def _text(raw: bytes | None) -> str | None:
-    """Record bytes as text when they are UTF-8, else as base64 with a marker."""
+@dataclass(frozen=True)
+class Stored:
+    """A record's bytes as they can be stored in a text column and a JSON message."""
+
+    text: str | None
+    size: int | None
+    sha256: str | None
+    truncated: bool
+
+
+def storable(raw: bytes | None, limit: int) -> Stored:
+    """UTF-8 text when the bytes are UTF-8 without NUL, else base64 with a marker; at most
+    ``limit`` bytes of the original are kept."""
     if raw is None:
-        return None
+        return Stored(None, None, None, False)
+    raw = bytes(raw)
+    cut = raw[:limit]
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "base64:" + base64.b64encode(raw).decode("ascii")
+        text = cut.decode("utf-8")
+        if "\x00" in text or text.startswith("base64:"):
+            raise ValueError("not storable as text")
+    except ValueError:  # UnicodeDecodeError is a ValueError
+        text = "base64:" + base64.b64encode(cut).decode("ascii")
+    return Stored(text, len(raw), hashlib.sha256(raw).hexdigest(), len(raw) > limit)
+
+
+def clean_text(text: str | None, limit: int) -> str | None:
+    """Text that PostgreSQL and JSON encoders accept: no NUL, no lone surrogate, bounded."""
+    if text is None:
+        return None
+    text = text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def _bytes(text: str | None) -> bytes | None:
@@ -38,56 +70,98 @@ def _bytes(text: str | None) -> bytes | None:
     return text.encode("utf-8")
 
 
+def _row(r: Rejected) -> tuple[Any, ...]:
+    key = storable(r.key, MAX_STORED_KEY)
+    value = storable(r.value, MAX_STORED_VALUE)
+    return (
+        clean_text(r.position.topic or "", 500),
+        r.position.partition if r.position.partition is not None else -1,
+        r.position.offset if r.position.offset is not None else -1,
+        key.text,
+        value.text,
+        clean_text(r.stage, 100),
+        clean_text(r.error_type, 200),
+        clean_text(r.reason, MAX_REASON),
+        value.size,
+        value.sha256,
+        key.truncated or value.truncated,
+        clean_text(r.table, 500),
+        clean_text(r.doc_key, 2000),
+    )
+
+
+_INSERT = (
+    "INSERT INTO rag.dead_letters (topic, partition, kafka_offset, record_key, record_value,"
+    " stage, error_type, reason, record_size, record_sha256, truncated, source_table, doc_key)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (topic, partition, kafka_offset) DO UPDATE SET"
+    " stage = EXCLUDED.stage, error_type = EXCLUDED.error_type, reason = EXCLUDED.reason,"
+    " resolved_at = NULL"
+)
+
+
 def store(conn: psycopg.Connection, rejected: Sequence[Rejected]) -> None:
-    """Insert dead letters; a redelivered record keeps its first row (unique position)."""
+    """Insert dead letters; a redelivered record keeps its first row (unique position).
+
+    Storing cannot fail on a record's bytes or size: every field is made storable first, and
+    should the database still refuse one letter, it is stored without the record's bytes."""
     if not rejected:
         return
-    conn.cursor().executemany(
-        "INSERT INTO rag.dead_letters (topic, partition, kafka_offset, record_key, record_value,"
-        " stage, error_type, reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (topic, partition, kafka_offset) DO UPDATE SET"
-        " stage = EXCLUDED.stage, error_type = EXCLUDED.error_type, reason = EXCLUDED.reason",
-        [
-            (
-                r.position.topic,
-                r.position.partition,
-                r.position.offset,
-                _text(r.key),
-                # NUL cannot be stored in text; keep such a record as base64.
-                _text(r.value)
-                if r.value is None or b"\x00" not in r.value
-                else "base64:" + base64.b64encode(r.value).decode("ascii"),
-                r.stage,
-                r.error_type,
-                r.reason.replace("\x00", "\\0"),
-            )
-            for r in rejected
-        ],
-    )
+    rows = [_row(r) for r in rejected]
+    try:
+        with conn.transaction():
+            conn.cursor().executemany(_INSERT, rows)
+    except psycopg.Error as exc:
+        if transient_db_error(exc):
+            raise
+        logger.error("dead letters refused as a batch (%s); storing them one by one", exc)
+        for row in rows:
+            try:
+                with conn.transaction():
+                    conn.execute(_INSERT, row)
+            except psycopg.Error as inner:
+                if transient_db_error(inner):
+                    raise
+                reason = f"{row[7]} (record not storable: {inner})"[:MAX_REASON]
+                bare = (*row[:3], None, None, *row[5:7], reason, *row[8:])
+                with conn.transaction():
+                    conn.execute(_INSERT, bare)
     for r in rejected:
         logger.warning(
-            "dead letter topic=%s partition=%s offset=%s stage=%s: %s",
+            "dead letter topic=%s partition=%s offset=%s table=%s key=%s stage=%s: %s",
             r.position.topic,
             r.position.partition,
             r.position.offset,
+            r.table,
+            clean_text(r.doc_key, 200),
             r.stage,
-            r.reason,
+            clean_text(r.reason, 500),
         )
 
 
 def dlq_message(r: Rejected) -> tuple[bytes | None, bytes]:
-    """Key and value of the dead-letter topic record for a rejected event."""
+    """Key and value of the dead-letter topic record for a rejected event (always well under
+    the default 1 MiB message limit: a long key is replaced by its digest)."""
+    row = _row(r)
     value = {
-        "topic": r.position.topic,
-        "partition": r.position.partition,
-        "offset": r.position.offset,
-        "stage": r.stage,
-        "error_type": r.error_type,
-        "reason": r.reason,
-        "record_key": _text(r.key),
-        "record_value": _text(r.value),
+        "topic": row[0],
+        "partition": row[1],
+        "offset": row[2],
+        "table": row[11],
+        "doc_key": row[12],
+        "stage": row[5],
+        "error_type": row[6],
+        "reason": row[7],
+        "record_key": row[3],
+        "record_value": row[4],
+        "record_size": row[8],
+        "record_sha256": row[9],
+        "truncated": row[10],
     }
-    return r.key, json.dumps(value).encode()
+    key = r.key
+    if key is not None and len(key) > MAX_STORED_KEY:
+        key = hashlib.sha256(key).hexdigest().encode()
+    return key, json.dumps(value).encode()
 
 
 @dataclass(frozen=True)
@@ -104,6 +178,11 @@ class DeadLetter:
     created_at: Any
     replay_count: int
     resolved_at: Any
+    record_size: int | None = None
+    record_sha256: str | None = None
+    truncated: bool = False
+    source_table: str | None = None
+    doc_key: str | None = None
 
     @property
     def key(self) -> bytes | None:
@@ -127,12 +206,18 @@ class DeadLetter:
             "resolved_at": str(self.resolved_at) if self.resolved_at else None,
             "record_key": self.record_key,
             "record_value": self.record_value,
+            "record_size": self.record_size,
+            "record_sha256": self.record_sha256,
+            "truncated": self.truncated,
+            "table": self.source_table,
+            "doc_key": self.doc_key,
         }
 
 
 _COLUMNS = (
     "id, topic, partition, kafka_offset, record_key, record_value, stage, error_type, reason,"
-    " created_at, replay_count, resolved_at"
+    " created_at, replay_count, resolved_at, record_size, record_sha256, truncated,"
+    " source_table, doc_key"
 )
 
 

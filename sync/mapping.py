@@ -1,8 +1,15 @@
 """Declarative mapping of captured rows to documents (sync/mappings.toml, or FRESHET_MAPPINGS).
 
-Pure: a row (column -> value) in, a `Document` out. Columns that Debezium did not send (unchanged
-TOAST values, `cdc.events.UNAVAILABLE`) are filled from the stored row before mapping; a
-column that is needed and unknown is a `MappingError`, which sends the event to dead letters.
+Pure: a row (column -> value) in, a `Document` out. Columns are found by name, so added or
+reordered columns change nothing. Columns that Debezium did not send (unchanged TOAST values,
+`cdc.events.UNAVAILABLE`) are filled from the stored row (or the source row) before mapping.
+
+When the table no longer fits the mapping (a renamed, dropped or retyped column):
+- a metadata column is optional: the document is built without it and the problem is reported
+  in `Document.problems` (the writer records it in rag.mapping_problems);
+- a column of the title or text, or the access-groups column, is needed: `MappingError` names
+  the column, the event becomes a dead letter and the document is hidden until the mapping is
+  fixed. Access groups that cannot be read never make a document public (fail closed).
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ DEFAULT_MAPPINGS = Path(__file__).with_name("mappings.toml")
 class MappingError(ValueError):
     """A row cannot be turned into a document; the message says which column and why."""
 
+    def __init__(self, message: str, column: str | None = None) -> None:
+        super().__init__(message)
+        self.column = column
+
 
 @dataclass(frozen=True)
 class Document:
@@ -35,6 +46,8 @@ class Document:
     # The values of every column the mapping reads, kept so a later event whose TOASTed
     # columns are unavailable can be completed.
     row: dict[str, Any]
+    # (column, problem) for each optional column the row lacks: the mapping no longer fits.
+    problems: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,16 +81,28 @@ class TableMapping:
             return str(parts[0])
         return json.dumps(parts, separators=(",", ":"), default=str)
 
-    def map_row(self, row: Mapping[str, Any]) -> Document:
-        missing = sorted(c for c in self.columns if c not in row)
-        if missing:
-            raise MappingError(f"{self.table}: row has no column(s) {', '.join(missing)}")
-        unavailable = sorted(c for c in self.columns if row[c] is UNAVAILABLE)
-        if unavailable:
-            raise MappingError(
-                f"{self.table}: value of {', '.join(unavailable)} was not sent (unchanged TOAST) "
-                "and no stored value exists; re-snapshot the row with `freshet snapshot`"
-            )
+    @property
+    def needed_columns(self) -> frozenset[str]:
+        """Columns without which the document cannot be built: title, text, access groups."""
+        extra = {self.access_groups} if self.access_groups else set()
+        return self.template_columns | extra
+
+    def map_row(self, row: Mapping[str, Any], doc_key: str | None = None) -> Document:
+        """The document of ``row``; ``doc_key`` when the caller already knows it (the record
+        key), else it is read from the row's key columns."""
+        for column in sorted(self.needed_columns):
+            if column not in row:
+                raise MappingError(
+                    f"{self.table}: the row has no column {column!r}, which the mapping needs "
+                    f"(renamed or dropped?); fix {column!r} in the mapping file (FRESHET_MAPPINGS)",
+                    column,
+                )
+            if row[column] is UNAVAILABLE:
+                raise MappingError(
+                    f"{self.table}: value of {column} was not sent (unchanged TOAST) and no "
+                    "stored or source value exists; re-snapshot the row with `freshet snapshot`",
+                    column,
+                )
         groups: tuple[str, ...] = ()
         if self.access_groups:
             raw = row[self.access_groups]
@@ -86,15 +111,34 @@ class TableMapping:
             elif isinstance(raw, list) and all(isinstance(g, str) for g in raw):
                 groups = tuple(sorted(set(raw)))
             else:
-                raise MappingError(f"{self.table}: {self.access_groups} is not a text array")
+                raise MappingError(
+                    f"{self.table}: access groups column {self.access_groups!r} is not a text "
+                    f"array (got {type(raw).__name__}); the document stays hidden until the "
+                    "mapping or the column is fixed",
+                    self.access_groups,
+                )
+        problems = []
+        metadata = {}
+        for column in self.metadata:
+            if column not in row:
+                problems.append((column, "missing"))
+            elif row[column] is UNAVAILABLE:
+                problems.append((column, "unavailable"))
+            else:
+                metadata[column] = row[column]
         return Document(
             source_table=self.table,
-            doc_key=self.doc_key(row),
+            doc_key=self.doc_key(row) if doc_key is None else doc_key,
             title=_render(self.title, row),
             text=_render(self.text, row),
-            metadata={column: row[column] for column in self.metadata},
+            metadata=metadata,
             access_groups=groups,
-            row={column: row[column] for column in sorted(self.columns)},
+            row={
+                column: row[column]
+                for column in sorted(self.columns)
+                if column in row and row[column] is not UNAVAILABLE
+            },
+            problems=tuple(problems),
         )
 
 
@@ -177,3 +221,8 @@ def _fields(template: str, where: str = "") -> frozenset[str]:
 def _render(template: str, row: Mapping[str, Any]) -> str:
     values = {name: "" if row[name] is None else row[name] for name in _fields(template)}
     return template.format_map(values).strip()
+
+
+def unavailable_columns(mapping: TableMapping, row: Mapping[str, Any]) -> list[str]:
+    """Columns the mapping reads whose value the event did not carry (unchanged TOAST)."""
+    return sorted(c for c in mapping.columns if row.get(c) is UNAVAILABLE)

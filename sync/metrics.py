@@ -68,6 +68,9 @@ COUNTERS = (
     "chunks_written",
     "chunks_deleted",
     "metadata_only",
+    "hidden",
+    "truncated",
+    "mapping_problems",
     "batches",
 )
 

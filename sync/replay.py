@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -32,13 +32,22 @@ class ReplayOutcome:
     reason: str | None
 
 
+Fetch = Callable[[str, int, int], tuple[bytes | None, bytes | None] | None]
+
+
 def replay(
-    conn: psycopg.Connection, router: Router, writer: Writer, ids: Sequence[int] | None = None
+    conn: psycopg.Connection,
+    router: Router,
+    writer: Writer,
+    ids: Sequence[int] | None = None,
+    fetch: Fetch | None = None,
 ) -> list[ReplayOutcome]:
     """Replay the given dead letters (all unresolved ones when `ids` is None).
 
     A letter is resolved when its record now applies (or is older than the stored version, which
-    means a newer change already replaced it); otherwise its reason is updated."""
+    means a newer change already replaced it); otherwise its reason is updated. A letter whose
+    stored copy was cut (a record too large to keep whole) is replayed from its topic, read
+    back by ``fetch`` at its position."""
     letters = (
         deadletters.get_dead_letters(conn, ids)
         if ids
@@ -46,7 +55,20 @@ def replay(
     )
     outcomes = []
     for letter in letters:
-        record = _Record(letter.topic, letter.partition, letter.offset, letter.key, letter.value)
+        key, value = letter.key, letter.value
+        if letter.truncated:
+            original = fetch(letter.topic, letter.partition, letter.offset) if fetch else None
+            if original is None:
+                gone = (
+                    "the stored copy of this record is cut and the record is no longer in its "
+                    "topic; re-snapshot the row (`freshet verify --repair`)"
+                )
+                with conn.transaction():
+                    deadletters.mark_replayed(conn, letter.id, resolved=False, reason=gone)
+                outcomes.append(ReplayOutcome(letter.id, False, gone))
+                continue
+            key, value = original
+        record = _Record(letter.topic, letter.partition, letter.offset, key, value)
         routed = router.route([record])
         reason = routed.rejected[0].reason if routed.rejected else None
         if reason is None and routed.changes:
@@ -65,3 +87,36 @@ def replay(
             "resolved" if reason is None else reason,
         )
     return outcomes
+
+
+def kafka_fetch(bootstrap_servers: str) -> Fetch:
+    """Read one record back from its topic by position (None when retention removed it)."""
+
+    def fetch(topic: str, partition: int, offset: int) -> tuple[bytes | None, bytes | None] | None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=64 << 20,
+            fetch_max_bytes=64 << 20,
+        )
+        try:
+            tp = TopicPartition(topic, partition)
+            consumer.assign([tp])
+            consumer.seek(tp, offset)
+            deadline = 10
+            while deadline > 0:
+                for records in consumer.poll(timeout_ms=1000).values():
+                    for record in records:
+                        if record.offset == offset:
+                            return record.key, record.value
+                        if record.offset > offset:
+                            return None
+                deadline -= 1
+            return None
+        finally:
+            consumer.close()
+
+    return fetch

@@ -2,25 +2,29 @@
 
 Delivery contract, per polled batch (at-least-once delivery + idempotent writes = each change
 applied exactly once in effect):
-  1. route the records (decode, map); undecodable ones become dead letters;
+  1. route the records (decode, map); a record that cannot be read becomes a dead letter,
+     whatever the reason (nothing a record contains can stop its partition);
   2. one database transaction: apply every change (sync/writer.py) and insert the batch's dead
-     letters into rag.dead_letters; commit;
+     letters into rag.dead_letters; commit. A large record goes to the large lane instead
+     (sync/lane.py), with every later change of its document;
   3. produce the dead letters to the topic freshet.sync.dlq and flush the producer;
-  4. commit the batch's Kafka offsets.
+  4. commit the batch's Kafka offsets, in each partition only up to its first record still in
+     the large lane (the rest are committed once the lane has applied them).
 A crash between 2 and 4 redelivers the batch, which the version check turns into no-ops. Offsets
 are only ever committed in step 4, after the data they cover is committed, so a rebalance (which
-runs inside poll, between batches) has nothing uncommitted to lose. A transient database error
-retries the same batch with jittered exponential backoff; any other error of the batch
-transaction re-applies its records one at a time, so one poison record becomes a dead letter
-instead of blocking its partition.
+runs inside poll, between batches) has nothing uncommitted to lose. Every call to Kafka or
+PostgreSQL is retried with jittered backoff until it succeeds or the worker is told to stop
+(freshet/retry.py), so an outage of any length is waited out; a database error that is about
+the data, not the connection, re-applies the batch's records one at a time, so one poison
+record becomes a dead letter instead of blocking its partition.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
-import random
 import re
 import socket
 import sys
@@ -32,26 +36,32 @@ from typing import Any
 
 import psycopg
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
-from freshet.db import connect, database_url
+from freshet.db import connect, database_url, source_database_url
 from freshet.embedder import Embedder
+from freshet.retry import Backoff, Stopped, retry, transient_db_error
 from freshet.settings import Settings
 from sync import deadletters
-from sync.changes import KafkaRecord, Rejected, Router
+from sync.changes import Change, KafkaRecord, Kind, Rejected, Router
 from sync.chunking import Chunker, TokenChunker
+from sync.lane import EmbedGate, LargeLane
 from sync.mapping import Mappings
 from sync.metrics import SyncMetrics
-from sync.writer import ApplyStats, Writer
+from sync.source_rows import SourceRows
+from sync.writer import ApplyStats, Writer, dead_letter
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 2.0
+KAFKA_ERRORS = (KafkaError, OSError)
 
 
 def topic_pattern(prefix: str) -> str:
-    """Every captured table's topic, not Debezium's control tables or heartbeats."""
-    return rf"^{re.escape(prefix)}\.(?!freshet_cdc\.)[^.]+\.[^.]+$"
+    """Every captured table's topic, not Debezium's control tables, heartbeats, or the worker's
+    own dead-letter topic."""
+    return rf"^{re.escape(prefix)}\.(?!freshet_cdc\.|sync\.dlq$)[^.]+\.[^.]+$"
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -59,9 +69,11 @@ class _Rebalance(ConsumerRebalanceListener):
         self.worker = worker
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # Batches are committed before poll() returns control here, so nothing is pending.
+        # Batches are committed before poll() returns control here; what the large lane still
+        # holds is not committed, so the partition's next owner applies it again (a no-op if
+        # the lane got there first).
         logger.info("partitions revoked: %s", _names(revoked))
-        self.worker.metrics.set_assignment([])
+        self.worker.on_revoked(list(revoked))
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         logger.info("partitions assigned: %s", _names(assigned))
@@ -83,19 +95,62 @@ class SyncWorker:
 
     def __post_init__(self) -> None:
         self.router = Router(Mappings.load(self.settings.mappings_path), self.settings.topic_prefix)
-        self.writer = Writer(self.embedder, self.chunker)
+        self.source = SourceRows(
+            lambda: connect(source_database_url(self.settings), autocommit=True)
+        )
+        self.gate = EmbedGate(self.embedder)
+        self.writer = Writer(self.gate.foreground(), self.chunker, self.source)
         self.metrics = SyncMetrics(self.worker_id)
+        self.lane: LargeLane | None = None
         self._conn: psycopg.Connection | None = None
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
+        self._stop = threading.Event()
         self._last_heartbeat = 0.0
         self._backlog: int | None = None
         self._done = 0
+        # Per partition: the offset after the last record routed, and the last committed.
+        self._next: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
 
     # --- lifecycle -------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop
         s = self.settings
-        self._consumer = KafkaConsumer(
+        try:
+            self._conn = self._connect(stop)
+            self._consumer = retry(
+                self._new_consumer, what="connecting to Kafka", stop=stop, transient=KAFKA_ERRORS
+            )
+            self._start_lane(stop)
+            logger.info("sync worker %s joined group %s", self.worker_id, s.sync_group)
+            while not stop.is_set():
+                polled = retry(
+                    lambda: self._consumer.poll(timeout_ms=200, max_records=s.sync_batch),  # type: ignore[union-attr]
+                    what="polling Kafka",
+                    stop=stop,
+                    transient=KAFKA_ERRORS,
+                )
+                records = [r for tp in sorted(polled) for r in polled[tp]]
+                if records:
+                    self.process(records, stop)
+                self._finish_lane_work(stop)
+                self._heartbeat("running")
+        except Stopped:
+            logger.info("sync worker %s: stopping while waiting for a service", self.worker_id)
+        except BaseException as exc:
+            self.metrics.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+            self._heartbeat("died", force=True)
+            raise
+        else:
+            self._heartbeat("stopped", force=True)
+        finally:
+            self._close()
+            logger.info("sync worker %s stopped", self.worker_id)
+
+    def _new_consumer(self) -> KafkaConsumer:
+        s = self.settings
+        consumer = KafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
             group_id=s.sync_group,
             client_id=self.worker_id,
@@ -105,47 +160,68 @@ class SyncWorker:
             fetch_max_wait_ms=s.sync_fetch_wait_ms,
             max_poll_interval_ms=600_000,
             metadata_max_age_ms=5_000,  # new captured tables are picked up within seconds
+            # A change event may be as large as the pipeline's limit (FRESHET_MAX_EVENT_BYTES).
+            max_partition_fetch_bytes=s.max_event_bytes + (1 << 20),
+            fetch_max_bytes=max(52_428_800, s.max_event_bytes + (1 << 20)),
         )
-        self._consumer.subscribe(pattern=topic_pattern(s.topic_prefix), listener=_Rebalance(self))
-        self._producer = KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all")
-        self._conn = self._connect(stop)
-        logger.info("sync worker %s joined group %s", self.worker_id, s.sync_group)
-        try:
-            while not stop.is_set():
-                polled = self._consumer.poll(timeout_ms=200, max_records=s.sync_batch)
-                records = [r for tp in sorted(polled) for r in polled[tp]]
-                if records:
-                    self.process(records, stop)
-                self._heartbeat("running")
-        finally:
-            self._heartbeat("stopped", force=True)
-            self._consumer.close()  # leaves the group: its partitions move at once
-            self._producer.close(timeout=5)
-            if self._conn is not None:
-                self._conn.close()
-            logger.info("sync worker %s stopped", self.worker_id)
+        consumer.subscribe(pattern=topic_pattern(s.topic_prefix), listener=_Rebalance(self))
+        return consumer
+
+    def _start_lane(self, stop: threading.Event) -> None:
+        if self.settings.sync_large_event_bytes <= 0 or not hasattr(self.chunker, "tokenizer"):
+            return
+        # A tokenizer is not safe on two threads: the embedder keeps the model's own (used only
+        # through the gate), and each lane chunks with a copy of it.
+        self.writer.chunker = _own_tokenizer(self.chunker)
+        cache: dict[str, Any] = {}
+        self.lane = LargeLane(
+            Writer(self.gate.background(cache), _own_tokenizer(self.chunker), self.source),
+            cache,
+            lambda: connect(database_url(self.settings), autocommit=True, vector=True),
+            stop,
+        )
+        self.lane.start()
+
+    def _close(self) -> None:
+        if self.lane is not None:
+            self.lane.join(timeout=10)
+        closers: list[Callable[[], object]] = [self.source.close]
+        if self._consumer is not None:
+            closers.append(self._consumer.close)  # leaves the group: its partitions move at once
+        if self._producer is not None:
+            closers.append(lambda: self._producer.close(timeout=5))  # type: ignore[union-attr]
+        if self._conn is not None:
+            closers.append(self._conn.close)
+        for close in closers:
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - closing what may be gone already
+                logger.debug("closing: %s", exc)
 
     def _connect(self, stop: threading.Event) -> psycopg.Connection:
         url = database_url(self.settings)
-        delay = 0.5
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                return connect(url, autocommit=True, vector=True)
-            except psycopg.OperationalError as exc:
-                if time.monotonic() > deadline or stop.is_set():
-                    raise
-                logger.warning("database unreachable (%s); retrying in %.1fs", exc, delay)
-                stop.wait(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 15)
+        return retry(
+            lambda: connect(url, autocommit=True, vector=True),
+            what="connecting to PostgreSQL",
+            stop=stop,
+            transient=(psycopg.OperationalError,),
+            backoff=Backoff(initial=0.5),
+        )
+
+    def _producer_or_new(self) -> KafkaProducer:
+        if self._producer is None:
+            self._producer = KafkaProducer(
+                bootstrap_servers=self.settings.bootstrap_servers, acks="all", max_block_ms=10_000
+            )
+        return self._producer
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
         """Size the backlog once, for the initial-snapshot progress bar."""
         if self._backlog is not None or not assigned or self._consumer is None:
             return
         try:
-            ends = self._consumer.end_offsets(assigned)
-            committed = {tp: self._consumer.committed(tp) or 0 for tp in assigned}
+            ends = self._consumer.end_offsets(assigned, timeout_ms=5000)
+            committed = {tp: self._consumer.committed(tp, timeout_ms=5000) or 0 for tp in assigned}
         except Exception as exc:  # noqa: BLE001 - progress is a nicety
             logger.debug("cannot size the backlog: %s", exc)
             return
@@ -153,47 +229,93 @@ class SyncWorker:
         if self._backlog:
             logger.info("backlog of %d records to index", self._backlog)
 
+    def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.metrics.set_assignment([])
+        for tp in revoked:
+            self._next.pop(tp, None)
+            self._committed.pop(tp, None)
+        if self.lane is not None:
+            self.lane.drop((tp.topic, tp.partition) for tp in revoked)
+
     # --- one batch -------------------------------------------------------------------
     def process(self, records: Sequence[KafkaRecord], stop: threading.Event | None = None) -> None:
+        stop = stop or self._stop
         started = time.perf_counter()
         routed = self.router.route(records)
-        stats = self._apply_with_retry(routed.changes, routed.rejected, stop)
+        changes = self._keep_or_defer(routed.changes)
+        stats = self._apply_with_retry(changes, routed.rejected, stop)
         dead = routed.rejected + stats.dead
-        committed_at = time.time()
-        for table, commit_time in stats.committed:
-            self.metrics.observe_freshness(table, committed_at - commit_time.timestamp())
-        if dead and self._producer is not None:
-            for letter in dead:
-                key, value = deadletters.dlq_message(letter)
-                self._producer.send(deadletters.DLQ_TOPIC, key=key, value=value)
-            self._producer.flush(timeout=30)
-        self._commit_offsets(records)
+        self._observe(stats)
+        self._publish(dead, stop)
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            self._next[tp] = max(self._next.get(tp, 0), r.offset + 1)
+        self._commit_ready(stop)
         self.metrics.add(
             events=len(records),
-            applied=stats.applied,
-            stale=stats.stale,
-            superseded=stats.superseded,
-            deleted=stats.deleted,
-            tombstones=stats.tombstones,
             ignored=routed.ignored,
-            dead_letters=len(dead),
-            embeddings=stats.embeddings,
-            chunks_written=stats.chunks_written,
-            chunks_deleted=stats.chunks_deleted,
-            metadata_only=stats.metadata_only,
+            dead_letters=len(routed.rejected),
             batches=1,
         )
-        self.metrics.time(
-            plan_seconds=stats.plan_seconds,
-            embed_seconds=stats.embed_seconds,
-            write_seconds=stats.write_seconds,
-            batch_seconds=time.perf_counter() - started,
-        )
+        self.metrics.time(batch_seconds=time.perf_counter() - started)
         if logger.isEnabledFor(logging.DEBUG):
             self._log_batch(records, routed.changes, stats, started)
         self._done += len(records)
         if self.progress is not None and self._backlog:
             self.progress(min(self._done, self._backlog), self._backlog)
+
+    def _keep_or_defer(self, changes: list[Change]) -> list[Change]:
+        """The changes for the main loop now; large records, and every later change of a
+        document already in the large lane, go to the lane (in record order)."""
+        if self.lane is None:
+            return changes
+        limit = self.settings.sync_large_event_bytes
+        now = []
+        for change in changes:
+            large = change.kind is Kind.UPSERT and len(change.raw_value or b"") > limit
+            if large or (
+                change.kind is not Kind.TRUNCATE and self.lane.holds(change.table, change.doc_key)
+            ):
+                self.lane.submit(change)
+            else:
+                now.append(change)
+        return now
+
+    def _observe(self, stats: ApplyStats) -> None:
+        committed_at = time.time()
+        for table, commit_time in stats.committed:
+            self.metrics.observe_freshness(table, committed_at - commit_time.timestamp())
+        self.metrics.add(
+            applied=stats.applied,
+            stale=stats.stale,
+            superseded=stats.superseded,
+            deleted=stats.deleted,
+            tombstones=stats.tombstones,
+            hidden=stats.hidden,
+            truncated=stats.truncated,
+            dead_letters=len(stats.dead),
+            embeddings=stats.embeddings,
+            chunks_written=stats.chunks_written,
+            chunks_deleted=stats.chunks_deleted,
+            metadata_only=stats.metadata_only,
+            mapping_problems=len(stats.problems),
+        )
+        self.metrics.time(
+            plan_seconds=stats.plan_seconds,
+            embed_seconds=stats.embed_seconds,
+            write_seconds=stats.write_seconds,
+        )
+
+    def _finish_lane_work(self, stop: threading.Event) -> None:
+        """Account for what the large lane applied, and commit the offsets it released."""
+        if self.lane is None:
+            return
+        done = self.lane.completed()
+        for item in done:
+            self._observe(item.stats)
+            self._publish(item.stats.dead, stop)
+        if done:
+            self._commit_ready(stop)
 
     @staticmethod
     def _log_batch(
@@ -218,61 +340,121 @@ class SyncWorker:
         )
 
     def _apply_with_retry(
-        self, changes: list[Any], rejected: list[Rejected], stop: threading.Event | None
+        self, changes: list[Change], rejected: list[Rejected], stop: threading.Event
     ) -> ApplyStats:
-        delay = 0.2
+        backoff = Backoff()
         while True:
-            assert self._conn is not None
             try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = self._connect(stop)
                 return self._apply(changes, rejected)
-            except psycopg.OperationalError as exc:
-                self.metrics.last_error = f"database: {exc}"
-                logger.warning("database error (%s); retrying the batch in %.1fs", exc, delay)
-                if stop is not None and stop.wait(delay * random.uniform(0.5, 1.5)):
-                    raise
-                delay = min(delay * 2, 15)
-                self._conn.close()
-                self._conn = self._connect(stop or threading.Event())
-            except psycopg.Error as exc:
+            except Exception as exc:
+                if transient_db_error(exc):
+                    self.metrics.last_error = f"database: {exc}"[:2000]
+                    logger.warning("database error (%s); retrying the batch", exc)
+                    if stop.wait(backoff.delay()):
+                        raise Stopped("applying a batch") from exc
+                    if self._conn is not None:
+                        self._conn.close()
+                    self._conn = self._connect(stop)
+                    continue
                 if len(changes) <= 1:
-                    # One change that the database refuses: it becomes a dead letter.
-                    stats = ApplyStats()
-                    for change in changes:
-                        stats.dead.append(
-                            Rejected(
-                                change.position,
-                                change.raw_key,
-                                change.raw_value,
-                                "write",
-                                type(exc).__name__,
-                                str(exc),
-                            )
-                        )
-                    with self._conn.transaction():
-                        deadletters.store(self._conn, rejected + stats.dead)
+                    # One change that cannot be applied: it becomes a dead letter.
+                    stats = ApplyStats(dead=[dead_letter(c, "write", exc) for c in changes])
+                    self._store_only(rejected + stats.dead, stop)
                     return stats
-                logger.warning("batch failed (%s); applying its records one at a time", exc)
+                logger.warning(
+                    "batch failed (%s: %s); applying its records one at a time",
+                    type(exc).__name__,
+                    exc,
+                )
                 total = ApplyStats()
                 for i, change in enumerate(changes):
                     part = self._apply_with_retry([change], rejected if i == 0 else [], stop)
                     _merge(total, part)
                 return total
 
-    def _apply(self, changes: list[Any], rejected: list[Rejected]) -> ApplyStats:
+    def _apply(self, changes: list[Change], rejected: list[Rejected]) -> ApplyStats:
         assert self._conn is not None
         with self._conn.transaction():
             stats = self.writer.apply(self._conn, changes)
             deadletters.store(self._conn, rejected + stats.dead)
         return stats
 
-    def _commit_offsets(self, records: Sequence[KafkaRecord]) -> None:
+    def _store_only(self, dead: list[Rejected], stop: threading.Event) -> None:
+        def store() -> None:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect(stop)
+            with self._conn.transaction():
+                deadletters.store(self._conn, dead)
+
+        retry(
+            store,
+            what="storing dead letters",
+            stop=stop,
+            transient=(psycopg.Error,),
+            fatal=lambda exc: not transient_db_error(exc),
+        )
+
+    def _publish(self, dead: list[Rejected], stop: threading.Event) -> None:
+        """Dead letters to the DLQ topic; a letter the broker refuses for good (its copy in
+        rag.dead_letters stays) is logged, a broker outage is waited out."""
+        pending = [deadletters.dlq_message(letter) for letter in dead]
+
+        def attempt() -> None:
+            producer = self._producer_or_new()
+            sent = [
+                (m, producer.send(deadletters.DLQ_TOPIC, key=m[0], value=m[1])) for m in pending
+            ]
+            producer.flush(timeout=30)
+            failed = []
+            for message, future in sent:
+                try:
+                    future.get(timeout=0)
+                except KafkaError as exc:
+                    if getattr(exc, "retriable", False) or isinstance(exc, KafkaTimeoutError):
+                        failed.append(message)
+                    else:
+                        logger.error(
+                            "dead letter not published to %s (%s); it is kept in rag.dead_letters",
+                            deadletters.DLQ_TOPIC,
+                            exc,
+                        )
+            pending[:] = failed
+            if failed:
+                raise KafkaTimeoutError(f"{len(failed)} dead letters not yet delivered")
+
+        if pending:
+            retry(attempt, what="publishing dead letters", stop=stop, transient=KAFKA_ERRORS)
+
+    def _commit_ready(self, stop: threading.Event) -> None:
+        """Commit, per partition, every offset the index now covers."""
         if self._consumer is None:
             return
-        last: dict[TopicPartition, int] = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            last[tp] = max(last.get(tp, -1), r.offset)
-        self._consumer.commit({tp: OffsetAndMetadata(o + 1, "", -1) for tp, o in last.items()})
+        offsets = {}
+        for tp, next_offset in self._next.items():
+            held = self.lane.first_pending(tp.topic, tp.partition) if self.lane else None
+            target = next_offset if held is None else min(next_offset, held)
+            if target > self._committed.get(tp, -1):
+                offsets[tp] = OffsetAndMetadata(target, "", -1)
+        if not offsets:
+            return
+        consumer = self._consumer
+        try:
+            retry(
+                lambda: consumer.commit(offsets, timeout_ms=10_000),
+                what="committing offsets",
+                stop=stop,
+                transient=KAFKA_ERRORS,
+                fatal=lambda exc: isinstance(exc, CommitFailedError),
+            )
+        except CommitFailedError as exc:
+            # The group rebalanced meanwhile: the partitions' new owner re-reads these records
+            # and the version check makes them no-ops.
+            logger.warning("offsets not committed, the group rebalanced: %s", exc)
+            return
+        for tp, meta in offsets.items():
+            self._committed[tp] = meta.offset
 
     # --- visibility ------------------------------------------------------------------
     def _heartbeat(self, state: str, force: bool = False) -> None:
@@ -281,20 +463,21 @@ class SyncWorker:
             return
         self._last_heartbeat = now
         consumer, conn = self._consumer, self._conn
-        if consumer is None or conn is None or conn.closed:
+        if conn is None or conn.closed:
             return
         try:
-            assigned = list(consumer.assignment())
+            assigned = list(consumer.assignment()) if consumer is not None else []
             if not assigned:
                 self.metrics.lag = {}
             elif state == "running":
-                ends = consumer.end_offsets(assigned)
+                ends = consumer.end_offsets(assigned, timeout_ms=2000)  # type: ignore[union-attr]
                 self.metrics.lag = {
-                    f"{tp.topic}[{tp.partition}]": max(0, ends[tp] - consumer.position(tp))
+                    f"{tp.topic}[{tp.partition}]": max(0, ends[tp] - consumer.position(tp))  # type: ignore[union-attr]
                     for tp in assigned
                 }
             snap = self.metrics.snapshot()
             counters = snap["counters"]
+            lane = self.lane
             conn.execute(
                 "INSERT INTO rag.workers (worker_id, group_id, hostname, pid, state,"
                 " heartbeat_at, events_applied, events_skipped, embeddings, events_per_sec, lag,"
@@ -323,14 +506,24 @@ class SyncWorker:
                             "counters": counters,
                             "timers": snap["timers"],
                             "freshness": snap["freshness"],
+                            "large_lane": None
+                            if lane is None or lane.current is None
+                            else f"{lane.current.table} {lane.current.doc_key}",
                         }
                     ),
                     snap["last_error"],
                     snap["last_error"],
                 ),
             )
-        except (psycopg.Error, Exception) as exc:  # noqa: BLE001 - a heartbeat never kills the worker
+        except Exception as exc:  # noqa: BLE001 - a heartbeat never kills the worker
             logger.warning("heartbeat failed: %s", exc)
+
+
+def _own_tokenizer(chunker: Chunker) -> Chunker:
+    """The chunker with a private copy of its tokenizer."""
+    clone = copy.copy(chunker)
+    clone.tokenizer = copy.deepcopy(chunker.tokenizer)  # type: ignore[attr-defined]
+    return clone
 
 
 def _merge(total: ApplyStats, part: ApplyStats) -> None:
@@ -341,6 +534,8 @@ def _merge(total: ApplyStats, part: ApplyStats) -> None:
         "deleted",
         "tombstones",
         "metadata_only",
+        "hidden",
+        "truncated",
         "embeddings",
         "chunks_written",
         "chunks_deleted",
@@ -348,6 +543,7 @@ def _merge(total: ApplyStats, part: ApplyStats) -> None:
         setattr(total, name, getattr(total, name) + getattr(part, name))
     total.committed.extend(part.committed)
     total.dead.extend(part.dead)
+    total.problems.merge(part.problems)
 
 
 def build_worker(settings: Settings, embedder: Embedder | None = None) -> SyncWorker:

@@ -2,15 +2,20 @@
 
 Per document, in record order:
 - an event whose version (source LSN, then Kafka offset) is not newer than the stored one
-  changes nothing (replays, rebalances, redelivery);
+  changes nothing (replays, rebalances, redelivery), and neither does an event older than the
+  table's newest TRUNCATE (rag.truncations), whichever partition it comes from;
 - a delete removes every chunk and keeps the document row as a versioned marker, so an older
   replayed insert cannot bring it back; a tombstone only acts when it is newer (by offset) than
   what set the stored state;
-- an upsert completes unavailable TOAST columns from the stored row, maps, chunks, and embeds
-  only chunks whose hash the document does not already have; a metadata-only change embeds
-  nothing.
-Each document is written inside a savepoint, so one bad document becomes a dead letter while the
-rest of the batch commits. The caller commits Kafka offsets only after this transaction.
+- an upsert completes unavailable TOAST columns from the stored row (or, for a key the index
+  has never stored, from the source row), maps, chunks, and embeds only chunks whose hash the
+  document does not already have; a metadata-only change embeds nothing;
+- a row that cannot be served (its event was over the size limit, or the mapping no longer fits
+  it) hides the document: no chunks, a reason, the version kept; a later event re-evaluates it.
+A TRUNCATE removes every document of its table older than it. Each document is written inside a
+savepoint, so one bad document becomes a dead letter while the rest of the batch commits; only
+a transient database error (the server or the connection gone) escapes, to retry the batch. The
+caller commits Kafka offsets only after this transaction.
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from freshet.embedder import Embedder
+from freshet.retry import transient_db_error
+from sync import problems
 from sync.changes import Change, Kind, Rejected
 from sync.chunking import Chunk, Chunker
-from sync.mapping import Document, MappingError, complete_row
+from sync.mapping import Document, MappingError, complete_row, unavailable_columns
+from sync.source_rows import SourceRows
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,8 @@ class ApplyStats:
     deleted: int = 0
     tombstones: int = 0
     metadata_only: int = 0
+    hidden: int = 0
+    truncated: int = 0  # documents removed by TRUNCATE
     embeddings: int = 0
     chunks_written: int = 0
     chunks_deleted: int = 0
@@ -54,6 +64,7 @@ class ApplyStats:
     # (table, source commit time) of every live (non-snapshot) change that took effect.
     committed: list[tuple[str, datetime]] = field(default_factory=list)
     dead: list[Rejected] = field(default_factory=list)
+    problems: problems.Problems = field(default_factory=problems.Problems)
 
 
 @dataclass
@@ -64,6 +75,7 @@ class _Stored:
     partition: int | None
     row: dict[str, Any]
     deleted: bool
+    hidden: bool
 
 
 @dataclass
@@ -74,24 +86,42 @@ class _Intent:
     last: Change  # the change that sets the version
     delete: bool
     row: dict[str, Any] | None = None
+    hide: str | None = None  # why the document is hidden instead of served
     document: Document | None = None
     chunks: list[Chunk] = field(default_factory=list)
     kept: dict[int, tuple[int, int]] = field(default_factory=dict)  # new index -> (id, old index)
     to_embed: list[int] = field(default_factory=list)  # new chunk indexes needing a vector
     vectors: dict[int, np.ndarray] = field(default_factory=dict)
     stale_ids: list[int] = field(default_factory=list)
+    skip: bool = False  # nothing to write (the source row is gone; its delete follows)
 
 
-def _dead(change: Change, stage: str, exc: Exception) -> Rejected:
-    return Rejected(
-        change.position, change.raw_key, change.raw_value, stage, type(exc).__name__, str(exc)
+def dead_letter(change: Change, stage: str, exc: BaseException | str) -> Rejected:
+    error_type, reason = (
+        ("Rejected", exc) if isinstance(exc, str) else (type(exc).__name__, str(exc))
     )
+    return Rejected(
+        change.position,
+        change.raw_key,
+        change.raw_value,
+        stage,
+        error_type,
+        reason,
+        change.table,
+        change.doc_key or None,
+    )
+
+
+def _lock_key(table: str) -> str:
+    return "freshet.truncate:" + table
 
 
 @dataclass
 class Writer:
     embedder: Embedder
     chunker: Chunker
+    # Reads a row from the source when an event lacks a column the index never stored.
+    source: SourceRows | None = None
 
     def apply(self, conn: psycopg.Connection, changes: Sequence[Change]) -> ApplyStats:
         stats = ApplyStats()
@@ -99,18 +129,95 @@ class Writer:
             return stats
         with conn.transaction():
             started = time.perf_counter()
-            stored = self._load(conn, changes)
-            intents = self._resolve(changes, stored, stats)
+            watermarks = self._truncate(conn, changes, stats)
+            rows = [c for c in changes if c.kind is not Kind.TRUNCATE]
+            stored = self._load(conn, rows)
+            intents = self._resolve(rows, stored, watermarks, stats)
             self._plan(conn, intents, stored, stats)
             planned = time.perf_counter()
             self._embed(intents, stats)
             embedded = time.perf_counter()
             for intent in intents:
                 self._write(conn, intent, stored.get(intent.key), stats)
+            problems.record(conn, stats.problems)
             stats.plan_seconds = planned - started
             stats.embed_seconds = embedded - planned
         stats.write_seconds = time.perf_counter() - embedded
         return stats
+
+    def pending_texts(self, conn: psycopg.Connection, changes: Sequence[Change]) -> list[str]:
+        """The texts ``apply`` would embed for these changes now; writes nothing."""
+        with conn.transaction(force_rollback=True):
+            rows = [c for c in changes if c.kind is not Kind.TRUNCATE]
+            stored = self._load(conn, rows)
+            stats = ApplyStats()
+            intents = self._resolve(rows, stored, self._watermarks(conn, rows), stats)
+            self._plan(conn, intents, stored, stats)
+        return [i.chunks[n].text for i in intents if i.document is not None for n in i.to_embed]
+
+    @staticmethod
+    def _watermarks(conn: psycopg.Connection, changes: Sequence[Change]) -> dict[str, int]:
+        rows = conn.execute(
+            "SELECT source_table, source_lsn FROM rag.truncations WHERE source_table = ANY(%s)",
+            (sorted({c.table for c in changes}),),
+        ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    # --- TRUNCATE ----------------------------------------------------------------------
+    @staticmethod
+    def _truncate(
+        conn: psycopg.Connection, changes: Sequence[Change], stats: ApplyStats
+    ) -> dict[str, int]:
+        """Apply the batch's TRUNCATEs; the newest TRUNCATE LSN of every table of the batch.
+
+        A TRUNCATE takes its table's advisory lock exclusively, every other batch shares it, so
+        no batch that read the old watermark can commit an older row after the TRUNCATE."""
+        truncates: dict[str, int] = {}
+        for c in changes:
+            if c.kind is Kind.TRUNCATE and c.lsn is not None:
+                truncates[c.table] = max(truncates.get(c.table, -1), c.lsn)
+        tables = sorted({c.table for c in changes})
+        for table in tables:
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+                if table in truncates
+                else "SELECT pg_advisory_xact_lock_shared(hashtextextended(%s, 0))",
+                (_lock_key(table),),
+            )
+        for table, lsn in truncates.items():
+            conn.execute(
+                "INSERT INTO rag.truncations (source_table, source_lsn) VALUES (%s, %s)"
+                " ON CONFLICT (source_table) DO UPDATE SET source_lsn = EXCLUDED.source_lsn,"
+                " truncated_at = now() WHERE rag.truncations.source_lsn < EXCLUDED.source_lsn",
+                (table, lsn),
+            )
+            removed = conn.execute(
+                "WITH gone AS (UPDATE rag.documents SET deleted_at = coalesce(deleted_at, now()),"
+                " hidden_reason = NULL, source_row = '{}'::jsonb, content_hash = NULL,"
+                " indexed_at = now() WHERE source_table = %s AND source_lsn < %s"
+                " AND (deleted_at IS NULL OR hidden_reason IS NOT NULL) RETURNING id),"
+                " chunks AS (DELETE FROM rag.chunks WHERE document_id IN (SELECT id FROM gone)"
+                " RETURNING 1)"
+                " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM chunks)",
+                (table, lsn),
+            ).fetchone()
+            assert removed is not None
+            conn.execute(
+                "UPDATE rag.truncations SET documents_removed = documents_removed + %s"
+                " WHERE source_table = %s",
+                (removed[0], table),
+            )
+            stats.truncated += removed[0]
+            stats.chunks_deleted += removed[1]
+            stats.applied += sum(1 for c in changes if c.kind is Kind.TRUNCATE and c.table == table)
+            logger.warning(
+                "TRUNCATE of %s at LSN %s: removed %d documents (%d chunks)",
+                table,
+                lsn,
+                removed[0],
+                removed[1],
+            )
+        return Writer._watermarks(conn, changes)
 
     # --- reading the stored state ------------------------------------------------------
     @staticmethod
@@ -118,22 +225,28 @@ class Writer:
         conn: psycopg.Connection, changes: Sequence[Change]
     ) -> dict[tuple[str, str], _Stored]:
         keys = sorted({(c.table, c.doc_key) for c in changes})
+        if not keys:
+            return {}
         rows = conn.execute(
             "SELECT id, source_table, doc_key, source_lsn, source_seq, kafka_topic,"
-            " kafka_partition, source_row, deleted_at IS NOT NULL"
+            " kafka_partition, source_row, deleted_at IS NOT NULL, hidden_reason IS NOT NULL"
             " FROM rag.documents"
             " WHERE (source_table, doc_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
             " ORDER BY id FOR UPDATE",
             ([k[0] for k in keys], [k[1] for k in keys]),
         ).fetchall()
         return {
-            (r[1], r[2]): _Stored(r[0], (r[3], r[4]), r[5], r[6], r[7] or {}, r[8]) for r in rows
+            (r[1], r[2]): _Stored(r[0], (r[3], r[4]), r[5], r[6], r[7] or {}, r[8], r[9])
+            for r in rows
         }
 
     # --- deciding what each document becomes --------------------------------------------
     @staticmethod
     def _resolve(
-        changes: Sequence[Change], stored: dict[tuple[str, str], _Stored], stats: ApplyStats
+        changes: Sequence[Change],
+        stored: dict[tuple[str, str], _Stored],
+        watermarks: dict[str, int],
+        stats: ApplyStats,
     ) -> list[_Intent]:
         by_doc: dict[tuple[str, str], list[Change]] = defaultdict(list)
         for change in changes:
@@ -143,10 +256,13 @@ class Writer:
             current = stored.get(key)
             version = current.version if current else (-1, -1)
             deleted = current.deleted if current else True
-            row: dict[str, Any] | None = None if deleted or current is None else current.row
+            # A hidden document keeps its row, so a later event's TOAST gaps can be filled.
+            known = current is not None and (not current.deleted or current.hidden)
+            row: dict[str, Any] | None = current.row if known and current else None
             last_position = (
                 (current.topic, current.partition, current.version[1]) if current else None
             )
+            truncated_at = watermarks.get(key[0], -1)
             intent: _Intent | None = None
             for change in doc_changes:
                 pos = change.position
@@ -162,7 +278,7 @@ class Writer:
                         intent = _Intent(key, change, delete=True)
                         deleted, row = True, None
                     continue
-                if change.version <= version:
+                if change.version <= version or change.version[0] < truncated_at:
                     stats.stale += 1
                     continue
                 if intent is not None:
@@ -174,6 +290,13 @@ class Writer:
                 if change.kind is Kind.DELETE:
                     intent = _Intent(key, change, delete=True)
                     deleted, row = True, None
+                elif change.kind is Kind.OVERSIZED:
+                    reason = (
+                        f"the change event of this row is {change.oversized_bytes:,} bytes, over"
+                        f" the limit of {change.size_limit:,} (FRESHET_MAX_EVENT_BYTES)"
+                    )
+                    intent = _Intent(key, change, delete=True, row=row, hide=reason)
+                    deleted = True
                 else:
                     row = complete_row(change.row or {}, row)
                     intent = _Intent(key, change, delete=False, row=row)
@@ -203,24 +326,58 @@ class Writer:
             old = existing.get(stored[intent.key].id, []) if intent.key in stored else []
             if intent.delete:
                 intent.stale_ids = [chunk_id for chunk_id, _, _ in old]
+                if intent.hide:
+                    stats.dead.append(dead_letter(intent.last, "size", intent.hide))
                 continue
             try:
-                assert intent.row is not None
-                intent.document = intent.last.mapping.map_row(intent.row)
-            except MappingError as exc:
-                stats.dead.append(_dead(intent.last, "map", exc))
-                intent.document = None
-                continue
-            intent.chunks = self.chunker.chunk(intent.document.text)
-            available: dict[str, list[tuple[int, int]]] = defaultdict(list)
-            for chunk_id, index, digest in old:
-                available[digest].append((chunk_id, index))
-            for chunk in intent.chunks:
-                if available.get(chunk.hash):
-                    intent.kept[chunk.index] = available[chunk.hash].pop(0)
-                else:
-                    intent.to_embed.append(chunk.index)
-            intent.stale_ids = [cid for pairs in available.values() for cid, _ in pairs]
+                self._plan_upsert(intent, old, stats)
+            except Exception as exc:
+                if transient_db_error(exc):
+                    raise
+                self._hide_for(intent, old, exc, stats)
+
+    def _plan_upsert(
+        self, intent: _Intent, old: list[tuple[int, int, str]], stats: ApplyStats
+    ) -> None:
+        mapping = intent.last.mapping
+        assert intent.row is not None
+        missing = unavailable_columns(mapping, intent.row)
+        if missing and self.source is not None:
+            current = self.source.fetch(mapping, intent.row, missing)
+            if current is None:
+                # The row is gone from the source: its delete is behind this event.
+                intent.skip = True
+                stats.superseded += 1
+                return
+            intent.row = {**intent.row, **current}
+        intent.document = mapping.map_row(intent.row, doc_key=intent.key[1])
+        for column, problem in intent.document.problems:
+            stats.problems.add(mapping.table, column, problem, intent.key[1])
+        intent.chunks = self.chunker.chunk(intent.document.text)
+        available: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for chunk_id, index, digest in old:
+            available[digest].append((chunk_id, index))
+        for chunk in intent.chunks:
+            if available.get(chunk.hash):
+                intent.kept[chunk.index] = available[chunk.hash].pop(0)
+            else:
+                intent.to_embed.append(chunk.index)
+        intent.stale_ids = [cid for pairs in available.values() for cid, _ in pairs]
+
+    @staticmethod
+    def _hide_for(
+        intent: _Intent, old: list[tuple[int, int, str]], exc: Exception, stats: ApplyStats
+    ) -> None:
+        """The row cannot be mapped or chunked: a dead letter, and the document is hidden
+        (fail closed: stale text or stale access groups are never served)."""
+        stats.dead.append(dead_letter(intent.last, "map", exc))
+        column = exc.column if isinstance(exc, MappingError) else None
+        if column is not None:
+            stats.problems.add(intent.key[0], column, str(exc), intent.key[1])
+        intent.delete = True
+        intent.hide = f"{type(exc).__name__}: {exc}"[:2000]
+        intent.document = None
+        intent.stale_ids = [chunk_id for chunk_id, _, _ in old]
 
     def _embed(self, intents: list[_Intent], stats: ApplyStats) -> None:
         """One embedding call for the whole batch; per document again if that call fails."""
@@ -236,8 +393,9 @@ class Writer:
                 try:
                     own = self.embedder.embed([intent.chunks[n].text for n in intent.to_embed])
                 except Exception as inner:  # noqa: BLE001 - becomes a dead letter
-                    stats.dead.append(_dead(intent.last, "embed", inner))
+                    stats.dead.append(dead_letter(intent.last, "embed", inner))
                     intent.document = None
+                    intent.skip = True
                     continue
                 intent.vectors = dict(zip(intent.to_embed, own, strict=True))
                 stats.embeddings += len(intent.to_embed)
@@ -253,16 +411,18 @@ class Writer:
     def _write(
         self, conn: psycopg.Connection, intent: _Intent, current: _Stored | None, stats: ApplyStats
     ) -> None:
-        if not intent.delete and intent.document is None:
-            return  # mapped or embedded badly: already a dead letter
+        if intent.skip:
+            return
         try:
             with conn.transaction():  # a savepoint: this document only
                 if intent.delete:
                     self._write_delete(conn, intent, current, stats)
                 else:
                     self._write_upsert(conn, intent, stats)
-        except (psycopg.DataError, psycopg.IntegrityError) as exc:
-            stats.dead.append(_dead(intent.last, "write", exc))
+        except Exception as exc:
+            if transient_db_error(exc):
+                raise
+            stats.dead.append(dead_letter(intent.last, "write", exc))
             return
         stats.applied += 1
 
@@ -286,27 +446,37 @@ class Writer:
         if intent.stale_ids:
             conn.execute("DELETE FROM rag.chunks WHERE id = ANY(%s)", (intent.stale_ids,))
             stats.chunks_deleted += len(intent.stale_ids)
-        stats.deleted += 1
         if intent.last.kind is Kind.TOMBSTONE:
+            stats.deleted += 1
             if current is not None:
                 conn.execute(
                     "UPDATE rag.documents SET deleted_at = coalesce(deleted_at, now()),"
-                    " source_row = '{}'::jsonb, indexed_at = now() WHERE id = %s",
+                    " hidden_reason = NULL, source_row = '{}'::jsonb, indexed_at = now()"
+                    " WHERE id = %s",
                     (current.id,),
                 )
             return
+        params = self._version_params(intent.last)
+        mapping = intent.last.mapping
+        kept_row = {c: v for c, v in (intent.row or {}).items() if c in mapping.columns}
+        params.update(hidden=intent.hide, row=Jsonb(kept_row if intent.hide else {}))
+        if intent.hide:
+            stats.hidden += 1
+        else:
+            stats.deleted += 1
         conn.execute(
             "INSERT INTO rag.documents (source_table, doc_key, source_lsn, source_seq,"
-            " source_txid, source_ts, kafka_topic, kafka_partition, deleted_at)"
+            " source_txid, source_ts, kafka_topic, kafka_partition, deleted_at, hidden_reason,"
+            " source_row)"
             " VALUES (%(table)s, %(key)s, %(lsn)s, %(seq)s, %(txid)s, %(ts)s, %(topic)s,"
-            " %(partition)s, now())"
+            " %(partition)s, now(), %(hidden)s, %(row)s)"
             " ON CONFLICT (source_table, doc_key) DO UPDATE SET"
             " source_lsn = EXCLUDED.source_lsn, source_seq = EXCLUDED.source_seq,"
             " source_txid = EXCLUDED.source_txid, source_ts = EXCLUDED.source_ts,"
             " kafka_topic = EXCLUDED.kafka_topic, kafka_partition = EXCLUDED.kafka_partition,"
-            " deleted_at = now(), source_row = '{}'::jsonb, content_hash = NULL,"
-            " indexed_at = now()",
-            self._version_params(intent.last),
+            " deleted_at = now(), hidden_reason = EXCLUDED.hidden_reason,"
+            " source_row = EXCLUDED.source_row, content_hash = NULL, indexed_at = now()",
+            params,
         )
 
     def _write_upsert(self, conn: psycopg.Connection, intent: _Intent, stats: ApplyStats) -> None:
@@ -333,7 +503,8 @@ class Writer:
             " source_lsn = EXCLUDED.source_lsn, source_seq = EXCLUDED.source_seq,"
             " source_txid = EXCLUDED.source_txid, source_ts = EXCLUDED.source_ts,"
             " kafka_topic = EXCLUDED.kafka_topic, kafka_partition = EXCLUDED.kafka_partition,"
-            " source_row = EXCLUDED.source_row, deleted_at = NULL, indexed_at = now()"
+            " source_row = EXCLUDED.source_row, deleted_at = NULL, hidden_reason = NULL,"
+            " indexed_at = now()"
             " RETURNING id",
             params,
         ).fetchone()
