@@ -15,8 +15,8 @@ from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: Demo-only bearer tokens: anyone who reads this file knows them. Set FRESHET_API_TOKENS
-#: (JSON) or FRESHET_API_TOKENS_FILE (a JSON file) for anything but the local demo.
+#: Demo-only bearer tokens: anyone who reads this file knows them, so they are valid only on
+#: loopback. Set FRESHET_API_TOKENS_FILE (a JSON file) for anything but the local demo.
 DEMO_API_TOKENS: dict[str, dict[str, Any]] = {
     "demo-public": {"user": "demo-public", "groups": [], "admin": False},
     "demo-staff": {"user": "demo-staff", "groups": ["staff"], "admin": False},
@@ -60,6 +60,21 @@ DEFAULTS: dict[str, Any] = {
     "CONNECT_TIMEOUT": 2.0,
     # Report where each API request's time went in a Server-Timing response header.
     "SERVER_TIMING": True,
+    # Limits on /search and /ask per caller (a token's user; anonymous: the address), see
+    # web/limits.py. postgres: buckets shared by every web process (rag.rate_limits); memory:
+    # per process; off: no limits at all.
+    "RATE_LIMIT_BACKEND": "postgres",
+    "SEARCH_RATE_PER_MINUTE": 300,
+    "SEARCH_BURST": 30,
+    "SEARCH_CONCURRENCY_PER_CALLER": 4,
+    "ASK_RATE_PER_MINUTE": 30,
+    "ASK_BURST": 10,
+    "ASK_CONCURRENCY_PER_CALLER": 2,
+    # Asks of all callers in flight in one process: the server's other threads stay free for
+    # searches and the rest (waitress serves with web.server.THREADS = 8).
+    "MAX_CONCURRENT_ASKS": 4,
+    # Proxies in front of the app that append X-Forwarded-For (0: the peer is the caller).
+    "TRUSTED_PROXY_HOPS": 0,
     # None: Settings.from_env(), built on first use; server.run passes its own.
     "SETTINGS": None,
 }
@@ -71,6 +86,7 @@ INJECTABLE = {
     "ANSWERER": "freshet.answerer",
     "ANSWER_STORE": "freshet.answer_store",
     "REQUEST_PUBLISHER": "freshet.request_publisher",
+    "LIMITS": "freshet.limits",
 }
 
 _lock = threading.Lock()
@@ -92,13 +108,20 @@ def create_app(
         if app.config.get(key) is not None:
             app.extensions[extension] = app.config.pop(key)
 
-    from web import answers, db, errors
+    hops = int(app.config.get("TRUSTED_PROXY_HOPS") or 0)
+    if hops > 0:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
+
+    from web import answers, db, errors, limits
     from web.api import bp as api_bp
     from web.ui import bp as ui_bp
 
     db.init_app(app)
     errors.init_app(app)
     answers.init_app(app)
+    limits.init_app(app)
     app.register_blueprint(api_bp)
     app.register_blueprint(ui_bp)
     return app

@@ -7,6 +7,9 @@ the same store, where GET /api/v1/answers/<id> finds it from any web process.
 
 Statuses: ``pending`` (queued), ``approved`` (passed every rule), ``rejected`` (broke a rule: the
 text and citations are withheld, the violations say why), ``failed`` (the answer backend failed).
+
+An answer is read back by its asker's token, or, for an anonymous asker, with the answer's own
+capability (its secret or the asker's session, see web/capability.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from web.auth import User
+from web.auth import ANONYMOUS, User
+from web.capability import NO_KEYS, Keys
 from web.llm import Answer, Answerer
 from web.retrieval import NO_FILTERS, Filters, Passage, Retriever
 from web.validation import Judged, RuleSet, Violation, load_rules
@@ -49,10 +53,17 @@ class StoredAnswer:
     violations: tuple[Violation, ...] = ()
     error: str | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    keys: Keys = NO_KEYS
 
-    def visible_to(self, user: User) -> bool:
-        """Only the asker (same user name) or an admin: the text may quote private passages."""
-        return user.admin or user.name == self.owner.name
+    def visible_to(self, user: User, secret: str | None = None, session: str | None = None) -> bool:
+        """An admin; the asker by their token (the text may quote passages of their groups);
+        for an anonymous asker only the answer's secret or the asker's session: anonymous
+        callers share a name, not an identity."""
+        if user.admin:
+            return True
+        if self.owner.name != ANONYMOUS.name:
+            return user.name == self.owner.name
+        return self.keys.opens(secret, session)
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -117,6 +128,9 @@ class InMemoryAnswerStore(AnswerStore):
 
     def put(self, answer: StoredAnswer) -> None:
         with self._lock:
+            known = self._items.get(answer.id)
+            if known is not None and answer.keys == NO_KEYS:
+                answer = replace(answer, keys=known.keys)  # as the SQL upsert keeps them
             self._items[answer.id] = answer
             self._items.move_to_end(answer.id)
             while len(self._items) > self.capacity:
@@ -143,10 +157,14 @@ class PgAnswerStore(AnswerStore):
         with self._pool().connection() as conn:
             conn.execute(
                 "INSERT INTO rag.answers (id, question, asked_by, status, answer, violations,"
-                " error, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " error, created_at, secret_hash, session_hash)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status,"
                 " answer = EXCLUDED.answer, violations = EXCLUDED.violations,"
-                " error = EXCLUDED.error, updated_at = now()",
+                " error = EXCLUDED.error, updated_at = now(),"
+                # The validator's verdict carries no keys: the asker's stay.
+                " secret_hash = coalesce(EXCLUDED.secret_hash, rag.answers.secret_hash),"
+                " session_hash = coalesce(EXCLUDED.session_hash, rag.answers.session_hash)",
                 (
                     answer.id,
                     answer.question,
@@ -156,14 +174,16 @@ class PgAnswerStore(AnswerStore):
                     Jsonb([v.to_dict() for v in answer.violations]),
                     answer.error,
                     answer.created_at,
+                    answer.keys.secret_hash,
+                    answer.keys.session_hash,
                 ),
             )
 
     def get(self, answer_id: str) -> StoredAnswer | None:
         with self._pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(
-                "SELECT id, question, asked_by, status, answer, violations, error, created_at"
-                " FROM rag.answers WHERE id = %s",
+                "SELECT id, question, asked_by, status, answer, violations, error, created_at,"
+                " secret_hash, session_hash FROM rag.answers WHERE id = %s",
                 (answer_id,),
             ).fetchone()
         if row is None:
@@ -177,6 +197,7 @@ class PgAnswerStore(AnswerStore):
             violations=tuple(Violation(v["rule"], v["message"]) for v in row["violations"]),
             error=row["error"],
             created_at=row["created_at"],
+            keys=Keys(row["secret_hash"], row["session_hash"]),
         )
 
 
@@ -238,11 +259,13 @@ def ask(
     *,
     k: int,
     filters: Filters = NO_FILTERS,
+    keys: Keys = NO_KEYS,
 ) -> StoredAnswer:
-    """Answer ``question`` for ``user`` now, and keep the judged answer."""
+    """Answer ``question`` for ``user`` now, and keep the judged answer with ``keys``."""
     stored = answer_question(
         retriever, answerer, rules, new_id(), question, user, k=k, filters=filters
     )
+    stored = replace(stored, keys=keys)
     store.put(stored)
     return stored
 
@@ -251,8 +274,9 @@ def ask(
 class AnswerStream:
     """A streamed answer: iterate ``pieces()``, then ``result`` holds the judged answer.
 
-    The pieces reach the client as they are generated; the rules judge the whole text at the
-    end, and a rejected answer's final event withholds it (the client replaces what it showed).
+    When rules that can withhold an answer are configured the stream is ``buffered``: the API
+    sends no piece of the text before the verdict, only the judged answer at the end. Without
+    such rules the pieces reach the client as they are generated.
     """
 
     id: str
@@ -263,6 +287,11 @@ class AnswerStream:
     store: AnswerStore
     rules: RuleSet
     result: StoredAnswer | None = None
+    keys: Keys = NO_KEYS
+
+    @property
+    def buffered(self) -> bool:
+        return self.rules.can_withhold
 
     def pieces(self) -> Iterator[str]:
         parts: list[str] = []
@@ -270,9 +299,8 @@ class AnswerStream:
             parts.append(piece)
             yield piece
         answer = self.answerer.finish("".join(parts), self.passages)
-        self.result = judge(
-            self.id, self.question, self.user, answer, len(self.passages), self.rules
-        )
+        judged = judge(self.id, self.question, self.user, answer, len(self.passages), self.rules)
+        self.result = replace(judged, keys=self.keys)
         self.store.put(self.result)
 
 
@@ -286,10 +314,11 @@ def ask_stream(
     *,
     k: int,
     filters: Filters = NO_FILTERS,
+    keys: Keys = NO_KEYS,
 ) -> AnswerStream:
     """Retrieve now (so retrieval errors are a normal response), generate while streaming."""
     passages = answerer.fit(question, retrieve(retriever, question, user, k, filters))
-    return AnswerStream(new_id(), question, user, passages, answerer, store, rules)
+    return AnswerStream(new_id(), question, user, passages, answerer, store, rules, keys=keys)
 
 
 def failed(stored: StoredAnswer, error: str) -> StoredAnswer:

@@ -1,14 +1,15 @@
 """REST API v1: health, search, ask (JSON or server-sent events), answers, documents, status.
 
-Every input is validated here and refused with a 4xx ApiError that says why; the OpenAPI
-document in web/openapi.py lists exactly these routes (a unit test keeps the two in step).
+Every input is validated here and refused with a 4xx ApiError that says why; JSON (a body,
+the ``metadata`` parameter) is read by web.inputs, which bounds its nesting and walks it without
+recursion. /search and /ask are rate limited per caller (web.limits: 429 with Retry-After). The
+OpenAPI document in web/openapi.py lists exactly these routes (a unit test keeps the two in step).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -18,10 +19,12 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, stream_
 from psycopg_pool import PoolTimeout
 
 from web import answers as answers_mod
-from web import app_settings, config_value, timing
-from web.auth import User, current_user, require_admin
+from web import app_settings, capability, config_value, inputs, limits, timing
+from web.auth import ANONYMOUS, User, current_user, require_admin
 from web.errors import ApiError
+from web.inputs import storable
 from web.llm import LLMError
+from web.llm.base import citation
 from web.openapi import openapi_document
 from web.publisher import QueueUnavailable, get_publisher
 from web.retrieval import MODES, Filters
@@ -54,6 +57,12 @@ MAX_QUERY_CHARS = 1000
 MAX_QUESTION_CHARS = 2000
 MAX_K = 100
 MAX_ASK_K = 20
+MAX_TABLES = 50
+MAX_TABLE_CHARS = 200
+MAX_METADATA_CHARS = 4096
+#: A buffered stream (rules configured) sends an SSE comment at least this often while the
+#: answer is generated and judged, so that proxies do not close a silent connection.
+KEEPALIVE_S = 15.0
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -88,26 +97,6 @@ def parse_bool(raw: Any, name: str, default: bool = False) -> bool:
     raise ApiError(f"{name} must be true or false", 400, {"field": name})
 
 
-def storable(value: Any) -> bool:
-    """Whether PostgreSQL can take the value as text or jsonb: no NUL character, no lone
-    surrogate (not encodable as UTF-8) and no NaN or infinity, at any depth."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return False
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(storable(k) and storable(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(storable(v) for v in value)
-    return True
-
-
 def _require_storable(value: Any, name: str, what: str) -> None:
     if not storable(value):
         raise ApiError(
@@ -126,6 +115,10 @@ def parse_text(raw: Any, name: str, limit: int) -> str:
     return raw.strip()
 
 
+def _bad(exc: inputs.BadInput) -> ApiError:
+    return ApiError(exc.message, 400, {"field": exc.field} if exc.field else None)
+
+
 def parse_filters(tables: Any, metadata: Any) -> Filters:
     if tables is None:
         tables = []
@@ -133,22 +126,48 @@ def parse_filters(tables: Any, metadata: Any) -> Filters:
         tables = [tables]
     if not isinstance(tables, list) or not all(isinstance(t, str) and t for t in tables):
         raise ApiError("table must be a table name or a list of them", 400, {"field": "table"})
-    if isinstance(metadata, str):
-        try:
-            metadata = json.loads(metadata) if metadata.strip() else None
-        except ValueError:
+    if len(tables) > MAX_TABLES or any(len(t) > MAX_TABLE_CHARS for t in tables):
+        raise ApiError(
+            f"table takes at most {MAX_TABLES} names of at most {MAX_TABLE_CHARS} characters",
+            400,
+            {"field": "table"},
+        )
+    try:
+        if isinstance(metadata, str):
+            if len(metadata) > MAX_METADATA_CHARS:
+                raise inputs.BadInput(
+                    f"metadata is longer than {MAX_METADATA_CHARS} characters", "metadata"
+                )
+            metadata = inputs.loads(metadata, "metadata") if metadata.strip() else None
+        else:
+            inputs.check_depth(metadata, "metadata")
+    except inputs.BadInput as exc:
+        if "not valid JSON" in exc.message:
             raise ApiError("metadata must be a JSON object", 400, {"field": "metadata"}) from None
+        raise _bad(exc) from None
     if metadata is not None and not isinstance(metadata, dict):
         raise ApiError("metadata must be a JSON object", 400, {"field": "metadata"})
     _require_storable(tables, "table", "table names")
     _require_storable(metadata, "metadata", "a JSON object")
+    if metadata and len(json.dumps(metadata)) > MAX_METADATA_CHARS:
+        raise ApiError(
+            f"metadata is larger than {MAX_METADATA_CHARS} characters as JSON",
+            400,
+            {"field": "metadata"},
+        )
     return Filters(tuple(tables), metadata or None)
 
 
 def json_body() -> dict[str, Any]:
+    """The request's JSON object, nested at most inputs.MAX_JSON_DEPTH deep."""
     if not request.is_json:
         raise ApiError("the body must be JSON (Content-Type: application/json)", 415)
-    body = request.get_json(silent=True)
+    try:
+        body = inputs.loads(request.get_data(cache=True), None)
+    except inputs.BadInput as exc:
+        if "not valid JSON" in exc.message:
+            raise ApiError("the body must be a JSON object", 400) from None
+        raise _bad(exc) from None
     if not isinstance(body, dict):
         raise ApiError("the body must be a JSON object", 400)
     return body
@@ -182,6 +201,7 @@ def search() -> Any:
         raise ApiError(f"mode must be one of {', '.join(MODES)}", 400, {"field": "mode"})
     dedupe = parse_bool(args.get("dedupe"), "dedupe")
     filters = parse_filters(args.getlist("table") or None, args.get("metadata"))
+    limits.admit("search", user)  # after validation: a mistyped request costs no budget
     try:
         results = get_retriever().search(
             query,
@@ -205,6 +225,43 @@ def _wants_stream(body: Mapping[str, Any]) -> bool:
     return best == "text/event-stream" and "text/event-stream" in request.accept_mimetypes
 
 
+class Asker:
+    """The capability an anonymous asker gets with an answer: a fresh secret, and their
+    session (the cookie they sent, else a new one set on the response)."""
+
+    def __init__(self, user: User) -> None:
+        self.secret: str | None = None
+        self.session: str | None = None
+        self.new_session = False
+        if user.name == ANONYMOUS.name:
+            self.secret = capability.new_key()
+            self.session = capability.valid_key(request.cookies.get(capability.SESSION_COOKIE))
+            if self.session is None:
+                self.session, self.new_session = capability.new_key(), True
+
+    @property
+    def keys(self) -> capability.Keys:
+        if self.secret is None or self.session is None:
+            return capability.NO_KEYS
+        return capability.Keys(capability.digest(self.secret), capability.digest(self.session))
+
+    def body(self, answer: dict[str, Any]) -> dict[str, Any]:
+        return {**answer, "secret": self.secret} if self.secret else answer
+
+    def respond(self, response: Response, answer_id: str) -> Response:
+        response.headers["Location"] = f"{bp.url_prefix}/answers/{answer_id}"
+        if self.new_session and self.session:
+            response.set_cookie(
+                capability.SESSION_COOKIE,
+                self.session,
+                path=bp.url_prefix or "/",
+                httponly=True,
+                samesite="Strict",
+                secure=request.is_secure,
+            )
+        return response
+
+
 @bp.post("/ask")
 def ask() -> Any:
     user = current_user()
@@ -212,34 +269,53 @@ def ask() -> Any:
     question = parse_text(body.get("question"), "question", MAX_QUESTION_CHARS)
     k = parse_k(body.get("k"), int(current_app.config["DEFAULT_K"]), MAX_ASK_K)
     filters = parse_filters(body.get("table"), body.get("metadata"))
-    if parse_bool(body.get("async"), "async"):
-        return _submit(question, user, k, filters)
+    run_async = parse_bool(body.get("async"), "async")
     stream = _wants_stream(body)
+    limits.admit("ask", user)  # after validation: a mistyped request costs no budget
+    asker = Asker(user)
+    if run_async:
+        return _submit(question, user, k, filters, asker)
     store = answers_mod.get_store()
     rules = answers_mod.get_rules()
+    retriever, answerer = get_retriever(), get_answerer()
     try:
         if stream:
             pending = answers_mod.ask_stream(
-                get_retriever(), get_answerer(), store, rules, question, user, k=k, filters=filters
+                retriever,
+                answerer,
+                store,
+                rules,
+                question,
+                user,
+                k=k,
+                filters=filters,
+                keys=asker.keys,
             )
-            return _sse_response(pending)
+            response = _sse_response(pending, asker.secret, limits.detach())
+            return asker.respond(response, pending.id)
         stored = answers_mod.ask(
-            get_retriever(), get_answerer(), store, rules, question, user, k=k, filters=filters
+            retriever,
+            answerer,
+            store,
+            rules,
+            question,
+            user,
+            k=k,
+            filters=filters,
+            keys=asker.keys,
         )
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise _unavailable(exc) from None
     except LLMError as exc:
         logger.warning("answer backend failed: %s", exc)
         raise ApiError(f"the answer backend failed: {exc}", 502) from None
-    response = jsonify(stored.to_dict())
-    response.headers["Location"] = f"{bp.url_prefix}/answers/{stored.id}"
-    return response
+    return asker.respond(jsonify(asker.body(stored.to_dict())), stored.id)
 
 
-def _submit(question: str, user: User, k: int, filters: Filters) -> Any:
+def _submit(question: str, user: User, k: int, filters: Filters, asker: Asker) -> Any:
     """The async path: keep a pending answer, publish the request, answer 202 at once."""
     store = answers_mod.get_store()
-    pending = answers_mod.StoredAnswer(answers_mod.new_id(), question, user)
+    pending = answers_mod.StoredAnswer(answers_mod.new_id(), question, user, keys=asker.keys)
     try:
         store.put(pending)
     except (psycopg.OperationalError, PoolTimeout) as exc:
@@ -248,11 +324,10 @@ def _submit(question: str, user: User, k: int, filters: Filters) -> Any:
         get_publisher().publish(AnswerRequest(pending.id, question, k, user, filters))
     except QueueUnavailable as exc:
         store.put(answers_mod.failed(pending, str(exc)))
-        raise ApiError(str(exc), 503, {"id": pending.id}) from None
-    response = jsonify(pending.to_dict())
+        raise ApiError(str(exc), 503, {"id": pending.id, "secret": asker.secret}) from None
+    response = jsonify(asker.body(pending.to_dict()))
     response.status_code = 202
-    response.headers["Location"] = f"{bp.url_prefix}/answers/{pending.id}"
-    return response
+    return asker.respond(response, pending.id)
 
 
 def sse(event: str, data: Any) -> str:
@@ -260,35 +335,72 @@ def sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _sse_response(pending: answers_mod.AnswerStream) -> Response:
-    def events() -> Iterator[str]:
-        yield sse("start", {"id": pending.id, "passages": len(pending.passages)})
-        try:
-            for piece in pending.pieces():
-                yield sse("token", {"text": piece})
-        except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
-            logger.exception("streamed answer %s failed", pending.id)
-            message = str(exc) if isinstance(exc, LLMError) else "internal error"
-            yield sse("error", {"id": pending.id, "message": f"answering failed: {message}"})
-            return
-        assert pending.result is not None
-        yield sse("done", pending.result.to_dict())
+def _sse_response(
+    pending: answers_mod.AnswerStream, secret: str | None = None, slot: limits.Slot | None = None
+) -> Response:
+    """start, one passage event per passage (where it comes from, not its text), then token
+    events as the text is generated, or none when the stream is buffered (rules that can
+    withhold the answer are configured: its text waits for the verdict), then done."""
 
-    return Response(
+    def events() -> Iterator[str]:
+        try:
+            yield from _events(pending, secret)
+        finally:
+            if slot is not None:
+                slot.release()
+
+    response = Response(
         stream_with_context(events()),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+    if slot is not None:  # the client may go away before the first event
+        response.call_on_close(slot.release)
+    return response
+
+
+def _events(pending: answers_mod.AnswerStream, secret: str | None) -> Iterator[str]:
+    start: dict[str, Any] = {
+        "id": pending.id,
+        "passages": len(pending.passages),
+        "buffered": pending.buffered,
+    }
+    if secret:
+        start["secret"] = secret
+    yield sse("start", start)
+    for n, passage in enumerate(pending.passages, start=1):
+        yield sse("passage", {**citation(n, passage).to_dict(), "score": passage.score})
+    quiet_since = time.monotonic()
+    try:
+        for piece in pending.pieces():
+            if not pending.buffered:
+                yield sse("token", {"text": piece})
+            elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield ": the answer is being generated and judged\n\n"
+    except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
+        logger.exception("streamed answer %s failed", pending.id)
+        message = str(exc) if isinstance(exc, LLMError) else "internal error"
+        yield sse("error", {"id": pending.id, "message": f"answering failed: {message}"})
+        return
+    assert pending.result is not None
+    yield sse("done", pending.result.to_dict())
 
 
 @bp.get("/answers/<answer_id>")
 def get_answer(answer_id: str) -> Any:
+    """An answer to its asker's token, an admin, or (anonymous askers) with its secret or the
+    asker's session; anyone else learns nothing, not even that it exists."""
     user = current_user()
     try:
         stored = answers_mod.get_store().get(answer_id) if storable(answer_id) else None
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise _unavailable(exc) from None
-    if stored is None or not stored.visible_to(user):
+    secret = capability.presented_secret(
+        request.headers.get(capability.SECRET_HEADER), request.args.get("secret")
+    )
+    session = capability.valid_key(request.cookies.get(capability.SESSION_COOKIE))
+    if stored is None or not stored.visible_to(user, secret, session):
         raise ApiError("no such answer, or it is not yours", 404, {"id": answer_id})
     return jsonify(stored.to_dict())
 

@@ -1,18 +1,22 @@
 """Bearer tokens -> users with access groups; an admin sees every group.
 
 The token table comes from the app config (API_TOKENS, or the JSON file FRESHET_API_TOKENS_FILE).
-Its default holds the demo tokens of ``web.DEMO_API_TOKENS``: for the local demo only.
+Its default holds the demo tokens of ``web.DEMO_API_TOKENS``: for the local demo only. Those
+tokens are public, so they are accepted only from a loopback peer that no proxy forwarded
+(``web.server`` also refuses to listen beyond loopback without a tokens file).
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from flask import current_app, g, request
+from werkzeug.datastructures import Headers
 
 from web.errors import ApiError
 
@@ -32,6 +36,8 @@ class User:
 
 
 ANONYMOUS = User("anonymous")
+#: Headers a reverse proxy adds: a request that carries one did not start on this host.
+FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 
 
 class TokenError(ValueError):
@@ -53,6 +59,10 @@ def parse_tokens(raw: Mapping[str, Any]) -> dict[str, User]:
         admin = entry.get("admin", False)
         if not isinstance(name, str) or not name:
             raise TokenError(f"API token #{len(users) + 1} has no user name")
+        if name == ANONYMOUS.name:
+            # Callers without a token are "anonymous"; a token user of that name would share
+            # their identity (their answers, their rate limits).
+            raise TokenError(f"API token #{len(users) + 1}: the user name {name!r} is reserved")
         if not isinstance(groups, list) or not all(isinstance(x, str) and x for x in groups):
             raise TokenError(f"API token of user {name!r}: groups must be a list of names")
         if not isinstance(admin, bool):
@@ -72,18 +82,42 @@ def bearer_token(header: str | None) -> str | None:
 
 
 def authenticate(
-    header: str | None, tokens: Mapping[str, User], allow_anonymous: bool
+    header: str | None,
+    tokens: Mapping[str, User],
+    allow_anonymous: bool,
+    *,
+    public: frozenset[str] = frozenset(),
+    local: bool = True,
 ) -> User | None:
-    """The user of a request; None for an unknown token or a missing one when anonymous is off."""
+    """The user of a request; None for an unknown token or a missing one when anonymous is off.
+
+    A token of ``public`` (the demo tokens, which anyone can read) is refused with a
+    TokenError unless the request is ``local`` (see ``is_local``)."""
     token = bearer_token(header)
     if token is None:
         return ANONYMOUS if allow_anonymous else None
     # Constant-time comparison against every token, so timing does not reveal prefixes.
     found: User | None = None
+    matched = ""
     for known, user in tokens.items():
         if hmac.compare_digest(known.encode(), token.encode()):
-            found = user
+            found, matched = user, known
+    if found is not None and matched in public and not local:
+        raise TokenError(
+            "the demo tokens are public and valid only on loopback (a request from this "
+            "host, not through a proxy); use a token of FRESHET_API_TOKENS_FILE"
+        )
     return found
+
+
+def is_local(remote_addr: str | None, headers: Mapping[str, str] | Headers) -> bool:
+    """Whether a request came from this host itself: a loopback peer, forwarded by no proxy."""
+    if any(headers.get(name) for name in FORWARDING_HEADERS):
+        return False
+    try:
+        return ipaddress.ip_address((remote_addr or "").split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _tokens() -> dict[str, User]:
@@ -94,16 +128,26 @@ def _tokens() -> dict[str, User]:
     return cached
 
 
+def public_tokens(tokens: Mapping[str, Any]) -> frozenset[str]:
+    """The tokens of ``tokens`` that are published (the demo tokens)."""
+    from web import DEMO_API_TOKENS
+
+    return frozenset(t for t in tokens if t in DEMO_API_TOKENS)
+
+
 def current_user() -> User:
     """The request's user, or a 401 ApiError; cached on ``g`` for the request."""
     user = g.get("freshet_user")
     if isinstance(user, User):
         return user
     try:
+        tokens = _tokens()
         user = authenticate(
             request.headers.get("Authorization"),
-            _tokens(),
+            tokens,
             bool(current_app.config.get("ALLOW_ANONYMOUS", True)),
+            public=public_tokens(tokens),
+            local=is_local(request.remote_addr, request.headers),
         )
     except TokenError as exc:
         raise ApiError(str(exc), 401) from None

@@ -22,12 +22,17 @@ class ApiError(Exception):
     """An API failure with an HTTP status and optional extra fields for the JSON body."""
 
     def __init__(
-        self, message: str, status: int = 400, payload: Mapping[str, Any] | None = None
+        self,
+        message: str,
+        status: int = 400,
+        payload: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.payload = dict(payload or {})
+        self.headers = dict(headers or {})
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": {**self.payload, "status": self.status, "message": self.message}}
@@ -36,6 +41,7 @@ class ApiError(Exception):
 def render(error: ApiError) -> tuple[Response, int]:
     """The one renderer for API errors."""
     response = jsonify(error.to_dict())
+    response.headers.update(error.headers)
     if error.status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="freshet"'
     return response, error.status

@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 _ERROR = {"$ref": "#/components/responses/Error"}
+_TOO_MANY = {"$ref": "#/components/responses/TooMany"}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -39,7 +40,7 @@ _SSE_EVENT = {
     "type": "object",
     "required": ["event", "data"],
     "properties": {
-        "event": {"enum": ["start", "token", "done", "error"]},
+        "event": {"enum": ["start", "passage", "token", "done", "error"]},
         "data": {"type": "string", "contentMediaType": "application/json"},
     },
 }
@@ -123,6 +124,12 @@ SCHEMAS: dict[str, Any] = {
             "declined": {
                 "type": "boolean",
                 "description": "the backend found nothing to answer from; it claims nothing",
+            },
+            "secret": {
+                "type": "string",
+                "description": "only in POST /ask's response to an anonymous caller: the "
+                "answer's capability; GET /answers/{id} with it (Freshet-Answer-Secret header "
+                "or secret parameter) reads the answer again",
             },
         },
     },
@@ -227,6 +234,7 @@ PATHS: dict[str, Any] = {
                 ),
                 "400": _ERROR,
                 "401": _ERROR,
+                "429": _TOO_MANY,
                 "503": _ERROR,
             },
         }
@@ -241,7 +249,9 @@ PATHS: dict[str, Any] = {
             "responses": {
                 "200": {
                     "description": "The answer; with stream=true or Accept: text/event-stream, "
-                    "events start, token*, then done (the Answer) or error",
+                    "events start, passage* (where each passage comes from), token* (none when "
+                    "answer rules are configured: the text waits for its verdict), then done "
+                    "(the judged Answer) or error",
                     "content": {
                         "application/json": {"schema": _ref("Answer")},
                         "text/event-stream": {"schema": _SSE_EVENT},
@@ -252,6 +262,7 @@ PATHS: dict[str, Any] = {
                 "401": _ERROR,
                 "413": _ERROR,
                 "415": _ERROR,
+                "429": _TOO_MANY,
                 "502": _ERROR,
                 "503": _ERROR,
             },
@@ -260,7 +271,16 @@ PATHS: dict[str, Any] = {
     "/api/v1/answers/{answer_id}": {
         "get": {
             "summary": "An answer by request id, pending or judged (asker or admin)",
-            "parameters": [_path("answer_id", "the id returned by POST /ask")],
+            "parameters": [
+                _path("answer_id", "the id returned by POST /ask"),
+                _query("secret", {"type": "string"}, "an anonymous answer's secret"),
+                {
+                    "name": "Freshet-Answer-Secret",
+                    "in": "header",
+                    "schema": {"type": "string"},
+                    "description": "an anonymous answer's secret (instead of the parameter)",
+                },
+            ],
             "responses": {
                 "200": _json(_ref("Answer"), "The answer"),
                 "401": _ERROR,
@@ -302,7 +322,9 @@ DOCUMENT: dict[str, Any] = {
         "description": "Search and answers over a pgvector index kept fresh by CDC. "
         "Send `Authorization: Bearer <token>`; without one you are an anonymous public "
         "user (when allowed). Text that PostgreSQL cannot hold (NUL characters, unpaired "
-        "surrogates) and NaN or infinite numbers are refused with a 400.",
+        "surrogates), NaN or infinite numbers, and JSON nested deeper than 32 levels are "
+        "refused with a 400. /search and /ask are rate limited per caller (429 with "
+        "Retry-After).",
     },
     "servers": [{"url": "/"}],
     "security": [{"bearer": []}, {}],
@@ -310,7 +332,22 @@ DOCUMENT: dict[str, Any] = {
     "components": {
         "schemas": SCHEMAS,
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        "responses": {"Error": _json(_ref("Error"), "An error with its reason")},
+        "responses": {
+            "Error": _json(_ref("Error"), "An error with its reason"),
+            "TooMany": {
+                **_json(
+                    _ref("Error"),
+                    "Over a rate limit or a concurrency cap (reason: rate "
+                    "or concurrency); retry after Retry-After seconds",
+                ),
+                "headers": {
+                    "Retry-After": {
+                        "description": "seconds to wait before retrying",
+                        "schema": {"type": "integer", "minimum": 1},
+                    }
+                },
+            },
+        },
     },
 }
 

@@ -8,7 +8,10 @@ and the kind's parameters:
 
 - ``min_citations``: ``min`` (default 1) citations, unless the answer had no passages to cite
   or declined to answer ("nothing relevant was found");
-- ``citations_resolve``: every ``[n]`` in the text names a citation the answer carries;
+- ``citations_resolve``: every ``[n]`` in the text names a citation the answer carries. The
+  markers judged are the ones the model added: a passage's own bracketed numbers (a reference
+  ``[7]`` in an article) reach every backend as ``［7］`` (``web.llm.base.defuse_markers``),
+  so a marker copied from a data row is neither a citation nor a violation;
 - ``forbidden_pattern``: ``pattern`` (a Python regular expression, case-insensitive unless
   ``ignore_case = false``) must not occur in the text; ``message`` says why;
 - ``max_chars``: the text is at most ``limit`` characters.
@@ -147,6 +150,12 @@ class RuleSet:
     rules: tuple[Rule, ...]
     source: str
     digest: str
+
+    @property
+    def can_withhold(self) -> bool:
+        """Whether some answer could be rejected: then no text is shown before its verdict.
+        Every kind of rule can reject an answer, so any enabled rule counts."""
+        return bool(self.rules)
 
     def check(self, answer: Judged) -> list[Violation]:
         found = []

@@ -40,6 +40,7 @@ def make_app(tmp_path: Path, **config: Any) -> Flask:
         "RETRIEVER": FakeRetriever(PASSAGES),
         "ANSWERER": ExtractiveAnswerer(LexicalScorer()),
         "ANSWER_STORE_BACKEND": "memory",
+        "RATE_LIMIT_BACKEND": "memory",
         "REQUEST_PUBLISHER": RecordingPublisher(),
     }
     base.update(config)
@@ -248,7 +249,9 @@ def test_ask_answers_with_citations_and_keeps_the_answer(client: FlaskClient) ->
 
 
 @pytest.mark.parametrize("how", ["flag", "accept"])
-def test_ask_streams_server_sent_events(client: FlaskClient, how: str) -> None:
+def test_ask_streams_server_sent_events_without_rules(tmp_path: Path, how: str) -> None:
+    """No rule can withhold the answer: its text streams as it is generated."""
+    client = make_app(tmp_path, ANSWER_RULES="").test_client()
     body: dict[str, Any] = {"question": "What are connector tasks in Kafka?"}
     headers = dict(STAFF)
     if how == "flag":
@@ -261,10 +264,45 @@ def test_ask_streams_server_sent_events(client: FlaskClient, how: str) -> None:
     stream = events(response.get_data(as_text=True))
     names = [name for name, _ in stream]
     assert names[0] == "start" and names[-1] == "done" and "token" in names
+    assert stream[0][1]["buffered"] is False
+    # The passages come first: where each comes from, before any token.
+    passages = [d for n, d in stream if n == "passage"]
+    assert len(passages) == stream[0][1]["passages"] and names.index("token") > len(passages)
     done = stream[-1][1]
     assert "".join(d["text"] for n, d in stream if n == "token") == done["answer"]
     assert done["citations"] and done["id"] == stream[0][1]["id"]
     assert client.get(f"/api/v1/answers/{done['id']}", headers=STAFF).get_json() == done
+
+
+def test_with_rules_a_stream_sends_passages_then_only_the_judged_answer(
+    client: FlaskClient,
+) -> None:
+    """The shipped rules can withhold an answer: no text is sent before its verdict."""
+    body = {"question": "What are connector tasks in Kafka?", "stream": True}
+    stream = events(client.post("/api/v1/ask", json=body, headers=STAFF).get_data(as_text=True))
+    names = [name for name, _ in stream]
+    assert names == ["start"] + ["passage"] * stream[0][1]["passages"] + ["done"]
+    assert stream[0][1]["buffered"] is True
+    first = stream[1][1]
+    assert {"n", "source_table", "doc_key", "chunk_id", "source_lsn", "title"} <= set(first)
+    assert "text" not in first  # where a passage comes from, not what it says
+    done = stream[-1][1]
+    assert done["status"] == "approved" and done["citations"]
+    assert client.get(f"/api/v1/answers/{done['id']}", headers=STAFF).get_json() == done
+
+
+def test_a_withheld_stream_never_carries_its_text(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "no-kafka"\nkind = "forbidden_pattern"\npattern = "kafka"\n')
+    app = make_app(tmp_path, ANSWER_RULES=str(rules))
+    body = {"question": "When do Kafka Connect workers restart?", "stream": True}
+    raw = app.test_client().post("/api/v1/ask", json=body, headers=STAFF).get_data(as_text=True)
+    stream = events(raw)
+    assert [n for n, _ in stream if n not in ("start", "passage")] == ["done"]
+    assert stream[-1][1]["status"] == "rejected" and stream[-1][1]["answer"] == WITHHELD
+    withheld = app.extensions["freshet.answer_store"].get(stream[-1][1]["id"]).answer["answer"]
+    assert "every night" in withheld  # what the rules withheld, kept for their owners...
+    assert "every night" not in raw and "Staff only" not in raw  # ...and in no event at all
 
 
 class FailingAnswerer(Answerer):

@@ -7,6 +7,12 @@ from pathlib import Path
 import pytest
 
 from freshet.settings import PROJECT_ROOT
+from tests.unit.test_web_api import STAFF, make_app
+from tests.unit.web_fakes import FakeRetriever, passage
+from web.answers import judge
+from web.auth import User
+from web.llm.base import make_answer
+from web.prompting import build_prompt
 from web.validation import NO_RULES, Judged, RulesError, load_rules, parse_rules
 
 
@@ -77,3 +83,38 @@ def test_no_path_means_no_rules_and_a_missing_file_says_which(tmp_path: Path) ->
     assert load_rules("") is NO_RULES and load_rules(None) is NO_RULES
     with pytest.raises(RulesError, match="FRESHET_ANSWER_RULES=.*cannot be read"):
         load_rules(tmp_path / "missing.toml")
+
+
+# --- a data row cannot defeat the rules: markers copied from a passage -------------------
+REFERENCED = (
+    "Kafka Connect workers restart every night [7], as the operations handbook says [12]. "
+    "Each connector is split into tasks that the workers share [2]."
+)
+
+
+def test_a_passages_own_markers_are_not_citations_and_not_violations(tmp_path: Path) -> None:
+
+    retriever = FakeRetriever([passage(1, REFERENCED), passage(2, "Bread rises with yeast.")])
+    client = make_app(tmp_path, RETRIEVER=retriever).test_client()  # the shipped rules
+    question = {"question": "When do Kafka Connect workers restart?", "k": 2}
+    body = client.post("/api/v1/ask", json=question, headers=STAFF).get_json()
+    assert body["status"] == "approved", body.get("violations")
+    # The reference "[7]" reads "［7］" and cites nothing; the one marker added cites [1].
+    assert "every night ［7］" in body["answer"] and "[7]" not in body["answer"]
+    assert [c["n"] for c in body["citations"]] == [1]  # not passage 2 for the row's "[2]"
+
+
+def test_a_marker_the_model_adds_is_still_judged() -> None:
+
+    rules = load_rules(PROJECT_ROOT / "rules" / "answers.toml")
+    answer = make_answer("Workers restart nightly [1] and on Sundays [9].", [passage(1, "x")], "t")
+    stored = judge("r1", "q", User("ann"), answer, 1, rules)
+    assert stored.status == "rejected"
+    assert [v.rule for v in stored.violations] == ["citations-resolve"]
+
+
+def test_prompts_show_a_passages_markers_defused() -> None:
+
+    block = build_prompt("q", [passage(1, REFERENCED), passage(2, "Other [1].")]).data_block
+    assert "[7]" not in block and "［7］" in block and "Other ［1］." in block
+    assert "[1] source: app.articles" in block and "[2] source: app.articles" in block

@@ -77,6 +77,14 @@ def markers(text: str) -> list[int]:
     return [int(match.group(1)) for match in _CITE.finditer(text)]
 
 
+def defuse_markers(text: str) -> str:
+    """Passage text with its own ``[n]`` (a reference list's "[7]") written ``［n］``
+    (full-width brackets): a backend is shown, and can copy, only markers that are not
+    citation markers, so every ``[n]`` of an answer is one the model added, and the answer
+    rules judge those. It also keeps a passage's "[2]" from being read as passage 2."""
+    return _CITE.sub(lambda m: f"\uff3b{m.group(1)}\uff3d", text)
+
+
 def cited_numbers(text: str, count: int) -> list[int]:
     """The distinct [n] markers of ``text`` that name one of ``count`` passages, in order."""
     seen: list[int] = []

@@ -1,7 +1,8 @@
 """The offline default answerer: the most relevant retrieved sentences, each with its citation.
 
 Deterministic and honest: it never writes a word that is not in a passage, and when no sentence
-is close enough to the question it says it found nothing relevant instead of guessing.
+is close enough to the question it says it found nothing relevant instead of guessing. The only
+``[n]`` markers in its text are the ones it adds; a passage's own are written ``［n］``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from web.llm.base import Answer, Answerer, make_answer
+from web.llm.base import Answer, Answerer, defuse_markers, make_answer
 from web.retrieval import Passage
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ class ExtractiveAnswerer(Answerer):
         candidates: list[Sentence] = []
         seen: set[str] = set()
         for n, passage in enumerate(passages, start=1):
-            for sentence in split_sentences(passage.text):
+            # The passage's own "[7]" would read as (and be judged as) a citation marker.
+            for sentence in split_sentences(defuse_markers(passage.text)):
                 if sentence not in seen:
                     seen.add(sentence)
                     candidates.append(Sentence(sentence, n, len(candidates)))

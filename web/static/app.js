@@ -83,16 +83,19 @@ function parseEvents(buffer, onEvent) {
   return buffer;
 }
 
+function sourceItem(c) {
+  const item = el("li", null, { value: String(c.n) });
+  const link = el("a", c.source_table + " / " + c.doc_key + (c.title ? " — " + c.title : ""),
+    { href: documentUrl(c.source_table, c.doc_key) + "#chunk-" + c.chunk_id });
+  item.append(link, el("span", " version " + c.source_lsn + ", committed " + formatTime(c.source_ts), { class: "meta" }));
+  return item;
+}
+
 function renderCitations(answer) {
   const list = document.getElementById("citations");
+  list.classList.remove("reading");
   list.replaceChildren();
-  for (const c of answer.citations) {
-    const item = el("li", null, { value: String(c.n) });
-    const link = el("a", c.source_table + " / " + c.doc_key + (c.title ? " — " + c.title : ""),
-      { href: documentUrl(c.source_table, c.doc_key) + "#chunk-" + c.chunk_id });
-    item.append(link, el("span", " version " + c.source_lsn + ", committed " + formatTime(c.source_ts), { class: "meta" }));
-    list.append(item);
-  }
+  for (const c of answer.citations) list.append(sourceItem(c));
   document.getElementById("as-of").textContent =
     answer.as_of ? "As of " + formatTime(answer.as_of) + " (newest cited source commit)" : "";
 }
@@ -122,7 +125,16 @@ async function ask(question, k) {
       const { value, done } = await reader.read();
       if (done) break;
       buffer = parseEvents(buffer + decoder.decode(value, { stream: true }), (name, data) => {
-        if (name === "token") out.textContent += data.text;
+        if (name === "start" && data.buffered) {
+          // Answer rules are configured: no text is sent before they have judged it.
+          out.textContent = "Reading " + data.passages + " passage(s); the answer appears once the answer rules have checked it.";
+        }
+        else if (name === "passage") {
+          const list = document.getElementById("citations");
+          list.classList.add("reading");
+          list.append(sourceItem(data));
+        }
+        else if (name === "token") out.textContent += data.text;
         else if (name === "done") {
           out.textContent = data.answer;
           renderCitations(data);
@@ -131,7 +143,10 @@ async function ask(question, k) {
               data.violations.map((v) => v.rule + " (" + v.message + ")").join("; ");
           }
         }
-        else if (name === "error") error.textContent = data.message;
+        else if (name === "error") {
+          error.textContent = data.message;
+          document.getElementById("citations").replaceChildren();
+        }
       });
     }
   } catch (e) {

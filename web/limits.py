@@ -1,0 +1,430 @@
+"""Rate limits and concurrency caps on the expensive routes (/search, /ask): a 429 with a
+reason and ``Retry-After`` instead of a slower service for everyone.
+
+Who is limited: a caller with a token by the token's user (tokens of one user share a budget),
+an anonymous caller by address (an IPv6 address by its /64, which one host can hold whole).
+
+Two mechanisms, checked in this order for every request to a limited route:
+
+- a concurrency cap: at most ``<ROUTE>_CONCURRENCY_PER_CALLER`` requests of one caller in flight
+  in this process, and at most ``MAX_CONCURRENT_ASKS`` asks of all callers together, so that
+  asks can never hold every server thread; in memory, per process (it protects the process);
+- a token bucket per caller and route: ``<ROUTE>_RATE_PER_MINUTE`` sustained, ``<ROUTE>_BURST``
+  at once. With ``RATE_LIMIT_BACKEND=postgres`` (default) the buckets live in the unlogged table
+  rag.rate_limits and every web process shares them (one upsert per admitted request); each
+  process also keeps a copy of the buckets it has seen, so that a caller already over its limit
+  is refused without a database round trip (the copy only ever holds more tokens than the
+  shared bucket, so it never refuses what the shared bucket would admit). ``memory`` keeps the
+  buckets per process (N processes admit up to N times the rate); ``off`` disables both.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, current_app, g, request
+from psycopg_pool import ConnectionPool
+
+from freshet.settings import SettingsError
+from web.auth import ANONYMOUS, User
+from web.errors import ApiError
+
+logger = logging.getLogger(__name__)
+
+ROUTES = ("search", "ask")
+BACKENDS = ("postgres", "memory", "off")
+_EXTENSION = "freshet.limits"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A route's limits: the bucket (rate per second, burst) and the in-flight caps."""
+
+    route: str
+    rate: float
+    burst: float
+    per_caller: int
+    total: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.rate > 0 and self.burst >= 1 and self.per_caller >= 1):
+            raise ValueError(
+                f"{self.route} limits must be positive (rate {self.rate}/s, burst "
+                f"{self.burst}, {self.per_caller} per caller)"
+            )
+        if self.total is not None and self.total < 1:
+            raise ValueError(f"the {self.route} concurrency cap must be at least 1")
+
+    @property
+    def refill_s(self) -> float:
+        """Seconds for an empty bucket to fill up."""
+        return self.burst / self.rate
+
+    def describe(self) -> str:
+        return f"{self.rate * 60:g} per minute, bursts of {self.burst:g}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    admitted: bool
+    retry_after: float = 0.0
+
+
+@dataclass
+class Bucket:
+    """A token bucket: ``tokens`` at monotonic time ``at``."""
+
+    tokens: float
+    at: float
+
+    def level(self, limit: Limit, now: float) -> float:
+        return min(limit.burst, self.tokens + (now - self.at) * limit.rate)
+
+    def take(self, limit: Limit, now: float) -> Verdict:
+        """Take one token when there is one; the time until one is there otherwise."""
+        level = self.level(limit, now)
+        if level >= 1:
+            self.tokens, self.at = level - 1, now
+            return Verdict(True)
+        self.tokens, self.at = level, now
+        return Verdict(False, (1 - level) / limit.rate)
+
+
+class LocalBuckets:
+    """This process's buckets, keyed by (route, caller); buckets idle long enough to be full
+    again are dropped, so a stream of new addresses cannot grow it without bound."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[tuple[str, str], Bucket] = {}
+        self._lock = threading.Lock()
+        self._pruned = clock()
+
+    def take(self, limit: Limit, caller: str) -> Verdict:
+        now = self._clock()
+        with self._lock:
+            self._prune(limit, now)
+            bucket = self._buckets.setdefault((limit.route, caller), Bucket(limit.burst, now))
+            return bucket.take(limit, now)
+
+    def peek(self, limit: Limit, caller: str) -> Verdict:
+        """Whether a token is there, taking none."""
+        now = self._clock()
+        with self._lock:
+            bucket = self._buckets.get((limit.route, caller))
+            level = limit.burst if bucket is None else bucket.level(limit, now)
+        return Verdict(True) if level >= 1 else Verdict(False, (1 - level) / limit.rate)
+
+    def record(self, limit: Limit, caller: str, tokens: float) -> None:
+        """Set a bucket to what the shared bucket holds now."""
+        with self._lock:
+            self._buckets[(limit.route, caller)] = Bucket(tokens, self._clock())
+
+    def _prune(self, limit: Limit, now: float) -> None:
+        if now - self._pruned < 60 and len(self._buckets) < 10_000:
+            return
+        self._pruned = now
+        # A bucket idle for longer than its refill time is full: the same as no bucket.
+        idle = max(limit.refill_s, 1.0)
+        self._buckets = {k: b for k, b in self._buckets.items() if now - b.at < idle}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class RateLimiter(ABC):
+    @abstractmethod
+    def take(self, limit: Limit, caller: str) -> Verdict:
+        """Admit one request of ``caller`` to ``limit.route``, or say when to come back."""
+
+
+class MemoryRateLimiter(RateLimiter):
+    """Buckets in this process only."""
+
+    def __init__(self, buckets: LocalBuckets | None = None) -> None:
+        self.buckets = buckets or LocalBuckets()
+
+    def take(self, limit: Limit, caller: str) -> Verdict:
+        return self.buckets.take(limit, caller)
+
+
+# One statement per admitted request: refill by the time since the last update, take a token
+# when there is one. EXCLUDED.updated_at is the statement's clock, read once.
+_TAKE = """
+INSERT INTO rag.rate_limits AS b (route, caller, tokens, admitted, updated_at)
+VALUES (%(route)s, %(caller)s, %(burst)s - 1, true, clock_timestamp())
+ON CONFLICT (route, caller) DO UPDATE SET
+    tokens = CASE WHEN least(%(burst)s, b.tokens + %(rate)s * extract(epoch FROM
+                 EXCLUDED.updated_at - b.updated_at)::float8) >= 1
+             THEN least(%(burst)s, b.tokens + %(rate)s * extract(epoch FROM
+                 EXCLUDED.updated_at - b.updated_at)::float8) - 1
+             ELSE least(%(burst)s, b.tokens + %(rate)s * extract(epoch FROM
+                 EXCLUDED.updated_at - b.updated_at)::float8) END,
+    admitted = least(%(burst)s, b.tokens + %(rate)s * extract(epoch FROM
+                 EXCLUDED.updated_at - b.updated_at)::float8) >= 1,
+    updated_at = EXCLUDED.updated_at
+RETURNING admitted, tokens
+"""
+_PRUNE = (
+    "DELETE FROM rag.rate_limits WHERE updated_at < clock_timestamp() - make_interval(secs => %s)"
+)
+
+
+class PgRateLimiter(RateLimiter):
+    """Buckets in rag.rate_limits, shared by every web process, with a local copy in front.
+
+    When the database cannot be reached the local buckets decide alone (logged), rather than
+    refusing everyone or admitting everyone.
+    """
+
+    def __init__(
+        self,
+        pool: Callable[[], ConnectionPool],
+        *,
+        timeout: float = 2.0,
+        buckets: LocalBuckets | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool = pool
+        self.timeout = timeout
+        self.local = buckets or LocalBuckets(clock)
+        self._clock = clock
+        self._pruned = clock()
+        self._warned = -math.inf
+
+    def take(self, limit: Limit, caller: str) -> Verdict:
+        early = self.local.peek(limit, caller)
+        if not early.admitted:
+            return early  # the shared bucket holds no more than this copy: refused for sure
+        try:
+            with self._pool().connection(timeout=self.timeout) as conn:
+                row = conn.execute(
+                    _TAKE,
+                    {
+                        "route": limit.route,
+                        "caller": caller,
+                        "burst": float(limit.burst),
+                        "rate": float(limit.rate),
+                    },
+                ).fetchone()
+                self._prune(conn, limit)
+        except Exception as exc:  # noqa: BLE001 - no database: this process's buckets decide
+            now = self._clock()
+            if now - self._warned > 60:
+                self._warned = now
+                logger.warning("rate limits: rag.rate_limits unavailable, per process now: %s", exc)
+            return self.local.take(limit, caller)
+        assert row is not None
+        admitted, tokens = bool(row[0]), float(row[1])
+        self.local.record(limit, caller, tokens)
+        return Verdict(True) if admitted else Verdict(False, (1 - tokens) / limit.rate)
+
+    def _prune(self, conn: Any, limit: Limit) -> None:
+        now = self._clock()
+        if now - self._pruned < 60:
+            return
+        self._pruned = now
+        conn.execute(_PRUNE, (max(limit.refill_s, 1.0) + 60,))
+
+
+class Concurrency:
+    """Requests in flight in this process, per (route, caller) and per route."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callers: dict[tuple[str, str], int] = {}
+        self._routes: dict[str, int] = {}
+
+    def acquire(self, limit: Limit, caller: str) -> Slot | str:
+        """A slot, or why there is none: ``caller`` or ``route``."""
+        key = (limit.route, caller)
+        with self._lock:
+            if self._callers.get(key, 0) >= limit.per_caller:
+                return "caller"
+            if limit.total is not None and self._routes.get(limit.route, 0) >= limit.total:
+                return "route"
+            self._callers[key] = self._callers.get(key, 0) + 1
+            self._routes[limit.route] = self._routes.get(limit.route, 0) + 1
+        return Slot(self, key)
+
+    def _release(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            left = self._callers.get(key, 0) - 1
+            if left > 0:
+                self._callers[key] = left
+            else:
+                self._callers.pop(key, None)
+            self._routes[key[0]] = max(self._routes.get(key[0], 0) - 1, 0)
+
+    def in_flight(self, route: str, caller: str | None = None) -> int:
+        with self._lock:
+            if caller is None:
+                return self._routes.get(route, 0)
+            return self._callers.get((route, caller), 0)
+
+
+@dataclass
+class Slot:
+    """One request's place in flight; released once, whoever calls first."""
+
+    owner: Concurrency
+    key: tuple[str, str]
+    _released: bool = field(default=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self.owner._release(self.key)
+
+
+def caller_of(user: User, address: str | None) -> str:
+    """The identity limits count by: the token's user, else the address (IPv6: its /64)."""
+    if user.name != ANONYMOUS.name:
+        return f"user:{user.name}"
+    try:
+        ip = ipaddress.ip_address((address or "").split("%")[0])
+    except ValueError:
+        return f"addr:{address or 'unknown'}"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return f"addr:{ipaddress.IPv6Network((ip, 64), strict=False)}"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return f"addr:{ip}"
+
+
+@dataclass
+class Limits:
+    """The app's limits: per-route settings, the rate limiter and the in-flight counts."""
+
+    limits: Mapping[str, Limit]
+    limiter: RateLimiter | None
+    concurrency: Concurrency = field(default_factory=Concurrency)
+
+    def admit(self, route: str, user: User, address: str | None) -> Slot | None:
+        """A slot for this request, or a 429 ApiError that says why and when to retry."""
+        if self.limiter is None:
+            return None
+        limit = self.limits[route]
+        caller = caller_of(user, address)
+        slot = self.concurrency.acquire(limit, caller)
+        if isinstance(slot, str):
+            if slot == "caller":
+                message = (
+                    f"too many {route} requests at once: {limit.per_caller} of yours are in "
+                    "progress; wait for one to finish"
+                )
+            else:
+                message = (
+                    f"the server is answering {limit.total} {route} requests already; "
+                    "try again shortly"
+                )
+            raise too_many(message, "concurrency", route, 1.0, limit)
+        verdict = self.limiter.take(limit, caller)
+        if not verdict.admitted:
+            slot.release()
+            raise too_many(
+                f"rate limit: {route} is limited to {limit.describe()} per caller; "
+                f"retry in {max(1, math.ceil(verdict.retry_after))} s",
+                "rate",
+                route,
+                verdict.retry_after,
+                limit,
+            )
+        return slot
+
+
+def too_many(message: str, reason: str, route: str, retry_after: float, limit: Limit) -> ApiError:
+    seconds = max(1, math.ceil(retry_after))
+    return ApiError(
+        message,
+        429,
+        {
+            "reason": reason,
+            "route": route,
+            "retry_after": seconds,
+            "limit": {
+                "per_minute": round(limit.rate * 60, 3),
+                "burst": int(limit.burst),
+                "concurrent_per_caller": limit.per_caller,
+            },
+        },
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def limits_from_config(config: Mapping[str, Any], pool: Callable[[], ConnectionPool]) -> Limits:
+    """The Limits the app config asks for (keys in web.DEFAULTS, documented in docs/web.md)."""
+    backend = str(config.get("RATE_LIMIT_BACKEND") or "off")
+    if backend not in BACKENDS:
+        raise SettingsError(
+            f"FRESHET_RATE_LIMIT_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}"
+        )
+    total_asks = config.get("MAX_CONCURRENT_ASKS")
+    try:
+        limits = {
+            route: Limit(
+                route,
+                rate=float(config[f"{route.upper()}_RATE_PER_MINUTE"]) / 60,
+                burst=float(config[f"{route.upper()}_BURST"]),
+                per_caller=int(config[f"{route.upper()}_CONCURRENCY_PER_CALLER"]),
+                total=int(total_asks) if route == "ask" and total_asks else None,
+            )
+            for route in ROUTES
+        }
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"the FRESHET_SEARCH_* / FRESHET_ASK_* limits: {exc}") from None
+    limiter: RateLimiter | None
+    if backend == "off":
+        limiter = None
+    elif backend == "memory":
+        limiter = MemoryRateLimiter()
+    else:
+        limiter = PgRateLimiter(pool)
+    return Limits(limits, limiter)
+
+
+def get_limits(app: Flask | None = None) -> Limits:
+    app = app or current_app._get_current_object()  # type: ignore[attr-defined]
+    limits = app.extensions[_EXTENSION]
+    assert isinstance(limits, Limits)
+    return limits
+
+
+def admit(route: str, user: User) -> None:
+    """Admit the current request to ``route`` (a 429 ApiError otherwise). Its slot is released
+    when the request ends, unless a streamed response takes it over (``detach``)."""
+    slot = get_limits().admit(route, user, request.remote_addr)
+    if slot is not None:
+        g.freshet_slot = slot
+
+
+def detach() -> Slot | None:
+    """Take the request's slot over (a streamed response, which releases it when the stream
+    ends or the client goes away), so a streamed answer counts until its last event."""
+    slot = g.pop("freshet_slot", None)
+    return slot if isinstance(slot, Slot) else None
+
+
+def _release(_exc: BaseException | None = None) -> None:
+    slot = g.pop("freshet_slot", None)
+    if slot is not None:
+        slot.release()
+
+
+def init_app(app: Flask) -> None:
+    if _EXTENSION not in app.extensions:
+        from web.db import get_pool
+
+        app.extensions[_EXTENSION] = limits_from_config(app.config, lambda: get_pool(app))
+    app.teardown_request(_release)
