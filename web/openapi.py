@@ -125,6 +125,12 @@ SCHEMAS: dict[str, Any] = {
                 "type": "boolean",
                 "description": "the backend found nothing to answer from; it claims nothing",
             },
+            "markers": {
+                "type": "array",
+                "items": {"type": "integer"},
+                "description": "the [n] markers the model added to the text, in order; a "
+                "passage's own bracketed numbers copied into the answer are not among them",
+            },
             "secret": {
                 "type": "string",
                 "description": "only in POST /ask's response to an anonymous caller: the "

@@ -3,8 +3,7 @@
 Retrieved text is data, never instructions (indirect prompt injection): the system message is a
 constant that no retrieved text can change; passages go only inside a block fenced by markers
 with a per-prompt random nonce, so text in a passage cannot close the block; the question is a
-separate field rendered after the block. A passage's own ``[n]`` is defused (``［n］``), so the
-only citation markers a model sees are the prompt's passage numbers.
+separate field rendered after the block.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from web.llm.base import defuse_markers
 from web.retrieval import Passage
 
 logger = logging.getLogger(__name__)
@@ -68,7 +66,7 @@ def neutralise(text: str) -> str:
 
 
 def passage_header(number: int, passage: Passage) -> str:
-    title = f" — {neutralise(defuse_markers(passage.title))}" if passage.title else ""
+    title = f" — {neutralise(passage.title)}" if passage.title else ""
     return f"[{number}] source: {passage.source_table} key: {passage.doc_key}{title}"
 
 
@@ -78,7 +76,7 @@ def build_prompt(question: str, passages: Sequence[Passage], *, nonce: str | Non
     lines = [f"<<<DATA {nonce}>>>"]
     for number, passage in enumerate(passages, start=1):
         lines.append(passage_header(number, passage))
-        lines.append(neutralise(defuse_markers(passage.text.strip())))
+        lines.append(neutralise(passage.text.strip()))
         lines.append("")
     if not passages:
         lines.append("(no passages were found)")

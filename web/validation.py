@@ -8,10 +8,10 @@ and the kind's parameters:
 
 - ``min_citations``: ``min`` (default 1) citations, unless the answer had no passages to cite
   or declined to answer ("nothing relevant was found");
-- ``citations_resolve``: every ``[n]`` in the text names a citation the answer carries. The
-  markers judged are the ones the model added: a passage's own bracketed numbers (a reference
-  ``[7]`` in an article) reach every backend as ``［7］`` (``web.llm.base.defuse_markers``),
-  so a marker copied from a data row is neither a citation nor a violation;
+- ``citations_resolve``: every ``[n]`` the model added to the text names a citation the
+  answer carries. A marker copied from a passage (a reference "[7]" or an index "argv[0]" in
+  a quoted sentence) is the data's, not the model's: it is neither a citation nor a violation
+  (``Answer.markers``, see ``web.llm.base.added_markers``);
 - ``forbidden_pattern``: ``pattern`` (a Python regular expression, case-insensitive unless
   ``ignore_case = false``) must not occur in the text; ``message`` says why;
 - ``max_chars``: the text is at most ``limit`` characters.
@@ -57,16 +57,27 @@ class Judged:
     cited: tuple[int, ...]
     passages: int
     declined: bool = False
+    # The [n] markers the model added (None: every marker of the text, for an answer made
+    # before answers carried them).
+    added: tuple[int, ...] | None = None
+
+    @property
+    def markers(self) -> tuple[int, ...]:
+        return tuple(markers(self.text)) if self.added is None else self.added
 
     @classmethod
     def of(cls, answer: Mapping[str, Any], passages: int) -> Judged:
         """From an answer's JSON form (``Answer.to_dict()``)."""
         citations = answer.get("citations") or []
+        added = answer.get("markers")
+        if added is not None and not isinstance(added, list):
+            raise TypeError("markers must be a list of numbers")
         return cls(
             str(answer.get("answer") or ""),
             tuple(int(c["n"]) for c in citations),
             passages,
             bool(answer.get("declined", False)),
+            None if added is None else tuple(int(n) for n in added),
         )
 
 
@@ -100,7 +111,7 @@ class CitationsResolve(Rule):
     kind = "citations_resolve"
 
     def check(self, answer: Judged) -> str | None:
-        unknown = sorted(set(markers(answer.text)) - set(answer.cited))
+        unknown = sorted(set(answer.markers) - set(answer.cited))
         if not unknown:
             return None
         return "the text cites " + ", ".join(f"[{n}]" for n in unknown) + " with no source"

@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 
 from freshet.settings import PROJECT_ROOT
-from tests.unit.test_web_api import STAFF, make_app
+from tests.unit.test_web_api import STAFF, events, make_app
 from tests.unit.web_fakes import FakeRetriever, passage
 from web.answers import judge
 from web.auth import User
-from web.llm.base import make_answer
-from web.prompting import build_prompt
+from web.llm.base import added_markers, make_answer
 from web.validation import NO_RULES, Judged, RulesError, load_rules, parse_rules
 
 
@@ -88,33 +87,58 @@ def test_no_path_means_no_rules_and_a_missing_file_says_which(tmp_path: Path) ->
 # --- a data row cannot defeat the rules: markers copied from a passage -------------------
 REFERENCED = (
     "Kafka Connect workers restart every night [7], as the operations handbook says [12]. "
-    "Each connector is split into tasks that the workers share [2]."
+    "Each connector is split into tasks that the workers share [2]. Use sys.argv[0] for it."
 )
 
 
 def test_a_passages_own_markers_are_not_citations_and_not_violations(tmp_path: Path) -> None:
-
     retriever = FakeRetriever([passage(1, REFERENCED), passage(2, "Bread rises with yeast.")])
     client = make_app(tmp_path, RETRIEVER=retriever).test_client()  # the shipped rules
-    question = {"question": "When do Kafka Connect workers restart?", "k": 2}
-    body = client.post("/api/v1/ask", json=question, headers=STAFF).get_json()
-    assert body["status"] == "approved", body.get("violations")
-    # The reference "[7]" reads "［7］" and cites nothing; the one marker added cites [1].
-    assert "every night ［7］" in body["answer"] and "[7]" not in body["answer"]
-    assert [c["n"] for c in body["citations"]] == [1]  # not passage 2 for the row's "[2]"
+    question = {"question": "When do Kafka Connect workers restart every night?", "k": 2}
+    for stream in (False, True):
+        response = client.post("/api/v1/ask", json={**question, "stream": stream}, headers=STAFF)
+        body = events(response.get_data(as_text=True))[-1][1] if stream else response.get_json()
+        assert body["status"] == "approved", body.get("violations")
+        # The row's "[7]" stays as written and cites nothing; the one marker added cites [1].
+        assert "every night [7], as the operations handbook says [12]. [1]" in body["answer"]
+        assert body["markers"] == [1] and [c["n"] for c in body["citations"]] == [1]
+
+
+@pytest.mark.parametrize(
+    ("text", "added"),
+    [
+        # copied from the passage with its reference numbers, then cited by the model
+        ("They restart every night [7], as the operations handbook says [12]. [1]", [1]),
+        ("Each connector is split into tasks that the workers share [2].", []),
+        ("Use sys.argv[0] for it [1].", [1]),
+        # the model's own words: every marker is the model's, right or wrong
+        ("Workers restart nightly [1] and on Sundays [9].", [1, 9]),
+        ("[2] Workers restart.", [2]),
+    ],
+)
+def test_markers_the_model_added(text: str, added: list[int]) -> None:
+    assert added_markers(text, [REFERENCED, "Bread rises with yeast."]) == added
 
 
 def test_a_marker_the_model_adds_is_still_judged() -> None:
-
     rules = load_rules(PROJECT_ROOT / "rules" / "answers.toml")
     answer = make_answer("Workers restart nightly [1] and on Sundays [9].", [passage(1, "x")], "t")
     stored = judge("r1", "q", User("ann"), answer, 1, rules)
     assert stored.status == "rejected"
     assert [v.rule for v in stored.violations] == ["citations-resolve"]
+    copied = make_answer(
+        "Workers restart every night [7], as the operations handbook says [12]. [1]",
+        [passage(1, REFERENCED)],
+        "t",
+    )
+    assert judge("r2", "q", User("ann"), copied, 1, rules).status == "approved"
 
 
-def test_prompts_show_a_passages_markers_defused() -> None:
-
-    block = build_prompt("q", [passage(1, REFERENCED), passage(2, "Other [1].")]).data_block
-    assert "[7]" not in block and "［7］" in block and "Other ［1］." in block
-    assert "[1] source: app.articles" in block and "[2] source: app.articles" in block
+def test_answers_without_markers_are_judged_by_their_text() -> None:
+    """A raw answer from before answers carried their markers: every [n] of the text."""
+    rules = load_rules(PROJECT_ROOT / "rules" / "answers.toml")
+    old = {"answer": "a [1] [7]", "citations": [{"n": 1}]}
+    assert [v.rule for v in rules.check(Judged.of(old, 1))] == ["citations-resolve"]
+    assert rules.check(Judged.of({**old, "markers": [1]}, 1)) == []
+    with pytest.raises(TypeError):
+        Judged.of({**old, "markers": "1"}, 1)

@@ -61,15 +61,21 @@ class Answer:
     as_of: datetime | None = None
     # The backend said it has no answer (nothing relevant, or no text): it claims nothing.
     declined: bool = False
+    # The [n] markers the model added to the text, in order (not those copied from a
+    # passage): what the citation rules judge. None: every marker of the text.
+    markers: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "answer": self.text,
             "citations": [c.to_dict() for c in self.citations],
             "as_of": self.as_of.isoformat() if self.as_of else None,
             "backend": self.backend,
             "declined": self.declined,
         }
+        if self.markers is not None:
+            body["markers"] = list(self.markers)
+        return body
 
 
 def markers(text: str) -> list[int]:
@@ -77,18 +83,39 @@ def markers(text: str) -> list[int]:
     return [int(match.group(1)) for match in _CITE.finditer(text)]
 
 
-def defuse_markers(text: str) -> str:
-    """Passage text with its own ``[n]`` (a reference list's "[7]") written ``［n］``
-    (full-width brackets): a backend is shown, and can copy, only markers that are not
-    citation markers, so every ``[n]`` of an answer is one the model added, and the answer
-    rules judge those. It also keeps a passage's "[2]" from being read as passage 2."""
-    return _CITE.sub(lambda m: f"\uff3b{m.group(1)}\uff3d", text)
+#: Characters of text beside a marker that, found verbatim in a passage, make the marker part
+#: of a copy of the passage (a reference "[7]", an index "argv[0]"), not one the model added.
+VERBATIM_CONTEXT = 12
+_SPACE = re.compile(r"\s+")
 
 
-def cited_numbers(text: str, count: int) -> list[int]:
-    """The distinct [n] markers of ``text`` that name one of ``count`` passages, in order."""
+def added_markers(text: str, sources: Sequence[str]) -> list[int]:
+    """The [n] markers of ``text`` that the model added, in order: a marker is a copy when the
+    marker and the ``VERBATIM_CONTEXT`` characters before it, or after it, occur verbatim
+    (whitespace collapsed) in one of ``sources``, the passages the answer was drawn from."""
+    flat = _SPACE.sub(" ", text)
+    corpus = [_SPACE.sub(" ", source) for source in sources]
+
+    def copied(snippet: str, marker: str) -> bool:
+        if len(snippet.strip()) - len(marker) < VERBATIM_CONTEXT // 2:
+            return False  # too little context to tell a copy from a coincidence
+        return any(snippet in source for source in corpus)
+
+    added: list[int] = []
+    for match in _CITE.finditer(flat):
+        start, end, marker = match.start(), match.end(), match.group(0)
+        before = flat[max(0, start - VERBATIM_CONTEXT) : end]
+        after = flat[start : end + VERBATIM_CONTEXT]
+        if not (copied(before, marker) or copied(after, marker)):
+            added.append(int(match.group(1)))
+    return added
+
+
+def cited_numbers(text: str, count: int, added: Sequence[int] | None = None) -> list[int]:
+    """The distinct [n] markers of ``text`` (or the ``added`` ones) that name one of ``count``
+    passages, in order."""
     seen: list[int] = []
-    for n in markers(text):
+    for n in markers(text) if added is None else added:
         if 1 <= n <= count and n not in seen:
             seen.append(n)
     return seen
@@ -107,22 +134,33 @@ def citation(n: int, passage: Passage) -> Citation:
 
 
 def make_answer(
-    text: str, passages: Sequence[Passage], backend: str, *, cite_all_unmarked: bool = True
+    text: str,
+    passages: Sequence[Passage],
+    backend: str,
+    *,
+    cite_all_unmarked: bool = True,
+    added: Sequence[int] | None = None,
 ) -> Answer:
     """The Answer for generated ``text`` over ``passages`` numbered [1]..[n].
 
-    Citations are the passages the text names; a model that names none (small local models
-    often do not) gets every passage it was shown, since the answer was drawn from them all.
+    Citations are the passages named by the markers the model added (``added``, when the
+    backend knows them; else the markers of the text that are no copy of a passage, see
+    ``added_markers``): a passage's own "[2]" copied into the answer cites nothing. A model
+    that names none (small local models often do not) gets every passage it was shown, since
+    the answer was drawn from them all.
     """
     if not text.strip():
         logger.warning("the %s backend produced no text", backend)
-        return Answer(EMPTY_ANSWER, [], backend, None, declined=True)
-    numbers = cited_numbers(text, len(passages))
-    if not numbers and cite_all_unmarked and passages and text.strip():
+        return Answer(EMPTY_ANSWER, [], backend, None, declined=True, markers=())
+    text = text.strip()
+    if added is None:
+        added = added_markers(text, [p.text for p in passages])
+    numbers = cited_numbers(text, len(passages), added)
+    if not numbers and cite_all_unmarked and passages:
         numbers = list(range(1, len(passages) + 1))
     citations = [citation(n, passages[n - 1]) for n in numbers]
     stamps = [c.source_ts for c in citations if c.source_ts is not None]
-    return Answer(text.strip(), citations, backend, max(stamps) if stamps else None)
+    return Answer(text, citations, backend, max(stamps) if stamps else None, markers=tuple(added))
 
 
 class Answerer(ABC):

@@ -1,8 +1,9 @@
 """The offline default answerer: the most relevant retrieved sentences, each with its citation.
 
 Deterministic and honest: it never writes a word that is not in a passage, and when no sentence
-is close enough to the question it says it found nothing relevant instead of guessing. The only
-``[n]`` markers in its text are the ones it adds; a passage's own are written ``［n］``.
+is close enough to the question it says it found nothing relevant instead of guessing. It knows
+which ``[n]`` markers it added (one after each sentence); a sentence's own "[7]" or "argv[0]"
+is the passage's text, not a citation, and the answer rules do not judge it as one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from web.llm.base import Answer, Answerer, defuse_markers, make_answer
+from web.llm.base import Answer, Answerer, make_answer
 from web.retrieval import Passage
 
 logger = logging.getLogger(__name__)
@@ -120,14 +121,7 @@ class ExtractiveAnswerer(Answerer):
 
     def compose(self, question: str, passages: Sequence[Passage]) -> str:
         """The answer text: chosen sentences, best first, each followed by its [n]."""
-        candidates: list[Sentence] = []
-        seen: set[str] = set()
-        for n, passage in enumerate(passages, start=1):
-            # The passage's own "[7]" would read as (and be judged as) a citation marker.
-            for sentence in split_sentences(defuse_markers(passage.text)):
-                if sentence not in seen:
-                    seen.add(sentence)
-                    candidates.append(Sentence(sentence, n, len(candidates)))
+        candidates = sentences_of(passages)
         if not candidates or not question.strip():
             return NOTHING_RELEVANT
         scores = self.scorer.scores(question, [c.text for c in candidates])
@@ -153,5 +147,39 @@ class ExtractiveAnswerer(Answerer):
 
     def finish(self, text: str, passages: Sequence[Passage]) -> Answer:
         # Only what the text cites: "nothing relevant" cites nothing, and declines.
-        answer = make_answer(text, passages, self.name, cite_all_unmarked=False)
+        added = () if text == NOTHING_RELEVANT else appended_markers(text, passages)
+        answer = make_answer(text, passages, self.name, cite_all_unmarked=False, added=added)
         return replace(answer, declined=True) if text == NOTHING_RELEVANT else answer
+
+
+def sentences_of(passages: Sequence[Passage]) -> list[Sentence]:
+    """The candidate sentences of ``passages``, each once, with its passage's number."""
+    candidates: list[Sentence] = []
+    seen: set[str] = set()
+    for n, passage in enumerate(passages, start=1):
+        for sentence in split_sentences(passage.text):
+            if sentence not in seen:
+                seen.add(sentence)
+                candidates.append(Sentence(sentence, n, len(candidates)))
+    return candidates
+
+
+def appended_markers(text: str, passages: Sequence[Passage]) -> list[int] | None:
+    """The markers ``compose`` appended to ``text`` (one per sentence), read back by matching
+    the text against the passages' sentences; None when the text is not such a composition
+    (then ``make_answer`` tells copied markers from added ones by their context)."""
+    pieces = sorted(
+        ((f"{c.text} [{c.n}]", c.n) for c in sentences_of(passages)), key=lambda p: -len(p[0])
+    )
+    added: list[int] = []
+    at = 0
+    while at < len(text):
+        for piece, n in pieces:  # longest first: a sentence may begin another one
+            end = at + len(piece)
+            if text.startswith(piece, at) and (end == len(text) or text[end] == " "):
+                added.append(n)
+                at = end + 1
+                break
+        else:
+            return None
+    return added
