@@ -26,6 +26,9 @@ DLQ_TOPIC = "freshet.sync.dlq"
 MAX_STORED_VALUE = 256 * 1024
 MAX_STORED_KEY = 8 * 1024
 MAX_REASON = 4000
+# The dead-letter topic's copy is smaller: JSON escapes a control character into 6 bytes, so
+# 96 KiB of record stays under 600 KB whatever it holds.
+MAX_MESSAGE_VALUE = 96 * 1024
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ def dlq_message(r: Rejected) -> tuple[bytes | None, bytes]:
     """Key and value of the dead-letter topic record for a rejected event (always well under
     the default 1 MiB message limit: a long key is replaced by its digest)."""
     row = _row(r)
+    cut = storable(r.value, MAX_MESSAGE_VALUE)
     value = {
         "topic": row[0],
         "partition": row[1],
@@ -153,10 +157,10 @@ def dlq_message(r: Rejected) -> tuple[bytes | None, bytes]:
         "error_type": row[6],
         "reason": row[7],
         "record_key": row[3],
-        "record_value": row[4],
+        "record_value": cut.text,
         "record_size": row[8],
         "record_sha256": row[9],
-        "truncated": row[10],
+        "truncated": row[10] or cut.truncated,
     }
     key = r.key
     if key is not None and len(key) > MAX_STORED_KEY:
