@@ -184,6 +184,8 @@ def make_client(corpus: Corpus, apps: list[Flask]) -> Any:
                 "EMBEDDER": corpus.embedder,
                 "POOL_MAX_SIZE": 4,
                 "CONNECT_TIMEOUT": 1.0,
+                # The module's clients ask hundreds of questions; the limits have tests below.
+                "RATE_LIMIT_BACKEND": "off",
                 **config,
             }
         )
@@ -276,7 +278,8 @@ def test_ask_returns_cited_answer_with_versions(client: FlaskClient, corpus: Cor
         assert f"[{c['n']}]" in body["answer"]
     newest = max(corpus.ts[(c["source_table"], c["doc_key"])] for c in body["citations"])
     assert body["as_of"] == newest.isoformat()
-    again = client.get(f"/api/v1/answers/{body['id']}")
+    body.pop("secret")  # an anonymous asker's capability, returned with the answer only
+    again = client.get(f"/api/v1/answers/{body['id']}")  # the asker's session (its cookie)
     assert again.status_code == 200 and again.get_json() == body
 
 
@@ -297,18 +300,37 @@ def test_ask_bad_input(client: FlaskClient) -> None:
     error_of(client.get("/api/v1/answers/unknown"), 404)
 
 
-def test_ask_streams_tokens_then_citations(client: FlaskClient) -> None:
-    response = client.post(
+def test_ask_streams_tokens_then_citations(make_client: Any) -> None:
+    """Without answer rules the text streams as it is generated, after the passages."""
+    response = make_client(ANSWER_RULES="").post(
         "/api/v1/ask",
         json={"question": "What does the with statement do with a context manager?"},
         headers={"Accept": "text/event-stream"},
     )
     assert response.mimetype == "text/event-stream"
     events = sse_events(response.get_data(as_text=True))
-    assert events[0][0] == "start" and events[-1][0] == "done"
+    names = [name for name, _ in events]
+    assert names[0] == "start" and names[-1] == "done" and "token" in names
+    assert names[1 : 1 + events[0][1]["passages"]] == ["passage"] * events[0][1]["passages"]
     done = events[-1][1]
     assert "".join(d["text"] for name, d in events if name == "token") == done["answer"]
     assert done["citations"] and done["as_of"]
+
+
+def test_with_rules_a_stream_sends_no_text_before_the_verdict(client: FlaskClient) -> None:
+    """The shipped rules can withhold an answer: passages first, then the judged answer."""
+    response = client.post(
+        "/api/v1/ask",
+        json={"question": "What does the with statement do with a context manager?"},
+        headers={"Accept": "text/event-stream"},
+    )
+    events = sse_events(response.get_data(as_text=True))
+    count = events[0][1]["passages"]
+    assert events[0][1]["buffered"] is True and count > 0
+    assert [name for name, _ in events] == ["start"] + ["passage"] * count + ["done"]
+    cited = {(c["source_table"], c["doc_key"]) for c in events[-1][1]["citations"]}
+    assert cited <= {(d["source_table"], d["doc_key"]) for _, d in events[1:-1]}
+    assert events[-1][1]["status"] == "approved" and events[-1][1]["answer"]
 
 
 def test_documents(client: FlaskClient, corpus: Corpus) -> None:
@@ -464,15 +486,19 @@ def chat_server() -> Iterator[ChatServer]:
     thread.join()
 
 
+def openai_config(chat_server: ChatServer) -> dict[str, Any]:
+    return {
+        "LLM_BACKEND": "openai",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{chat_server.server_address[1]}/v1",
+        "OPENAI_API_KEY": "test-key",
+        "LLM_MODEL": "fake-model",
+        "LLM_TIMEOUT": 10,
+    }
+
+
 @pytest.fixture
 def openai_client(make_client: Any, chat_server: ChatServer) -> FlaskClient:
-    client: FlaskClient = make_client(
-        LLM_BACKEND="openai",
-        OPENAI_BASE_URL=f"http://127.0.0.1:{chat_server.server_address[1]}/v1",
-        OPENAI_API_KEY="test-key",
-        LLM_MODEL="fake-model",
-        LLM_TIMEOUT=10,
-    )
+    client: FlaskClient = make_client(**openai_config(chat_server))
     return client
 
 
@@ -511,14 +537,14 @@ def test_openai_backend_with_retry_and_injection(
 
 
 def test_openai_backend_streams(
-    openai_client: FlaskClient, chat_server: ChatServer, corpus: Corpus
+    make_client: Any, openai_client: FlaskClient, chat_server: ChatServer, corpus: Corpus
 ) -> None:
-    response = openai_client.post(
-        "/api/v1/ask",
-        json={"question": "What is the refund policy?", "stream": True},
-        headers=STAFF,
+    ask = {"question": "What is the refund policy?", "stream": True}
+    # Without answer rules the model's tokens are passed on as they arrive.
+    unjudged = make_client(**openai_config(chat_server), ANSWER_RULES="")
+    events = sse_events(
+        unjudged.post("/api/v1/ask", json=ask, headers=STAFF).get_data(as_text=True)
     )
-    events = sse_events(response.get_data(as_text=True))
     tokens = [d["text"] for name, d in events if name == "token"]
     assert len(tokens) > 3 and "".join(tokens) == chat_server.reply
     done = events[-1]
@@ -526,6 +552,13 @@ def test_openai_backend_streams(
     request = chat_server.requests[-1]
     assert request["stream"] is True
     _check_prompt(request, corpus, corpus.keys_of("support"))
+    # With the shipped rules the model still streams to the app, but no token reaches the
+    # client before the verdict: the judged answer comes whole in `done`.
+    events = sse_events(
+        openai_client.post("/api/v1/ask", json=ask, headers=STAFF).get_data(as_text=True)
+    )
+    assert "token" not in [name for name, _ in events] and chat_server.requests[-1]["stream"]
+    assert events[-1][0] == "done" and events[-1][1]["answer"] == chat_server.reply
 
 
 def test_openai_backend_failure_is_502(openai_client: FlaskClient, chat_server: ChatServer) -> None:
@@ -574,3 +607,70 @@ def test_transformers_backend_answers_with_citations(make_client: Any, corpus: C
         )
         events = sse_events(streamed.get_data(as_text=True))
         assert events[-1][0] == "done" and events[-1][1]["citations"]
+
+
+# --- the web app under abuse ----------------------------------------------------------------
+def test_rate_limits_are_shared_by_every_web_process(make_client: Any, corpus: Corpus) -> None:
+    """Two apps (two web processes) on one database draw from the same bucket."""
+    limits = {"RATE_LIMIT_BACKEND": "postgres", "SEARCH_BURST": 3, "SEARCH_RATE_PER_MINUTE": 1}
+    first, second = make_client(**limits), make_client(**limits)
+    url = "/api/v1/search?q=context+manager"
+    assert first.get(url, headers=SUPPORT).status_code == 200
+    assert second.get(url, headers=SUPPORT).status_code == 200
+    assert first.get(url, headers=SUPPORT).status_code == 200
+    for client in (second, first):
+        response = client.get(url, headers=SUPPORT)
+        error = error_of(response, 429)
+        assert error["reason"] == "rate" and int(response.headers["Retry-After"]) >= 1
+    assert second.get(url, headers=STAFF).status_code == 200  # another caller, another bucket
+    with connect(corpus.url) as conn:
+        row = conn.execute(
+            "SELECT tokens, admitted FROM rag.rate_limits"
+            " WHERE route = 'search' AND caller = 'user:demo-support'"
+        ).fetchone()
+    assert row is not None and row[0] < 1 and row[1] is False
+
+
+def test_anonymous_answers_open_only_with_their_capability(
+    make_client: Any, corpus: Corpus
+) -> None:
+    asker, stranger = make_client(), make_client()
+    body = asker.post("/api/v1/ask", json={"question": "How long is the refund period?"}).get_json()
+    secret = body.pop("secret")
+    url = f"/api/v1/answers/{body['id']}"
+    error_of(stranger.get(url), 404)  # anonymous too, but not the asker
+    assert stranger.get(url, headers={"Freshet-Answer-Secret": secret}).get_json() == body
+    assert asker.get(url).get_json() == body  # the asker's session
+    with connect(corpus.url) as conn:
+        row = conn.execute(
+            "SELECT secret_hash, session_hash, row_to_json(a)::text FROM rag.answers a"
+            " WHERE id = %s",
+            (body["id"],),
+        ).fetchone()
+    assert row is not None and row[0] and row[1] and secret not in row[2]
+
+
+DEEP_ARRAY = "[" * 5000 + "]" * 5000
+DEEP_OBJECT = '{"a":' * 900 + "1" + "}" * 900  # parses; too deep for the API
+DEEP_QUERY_OBJECT = '{"a":' * 500 + "1" + "}" * 500  # under the 4,096 characters of metadata
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "field"),
+    [
+        ("GET", "/api/v1/search?q=refund&metadata=" + "[" * 5000, None, "metadata"),
+        ("GET", "/api/v1/search?q=refund&metadata=" + DEEP_QUERY_OBJECT, None, "metadata"),
+        (
+            "POST",
+            "/api/v1/ask",
+            '{"question": "refund?", "metadata": ' + DEEP_ARRAY + "}",
+            "metadata",
+        ),
+        ("POST", "/api/v1/ask", '{"question": "refund?", "table": ' + DEEP_OBJECT + "}", "table"),
+    ],
+)
+def test_deeply_nested_json_is_a_400(
+    client: FlaskClient, method: str, url: str, body: str | None, field: str
+) -> None:
+    response = client.open(url, method=method, data=body, content_type="application/json")
+    assert error_of(response, 400)["field"] == field
