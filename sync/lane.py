@@ -88,10 +88,14 @@ class _GatedEmbedder(Embedder):
             return self.gate.run(texts, foreground=True)
         cache = self.cache if self.cache is not None else {}
         todo = [t for t in dict.fromkeys(texts) if t not in cache]
+        logged = time.monotonic()
         for start in range(0, len(todo), SLICE):
             part = todo[start : start + SLICE]
             for text, vector in zip(part, self.gate.run(part, foreground=False), strict=True):
                 cache[text] = vector
+            if time.monotonic() - logged > 10:
+                logged = time.monotonic()
+                logger.info("large lane: %d of %d texts embedded", start + len(part), len(todo))
         return np.stack([cache[t] for t in texts]).astype(np.float32, copy=False)
 
 

@@ -6,7 +6,8 @@ crash before the commit means the batch is handled again, so every handler is id
 (outputs keyed by request id, the answers table upserted by id). A record the handler cannot
 read (MessageError) goes to rag.workflow.dlq with the reason and keeps the partition flowing;
 any other failure (database or Kafka down) is retried from that record with backoff, never
-skipped.
+skipped. Every call to Kafka (connecting, polling, producing, committing) waits out an outage
+of any length with jittered backoff until it succeeds or the step is told to stop.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
 
+from freshet.retry import Stopped, retry
 from workflow.messages import DEAD_LETTERS, MessageError, dumps
 
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
+KAFKA_ERRORS = (KafkaError, OSError)
 
 
 @dataclass(frozen=True)
@@ -70,24 +74,46 @@ class Step:
     _backoff: float = field(default=0.5, repr=False)
 
     def run(self, stop: threading.Event) -> None:
-        consumer = KafkaConsumer(
-            self.topic,
-            bootstrap_servers=self.bootstrap_servers,
-            group_id=self.group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            client_id=f"freshet-{self.name}",
-        )
-        producer = KafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all")
+        def kafka(call: Callable[[], Any], what: str) -> Any:
+            return retry(call, what=f"{self.name}: {what}", stop=stop, transient=KAFKA_ERRORS)
+
+        try:
+            consumer = kafka(
+                lambda: KafkaConsumer(
+                    self.topic,
+                    bootstrap_servers=self.bootstrap_servers,
+                    group_id=self.group,
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    client_id=f"freshet-{self.name}",
+                ),
+                "connecting to Kafka",
+            )
+            producer = kafka(
+                lambda: KafkaProducer(
+                    bootstrap_servers=self.bootstrap_servers, acks="all", max_block_ms=10_000
+                ),
+                "connecting to Kafka",
+            )
+        except Stopped:
+            return
         logger.info("%s: consuming %s in group %s", self.name, self.topic, self.group)
         try:
             while not stop.is_set():
-                polled = consumer.poll(timeout_ms=self.poll_ms, max_records=self.batch)
+                polled = kafka(
+                    lambda: consumer.poll(timeout_ms=self.poll_ms, max_records=self.batch),
+                    "polling",
+                )
                 for partition, records in polled.items():
                     self._process(consumer, producer, partition, records, stop)
+        except Stopped:
+            logger.info("%s: stopping while waiting for Kafka", self.name)
         finally:
-            producer.close(timeout=10)
-            consumer.close()  # leaves the group: its partitions move to the other members
+            for close in (lambda: producer.close(timeout=10), consumer.close):
+                try:
+                    close()  # the consumer leaves the group: its partitions move at once
+                except Exception as exc:  # noqa: BLE001 - closing what may be gone already
+                    logger.debug("%s: closing: %s", self.name, exc)
             logger.info("%s: stopped after %d records", self.name, self.handled)
 
     def _process(
@@ -118,8 +144,24 @@ class Step:
             self._backoff = 0.5
         if done is None:
             return
-        producer.flush(timeout=30)
-        consumer.commit({partition: OffsetAndMetadata(done + 1, "", -1)})
+        retry(
+            lambda: producer.flush(timeout=30),
+            what=f"{self.name}: publishing",
+            stop=stop,
+            transient=KAFKA_ERRORS,
+        )
+        try:
+            retry(
+                lambda: consumer.commit({partition: OffsetAndMetadata(done + 1, "", -1)}),
+                what=f"{self.name}: committing",
+                stop=stop,
+                transient=KAFKA_ERRORS,
+                fatal=lambda exc: isinstance(exc, CommitFailedError),
+            )
+        except CommitFailedError as exc:
+            # A rebalance moved the partition: its new owner handles these records again
+            # (every handler is idempotent).
+            logger.warning("%s: offsets not committed, the group rebalanced: %s", self.name, exc)
 
     def handle(self, record: Any) -> list[Output]:
         """The handler's outputs, or the record's dead letter when it cannot be read."""
