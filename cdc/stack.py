@@ -9,6 +9,7 @@ processes whose PID files this launcher wrote.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ from cdc.connect import ConnectClient, ConnectError, LocalConnect, connector_sta
 from cdc.connect import register_connector as put_connector
 from cdc.kafka import LocalKafka, describe_kafka, ensure_topic_limits, max_request_bytes
 from cdc.postgres import EmbeddedPostgres
-from cdc.processes import PortTakenError, StackError, port_in_use
+from cdc.processes import PortTakenError, StackError, pid_alive, port_in_use
 from cdc.services import (
     LocalInference,
     LocalSupervisor,
@@ -351,14 +352,17 @@ def _workers(conn: Any) -> list[dict[str, Any]]:
         return []
     rows = conn.execute(
         "SELECT worker_id, group_id, state, extract(epoch FROM now() - heartbeat_at),"
-        " events_applied, events_skipped, embeddings, events_per_sec, lag, progress, last_error"
-        " FROM rag.workers WHERE heartbeat_at > now() - interval '10 minutes'"
+        " events_applied, events_skipped, embeddings, events_per_sec, lag, progress, last_error,"
+        " hostname, pid FROM rag.workers WHERE heartbeat_at > now() - interval '10 minutes'"
         " ORDER BY worker_id"
     ).fetchall()
     workers = []
+    here = socket.gethostname()
     for row in rows:
         progress = row[9] or {}
         state = row[2] if row[2] in ("stopped", "died") or row[3] < 30 else "silent"
+        if state not in ("stopped", "died") and row[11] == here and not pid_alive(row[12]):
+            state = "died"  # killed without a word (kill -9, OOM): its process is gone
         workers.append(
             {
                 "worker_id": row[0],

@@ -154,6 +154,9 @@ class Settings:
     # FRESHET_SYNC_LARGE_EVENT_BYTES: a change event larger than this is chunked and embedded
     # in the large lane, so other documents keep flowing meanwhile (0: no large lane).
     sync_large_event_bytes: int = 256 * 1024
+    # FRESHET_SYNC_LARGE_EMBEDDINGS: a document that needs more new embeddings than this (a
+    # large row read back from the source, say) is applied in the large lane as well.
+    sync_large_embeddings: int = 64
     # FRESHET_MAX_EVENT_BYTES: the largest change event the pipeline carries (broker, topics,
     # Connect's producer, the sync worker's consumer); a larger row arrives as a marker, is
     # recorded as a dead letter and hides its document.
@@ -239,6 +242,9 @@ class Settings:
             sync_fetch_wait_ms=_int(env, "FRESHET_SYNC_FETCH_WAIT_MS", defaults.sync_fetch_wait_ms),
             sync_large_event_bytes=_int(
                 env, "FRESHET_SYNC_LARGE_EVENT_BYTES", defaults.sync_large_event_bytes
+            ),
+            sync_large_embeddings=_positive(
+                env, "FRESHET_SYNC_LARGE_EMBEDDINGS", defaults.sync_large_embeddings
             ),
             max_event_bytes=_positive(env, "FRESHET_MAX_EVENT_BYTES", defaults.max_event_bytes),
             supervise=_bool(env, "FRESHET_SUPERVISE", defaults.supervise),

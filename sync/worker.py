@@ -173,6 +173,7 @@ class SyncWorker:
         # A tokenizer is not safe on two threads: the embedder keeps the model's own (used only
         # through the gate), and each lane chunks with a copy of it.
         self.writer.chunker = _own_tokenizer(self.chunker)
+        self.writer.defer_above = self.settings.sync_large_embeddings
         cache: dict[str, Any] = {}
         self.lane = LargeLane(
             Writer(self.gate.background(cache), _own_tokenizer(self.chunker), self.source),
@@ -244,6 +245,9 @@ class SyncWorker:
         routed = self.router.route(records)
         changes = self._keep_or_defer(routed.changes)
         stats = self._apply_with_retry(changes, routed.rejected, stop)
+        for change in stats.deferred:  # documents that turned out large: to the lane, in order
+            assert self.lane is not None
+            self.lane.submit(change)
         dead = routed.rejected + stats.dead
         self._observe(stats)
         self._publish(dead, stop)
@@ -543,6 +547,7 @@ def _merge(total: ApplyStats, part: ApplyStats) -> None:
         setattr(total, name, getattr(total, name) + getattr(part, name))
     total.committed.extend(part.committed)
     total.dead.extend(part.dead)
+    total.deferred.extend(part.deferred)
     total.problems.merge(part.problems)
 
 

@@ -64,6 +64,9 @@ class ApplyStats:
     # (table, source commit time) of every live (non-snapshot) change that took effect.
     committed: list[tuple[str, datetime]] = field(default_factory=list)
     dead: list[Rejected] = field(default_factory=list)
+    # Changes of documents too large for this batch (more new embeddings than the writer's
+    # `defer_above`), in record order: the caller hands them to the large lane.
+    deferred: list[Change] = field(default_factory=list)
     problems: problems.Problems = field(default_factory=problems.Problems)
 
 
@@ -94,6 +97,8 @@ class _Intent:
     vectors: dict[int, np.ndarray] = field(default_factory=dict)
     stale_ids: list[int] = field(default_factory=list)
     skip: bool = False  # nothing to write (the source row is gone; its delete follows)
+    changes: list[Change] = field(default_factory=list)  # every change of it in the batch
+    commit_times: list[datetime] = field(default_factory=list)  # of the live changes applied
 
 
 def dead_letter(change: Change, stage: str, exc: BaseException | str) -> Rejected:
@@ -122,6 +127,9 @@ class Writer:
     chunker: Chunker
     # Reads a row from the source when an event lacks a column the index never stored.
     source: SourceRows | None = None
+    # A document needing more new embeddings than this is not written here but deferred
+    # (ApplyStats.deferred), so one huge row cannot hold the batch; None: never.
+    defer_above: int | None = None
 
     def apply(self, conn: psycopg.Connection, changes: Sequence[Change]) -> ApplyStats:
         stats = ApplyStats()
@@ -264,6 +272,7 @@ class Writer:
             )
             truncated_at = watermarks.get(key[0], -1)
             intent: _Intent | None = None
+            commit_times: list[datetime] = []
             for change in doc_changes:
                 pos = change.position
                 if change.kind is Kind.TOMBSTONE:
@@ -286,7 +295,7 @@ class Writer:
                 version = change.version
                 last_position = (pos.topic, pos.partition, pos.offset or 0)
                 if change.commit_time is not None and not change.snapshot:
-                    stats.committed.append((change.table, change.commit_time))
+                    commit_times.append(change.commit_time)
                 if change.kind is Kind.DELETE:
                     intent = _Intent(key, change, delete=True)
                     deleted, row = True, None
@@ -302,6 +311,8 @@ class Writer:
                     intent = _Intent(key, change, delete=False, row=row)
                     deleted = False
             if intent is not None:
+                intent.changes = doc_changes
+                intent.commit_times = commit_times
                 intents.append(intent)
         return intents
 
@@ -335,6 +346,10 @@ class Writer:
                 if transient_db_error(exc):
                     raise
                 self._hide_for(intent, old, exc, stats)
+                continue
+            if self.defer_above is not None and len(intent.to_embed) > self.defer_above:
+                intent.skip = True
+                stats.deferred.extend(intent.changes)
 
     def _plan_upsert(
         self, intent: _Intent, old: list[tuple[int, int, str]], stats: ApplyStats
@@ -425,6 +440,7 @@ class Writer:
             stats.dead.append(dead_letter(intent.last, "write", exc))
             return
         stats.applied += 1
+        stats.committed.extend((intent.key[0], t) for t in intent.commit_times)
 
     @staticmethod
     def _version_params(change: Change) -> dict[str, Any]:
