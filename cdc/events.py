@@ -68,6 +68,9 @@ class SourceInfo:
     commit_time: datetime  # the source commit time (source.ts_us / ts_ms)
     snapshot: str  # "false", "true", "first", "last", "incremental", ...
     last_commit_lsn: int | None = None
+    # The stream position when the event was emitted (source.sequence[1]); an incremental
+    # snapshot's read event has no lsn of its own and is ordered by this one.
+    stream_lsn: int | None = None
 
     @property
     def qualified_table(self) -> str:
@@ -104,6 +107,11 @@ class ChangeEvent:
 
     @property
     def lsn(self) -> int | None:
+        """The event's source position. An incremental snapshot's read event has none: it
+        reflects the row as of the stream position it was emitted at (Debezium drops it when a
+        change of the row arrives inside its window), so that position orders it."""
+        if self.source.lsn is None and self.source.is_snapshot:
+            return self.source.stream_lsn
         return self.source.lsn
 
     @property
@@ -232,6 +240,7 @@ def _source(raw: Any) -> SourceInfo:
     try:
         sequence = json.loads(raw["sequence"]) if raw.get("sequence") else [None, None]
         last_commit = int(sequence[0]) if sequence and sequence[0] is not None else None
+        stream = int(sequence[1]) if len(sequence) > 1 and sequence[1] is not None else None
         commit_time = _time(raw.get("ts_us"), raw.get("ts_ms"))
         if commit_time is None:
             raise DecodeError("source block has no ts_ms")
@@ -246,6 +255,7 @@ def _source(raw: Any) -> SourceInfo:
             commit_time=commit_time,
             snapshot=str(raw.get("snapshot", "false")).lower(),
             last_commit_lsn=last_commit,
+            stream_lsn=stream,
         )
     except KeyError as exc:
         raise DecodeError(f"source block lacks {exc.args[0]!r}") from None

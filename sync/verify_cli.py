@@ -142,7 +142,7 @@ def _repair(
     if not report.in_sync:
         logger.warning(
             "repair: differences remain after %.0fs; is the connector RUNNING (`freshet status`)?",
-            wait,
+            time.monotonic() - started,
         )
     return {
         "resnapshot": requested,

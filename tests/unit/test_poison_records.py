@@ -197,3 +197,13 @@ def deadletters_position():  # type: ignore[no-untyped-def]
     from cdc.events import RecordPosition
 
     return RecordPosition(TOPIC, 0, 1)
+
+
+def test_an_incremental_snapshot_read_is_ordered_by_its_stream_position() -> None:
+    envelope = insert_envelope()
+    envelope["op"] = "r"
+    envelope["source"].update(snapshot="incremental", lsn=None, sequence='["80531008","80531010"]')
+    decoded = decode(b'{"id": 990001}', json.dumps(envelope).encode())
+    assert decoded.lsn == 80531010  # type: ignore[union-attr]
+    changes, _ = route_one(b'{"id": 990001}', json.dumps(envelope).encode())
+    assert changes[0].version == (80531010, 7)
