@@ -324,7 +324,7 @@ def _submit(question: str, user: User, k: int, filters: Filters, asker: Asker) -
         get_publisher().publish(AnswerRequest(pending.id, question, k, user, filters))
     except QueueUnavailable as exc:
         store.put(answers_mod.failed(pending, str(exc)))
-        raise ApiError(str(exc), 503, {"id": pending.id, "secret": asker.secret}) from None
+        raise ApiError(str(exc), 503, asker.body({"id": pending.id})) from None
     response = jsonify(asker.body(pending.to_dict()))
     response.status_code = 202
     return asker.respond(response, pending.id)

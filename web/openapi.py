@@ -302,7 +302,11 @@ PATHS: dict[str, Any] = {
                 _path("source", "source table, e.g. app.articles"),
                 _path("key", "the row's key, e.g. 12"),
             ],
-            "responses": {"200": _json(_ref("Document"), "The document"), "404": _ERROR},
+            "responses": {
+                "200": _json(_ref("Document"), "The document"),
+                "401": _ERROR,
+                "404": _ERROR,
+            },
         }
     },
     "/api/v1/status": {

@@ -23,6 +23,14 @@ pytestmark = pytest.mark.integration
 
 CANARY = (880_001, "Lighthouse routine", "The lighthouse keeper feeds the grey cat at dawn.")
 FERRET = (880_002, "Barn routine", "The farmer feeds the ferret at noon, behind the red barn.")
+# A row with reference markers of its own: copied into an answer they cite nothing, and the
+# citation rules (applied by the validator, after Kafka) must not withhold the answer for them.
+ALMANAC = (
+    880_003,
+    "Harbour almanac",
+    "The harbour tide turns at the stroke of noon [7], as the old almanac records [12].",
+)
+ROWS = (CANARY, FERRET, ALMANAC)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +64,7 @@ def workflow_env(
 @pytest.fixture(scope="module")
 def indexed(running_stack: Settings, workflow_env: dict[str, str]) -> Iterator[None]:
     with source(running_stack) as conn:
-        for key, title, body in (CANARY, FERRET):
+        for key, title, body in ROWS:
             conn.execute(
                 "INSERT INTO app.articles (id, title, body) VALUES (%s, %s, %s)"
                 " ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title, body = EXCLUDED.body",
@@ -64,7 +72,7 @@ def indexed(running_stack: Settings, workflow_env: dict[str, str]) -> Iterator[N
             )
     yield
     with source(running_stack) as conn:
-        conn.execute("DELETE FROM app.articles WHERE id IN (%s, %s)", (CANARY[0], FERRET[0]))
+        conn.execute("DELETE FROM app.articles WHERE id = ANY(%s)", ([r[0] for r in ROWS],))
 
 
 @pytest.fixture
@@ -131,6 +139,36 @@ def test_an_async_answer_that_breaks_a_rule_is_rejected_and_withheld(
     assert {"rule": "no-ferrets", "message": "ferrets are off topic"} in body["violations"]
     published = on_topic(running_stack, REJECTED, answer_id)
     assert published is not None and "ferret" in published["withheld"]["answer"]
+
+
+def test_a_rows_own_citation_markers_do_not_withhold_an_async_answer(
+    client: FlaskClient,
+) -> None:
+    answer_id = ask_async(client, "When does the harbour tide turn?")
+    body = outcome(client, answer_id)
+    assert body["status"] == "approved", body
+    assert "noon [7], as the old almanac records [12]." in body["answer"]
+    assert ("app.articles", str(ALMANAC[0])) in {
+        (c["source_table"], c["doc_key"]) for c in body["citations"]
+    }
+    assert 7 not in body["markers"] and 12 not in body["markers"]
+
+
+def test_another_anonymous_caller_cannot_read_an_async_answer(
+    client: FlaskClient, workflow_env: dict[str, str]
+) -> None:
+    response = client.post("/api/v1/ask", json={"question": "Who feeds the cat?", "async": True})
+    pending = response.get_json()
+    secret, url = pending.pop("secret"), f"/api/v1/answers/{pending['id']}"
+    outcome(client, pending["id"])  # the asker, by the session cookie of the ask
+    stranger = create_app({"POOL_MAX_SIZE": 1}, settings=Settings.from_env(workflow_env))
+    try:
+        other = stranger.test_client()  # another anonymous caller, another web process
+        assert other.get(url).status_code == 404
+        judged = other.get(url, headers={"Freshet-Answer-Secret": secret}).get_json()
+        assert judged["status"] == "approved" and judged["id"] == pending["id"]
+    finally:
+        close_app(stranger)
 
 
 def test_a_malformed_request_is_dead_lettered_and_the_next_is_answered(
