@@ -46,7 +46,7 @@ def _progress(enabled: bool) -> Callable[[int], Callable[[int], None]] | None:
     return start
 
 
-def _chunker(settings: Settings) -> TokenChunker:
+def chunker_for(settings: Settings) -> TokenChunker:
     """The sync worker's chunker: the model's tokenizer, without loading the model."""
     from transformers import AutoTokenizer
 
@@ -86,7 +86,7 @@ def render(report: Report) -> str:
 
 def run_verify(settings: Settings, args: argparse.Namespace) -> int:
     mappings = Mappings.load(settings.mappings_path)
-    chunker = _chunker(settings)
+    chunker = chunker_for(settings)
     with (
         connect(source_database_url(settings), autocommit=True) as source,
         connect(database_url(settings), autocommit=True) as index,

@@ -1,0 +1,492 @@
+"""One fault at a time during a steady mixed workload; afterwards the index must equal the
+source by itself (`freshet verify` reports zero differences), with no manual step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from kafka import KafkaProducer
+
+from cdc.connect import ConnectClient, LocalConnect
+from cdc.demo import load_demo
+from cdc.kafka import LocalKafka
+from cdc.postgres import EmbeddedPostgres
+from cdc.services import LocalSupervisor, LocalSyncWorker
+from freshet.settings import PROJECT_ROOT, Settings
+from tests.faults.conftest import (
+    Outcome,
+    Workload,
+    index_conn,
+    kill9,
+    settings_env,
+    source_conn,
+    wait_converged,
+    wait_until,
+)
+
+pytestmark = pytest.mark.faults
+
+TOPIC = "freshet.app.articles"
+Record = Callable[..., None]
+
+
+@contextmanager
+def fault(name: str, workload: Workload, record: Record, note: list[str]) -> Iterator[None]:
+    """Run the workload around the block, then wait for convergence and record the result,
+    passing or not."""
+    outcome: Outcome | None = None
+    try:
+        with workload.running():
+            time.sleep(4)  # the workload is under way when the fault hits
+            yield
+            time.sleep(4)
+        outcome = wait_converged(workload.settings)
+    finally:
+        record(name, workload, outcome, "; ".join(note))
+    assert outcome.in_sync, f"{name}: index differs from the source: {outcome.final}"
+    assert outcome.final["exit_code"] == 0
+
+
+def sync_pid(settings: Settings) -> int | None:
+    return LocalSyncWorker(settings).process.pid()
+
+
+def restarted(settings: Settings, old: int | None, timeout: float = 60) -> int:
+    return wait_until(
+        lambda: (pid := sync_pid(settings)) is not None and pid != old and pid,
+        timeout,
+        "the supervisor restarting the sync worker",
+    )
+
+
+def dead_letters(settings: Settings) -> list[tuple[Any, ...]]:
+    with index_conn(settings) as conn:
+        return conn.execute(
+            "SELECT stage, source_table, doc_key, record_size, truncated, reason"
+            " FROM rag.dead_letters ORDER BY id"
+        ).fetchall()
+
+
+def produce(settings: Settings, records: list[tuple[bytes | None, bytes | None]]) -> None:
+    producer = KafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, max_request_size=4 << 20, acks="all"
+    )
+    try:
+        for key, value in records:
+            producer.send(TOPIC, key=key, value=value)
+        producer.flush(timeout=30)
+    finally:
+        producer.close()
+
+
+PROBES = [
+    ("app.articles", "5", "UPDATE app.articles SET body = body || %s WHERE id = 5"),
+    ("app.module_docs", "json", "UPDATE app.module_docs SET body = body || %s WHERE name = 'json'"),
+]
+
+
+def freshness_probe(settings: Settings, seconds: float) -> list[float]:
+    """Edit a module_docs row and an article every second; how long each took to be searchable."""
+    latencies = []
+    deadline = time.monotonic() + seconds
+    with source_conn(settings) as src, index_conn(settings) as idx:
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            marker = f"probe{n}x{int(time.time() * 1000)}"
+            table, key, sql = (
+                (
+                    "app.module_docs",
+                    "json",
+                    "UPDATE app.module_docs SET body = body || %s WHERE name = 'json'",
+                )
+                if n % 2
+                else ("app.articles", "5", "UPDATE app.articles SET body = body || %s WHERE id = 5")
+            )
+            started = time.monotonic()
+            src.execute(sql, (f" {marker}",))
+            while time.monotonic() - started < 120:
+                found = idx.execute(
+                    "SELECT 1 FROM rag.chunks WHERE source_table = %s AND doc_key = %s"
+                    " AND text LIKE %s",
+                    (table, key, f"%{marker}%"),
+                ).fetchone()
+                if found:
+                    break
+                time.sleep(0.02)
+            latencies.append(time.monotonic() - started)
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+    return latencies
+
+
+def distinct_text(chars: int, seed: str) -> str:
+    """Prose-like text of about ``chars`` characters, every paragraph different."""
+    paragraphs = []
+    size = 0
+    n = 0
+    while size < chars:
+        n += 1
+        line = (
+            f"Paragraph {n} of {seed}: the quarterly ledger {n * 7919 % 10007} lists harbor "
+            f"fees, orchard yields and lantern repairs for district {n % 97}. "
+        ) * 3
+        paragraphs.append(line)
+        size += len(line) + 2
+    return "\n\n".join(paragraphs)[:chars]
+
+
+# --- processes killed -------------------------------------------------------------------------
+def test_kill_9_of_the_sync_worker(
+    fault_stack: Settings, workload: Workload, record: Record
+) -> None:
+    note: list[str] = []
+    with fault("kill -9 of the sync worker", workload, record, note):
+        old = sync_pid(fault_stack)
+        kill9(old)
+        started = time.monotonic()
+        restarted(fault_stack, old)
+        note.append(f"restarted by the supervisor in {time.monotonic() - started:.1f} s")
+        time.sleep(10)
+
+
+def test_kill_9_of_kafka_connect(fault_stack: Settings, workload: Workload, record: Record) -> None:
+    note: list[str] = []
+    with fault("kill -9 of Kafka Connect", workload, record, note):
+        kill9(LocalConnect(fault_stack).process.pid())
+        started = time.monotonic()
+        wait_until(lambda: LocalConnect(fault_stack).running(), 180, "Connect restarted")
+        note.append(f"Connect restarted in {time.monotonic() - started:.1f} s")
+        time.sleep(10)
+
+
+def test_kill_9_of_postgresql(fault_stack: Settings, workload: Workload, record: Record) -> None:
+    note: list[str] = []
+    with fault("kill -9 of PostgreSQL", workload, record, note):
+        kill9(EmbeddedPostgres(fault_stack).pid())
+        started = time.monotonic()
+        wait_until(lambda: EmbeddedPostgres(fault_stack).running(), 180, "PostgreSQL restarted")
+        note.append(f"PostgreSQL restarted in {time.monotonic() - started:.1f} s")
+        time.sleep(10)
+        note.append(f"{workload.failed} workload ops failed while it was down")
+
+
+def test_kafka_broker_down_for_45_seconds(
+    fault_stack: Settings, workload: Workload, record: Record
+) -> None:
+    """The broker is killed with work pending and stays down 45 s (the supervisor is paused so
+    it cannot restart it sooner), longer than every client timeout."""
+    note: list[str] = []
+    supervisor = LocalSupervisor(fault_stack).process.pid()
+    assert supervisor is not None
+    worker = sync_pid(fault_stack)
+    with fault("Kafka broker killed, down 45 s", workload, record, note):
+        os.kill(supervisor, signal.SIGSTOP)
+        try:
+            kill9(LocalKafka(fault_stack).process.pid())
+            time.sleep(45)
+        finally:
+            os.kill(supervisor, signal.SIGCONT)
+        started = time.monotonic()
+        wait_until(lambda: LocalKafka(fault_stack).running(), 180, "Kafka restarted")
+        note.append(f"broker back {time.monotonic() - started:.1f} s after the supervisor resumed")
+        time.sleep(10)
+    survived = sync_pid(fault_stack) == worker
+    note.append("the sync worker waited it out" if survived else "the sync worker was restarted")
+
+
+def test_connector_task_restart(fault_stack: Settings, workload: Workload, record: Record) -> None:
+    note: list[str] = []
+    client = ConnectClient(fault_stack.connect_rest_url)
+    with fault("connector task restart", workload, record, note):
+        client._request("POST", f"/connectors/{fault_stack.connector_name}/tasks/0/restart")
+        time.sleep(10)
+
+
+def test_rebalance_by_adding_and_removing_a_worker(
+    fault_stack: Settings, workload: Workload, record: Record
+) -> None:
+    note: list[str] = []
+    env = {**os.environ, **settings_env(fault_stack), "PYTHONWARNINGS": "ignore"}
+    log = (fault_stack.logs_dir / "second-sync.log").open("ab")
+    with fault("rebalance: a worker added, then removed", workload, record, note):
+        second = subprocess.Popen(
+            [sys.executable, "-m", "freshet.cli", "sync", "--tag", "fault-suite-second"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=PROJECT_ROOT,
+        )
+        try:
+
+            def joined() -> bool:
+                with index_conn(fault_stack) as conn:
+                    row = conn.execute(
+                        "SELECT lag FROM rag.workers WHERE pid = %s AND state = 'running'"
+                        " AND heartbeat_at > now() - interval '10 seconds'",
+                        (second.pid,),
+                    ).fetchone()
+                return bool(row and row[0])
+
+            wait_until(joined, 180, "the second worker owning partitions")
+            note.append("second worker owned partitions")
+            time.sleep(10)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(timeout=60)
+            log.close()
+        time.sleep(5)
+
+
+# --- records that cannot be read --------------------------------------------------------------
+def test_a_burst_of_malformed_records(
+    fault_stack: Settings, workload: Workload, record: Record
+) -> None:
+    note: list[str] = []
+    before = len(dead_letters(fault_stack))
+    garbage: list[tuple[bytes | None, bytes | None]] = []
+    for n in range(300):
+        key = json.dumps({"id": 700_000 + n}).encode()
+        value = [
+            b"not json at all",
+            b'{"op": "c"}',
+            b'{"op": "u", "after": {"id": 1}}',
+            json.dumps({"op": "c", "after": {"id": n}, "source": {"schema": "app"}}).encode(),
+            b"\xff\xfe\x00",
+        ][n % 5]
+        garbage.append((key, value))
+    worker = sync_pid(fault_stack)
+    with fault("a burst of 300 malformed records", workload, record, note):
+        produce(fault_stack, garbage)
+        wait_until(
+            lambda: len(dead_letters(fault_stack)) >= before + 300, 120, "300 new dead letters"
+        )
+    assert sync_pid(fault_stack) == worker, "the worker died on a malformed record"
+    note.append("300 dead letters, worker never restarted")
+
+
+def test_poison_records(fault_stack: Settings, workload: Workload, record: Record) -> None:
+    """The records of the issue that each stopped a partition for good."""
+    note: list[str] = []
+    envelope = {
+        "op": "c",
+        "after": {"id": 1, "title": "x", "body": "y", "access_groups": []},
+        "source": {"schema": "app", "table": "articles", "ts_ms": 1, "lsn": 1},
+    }
+    poison: list[tuple[bytes | None, bytes | None]] = [
+        (b'{"id": 1}', b"[" * 50_000 + b"]" * 50_000),
+        (b'{"id": 1}', json.dumps({**envelope, "ts_ms": "x"}).encode()),
+        (b'{"id": 1}', json.dumps(envelope).replace('"ts_ms": 1', '"ts_us": 1e30').encode()),
+        (b'{"id": 1}', json.dumps(envelope).replace('"lsn": 1', '"lsn": 1e400').encode()),
+        (b'{"id": "a\\u0000b"}', json.dumps(envelope).encode()),
+        (b'{"id": 2}', b"\x01" * 200_000),
+    ]
+    before = len(dead_letters(fault_stack))
+    worker = sync_pid(fault_stack)
+    with fault(
+        "poison records (deep JSON, bad times, NUL key, 200 kB of \\x01)", workload, record, note
+    ):
+        produce(fault_stack, poison)
+        wait_until(
+            lambda: len(dead_letters(fault_stack)) >= before + len(poison), 120, "dead letters"
+        )
+    assert sync_pid(fault_stack) == worker, "a poison record killed the worker"
+    stored = dead_letters(fault_stack)[before:]
+    assert any(r[4] for r in stored), "the 200 kB record was stored cut, with size and digest"
+    note.append(f"{len(poison)} dead letters, worker never restarted")
+
+
+# --- rows of any size -------------------------------------------------------------------------
+def test_a_row_of_1_mib(fault_stack: Settings, workload: Workload, record: Record) -> None:
+    note: list[str] = []
+    with fault("a row of 1 MiB of text", workload, record, note):
+        with source_conn(fault_stack) as src:
+            src.execute(
+                "INSERT INTO app.articles (id, title, body) VALUES (910001, 'one MiB', %s)",
+                (distinct_text(1 << 20, "one-mib"),),
+            )
+        wait_until(lambda: chunk_count(fault_stack, "910001") > 0, 600, "the 1 MiB row indexed")
+    status = ConnectClient(fault_stack.connect_rest_url).status(fault_stack.connector_name)
+    assert status is not None and status["tasks"][0]["state"] == "RUNNING"
+    note.append(f"{chunk_count(fault_stack, '910001')} chunks; the task stayed RUNNING")
+    with source_conn(fault_stack) as src:
+        src.execute("DELETE FROM app.articles WHERE id = 910001")
+
+
+def chunk_count(settings: Settings, key: str) -> int:
+    with index_conn(settings) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM rag.chunks WHERE source_table = 'app.articles' AND doc_key = %s",
+            (key,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_million_character_row_does_not_hold_back_other_rows(
+    fault_stack: Settings, workload: Workload, record: Record
+) -> None:
+    note: list[str] = []
+    with fault("a 1,000,000-character row", workload, record, note):
+        started = time.monotonic()
+        with source_conn(fault_stack) as src:
+            src.execute(
+                "INSERT INTO app.articles (id, title, body) VALUES (910002, 'a million', %s)",
+                (distinct_text(1_000_000, "million"),),
+            )
+        latencies = freshness_probe(fault_stack, 30)
+        wait_until(lambda: chunk_count(fault_stack, "910002") > 0, 900, "the big row indexed")
+        took = time.monotonic() - started
+    with source_conn(fault_stack) as src:
+        src.execute("DELETE FROM app.articles WHERE id = 910002")
+    latencies.sort()
+    note.append(
+        f"indexed in {took:.0f} s ({chunk_count(fault_stack, '910002')} chunks, large lane); "
+        f"meanwhile {len(latencies)} edits of other rows (both tables): freshness p50 "
+        f"{latencies[len(latencies) // 2] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
+    )
+
+
+def test_a_primary_key_change_of_a_toasted_row(
+    fault_stack: Settings, workload: Workload, record: Record
+) -> None:
+    """The new key's event carries Debezium's placeholder for the unchanged (TOASTed) body; the
+    row is read back from the source by its new key."""
+    note: list[str] = []
+    with source_conn(fault_stack) as src:
+        src.execute(
+            "INSERT INTO app.articles (id, title, body) VALUES (910003, 'toasted', %s)",
+            (distinct_text(80_000, "toasted"),),
+        )
+        stored = src.execute(
+            "SELECT pg_column_size(body) < length(body) FROM app.articles WHERE id = 910003"
+        ).fetchone()
+    assert stored is not None and stored[0], "the body is stored compressed out of line (TOAST)"
+    wait_until(lambda: chunk_count(fault_stack, "910003") > 0, 600, "the TOASTed row indexed")
+    with fault("UPDATE ... SET id = id + 1 of a TOASTed row", workload, record, note):
+        with source_conn(fault_stack) as src:
+            src.execute("UPDATE app.articles SET id = 910004 WHERE id = 910003")
+        wait_until(lambda: chunk_count(fault_stack, "910004") > 0, 600, "the new key indexed")
+        assert chunk_count(fault_stack, "910003") == 0
+    note.append(f"old key removed, new key indexed ({chunk_count(fault_stack, '910004')} chunks)")
+    with source_conn(fault_stack) as src:
+        src.execute("DELETE FROM app.articles WHERE id = 910004")
+
+
+def test_a_row_over_the_event_size_limit(
+    fault_stack: Settings, workload: Workload, record: Record
+) -> None:
+    note: list[str] = []
+    limit = fault_stack.max_event_bytes
+    with fault(f"a row over the {limit >> 20} MiB event limit", workload, record, note):
+        with source_conn(fault_stack) as src:
+            src.execute(
+                "INSERT INTO app.articles (id, title, body) VALUES (910009, 'too big', %s)",
+                ("z" * (limit + 1000),),
+            )
+
+        def letter() -> Any:
+            return [r for r in dead_letters(fault_stack) if r[2] == "910009" and r[0] == "size"]
+
+        found = wait_until(letter, 180, "the oversized row's dead letter")
+        assert found[0][1] == "app.articles" and "over the limit" in found[0][5]
+        env = {**os.environ, **settings_env(fault_stack)}
+        listed = subprocess.run(
+            [sys.executable, "-m", "freshet.cli", "verify", "--json", "--settle", "0"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        report = json.loads(listed.stdout)
+        hidden = report["tables"]["app.articles"]["samples"].get("hidden", [])
+        assert [h["key"] for h in hidden] == ["910009"], report
+        assert listed.returncode == 1
+        note.append("dead letter (key, size, table), verify listed it as hidden; row deleted")
+        with source_conn(fault_stack) as src:
+            src.execute("DELETE FROM app.articles WHERE id = 910009")
+    status = ConnectClient(fault_stack.connect_rest_url).status(fault_stack.connector_name)
+    assert status is not None and status["tasks"][0]["state"] == "RUNNING"
+
+
+# --- the source changes shape -----------------------------------------------------------------
+def test_a_renamed_metadata_column(
+    fault_stack: Settings, workload: Workload, record: Record
+) -> None:
+    note: list[str] = []
+    with fault("RENAME COLUMN updated_at TO modified_at", workload, record, note):
+        with source_conn(fault_stack) as src:
+            src.execute("ALTER TABLE app.articles RENAME COLUMN updated_at TO modified_at")
+            time.sleep(3)
+            # An access revocation while the mapping does not fit: it must still apply.
+            src.execute("UPDATE app.articles SET access_groups = '{staff}' WHERE id = 7")
+        wait_until(lambda: acl_of(fault_stack, "7") == ["staff"], 120, "the revocation applied")
+        time.sleep(5)
+    with index_conn(fault_stack) as conn:
+        problems = conn.execute(
+            "SELECT column_name FROM rag.mapping_problems WHERE source_table = 'app.articles'"
+        ).fetchall()
+    assert ("updated_at",) in problems
+    note.append("revocation applied while drifted; reported in rag.mapping_problems")
+    with source_conn(fault_stack) as src:
+        src.execute("ALTER TABLE app.articles RENAME COLUMN modified_at TO updated_at")
+        src.execute("UPDATE app.articles SET access_groups = '{}' WHERE id = 7")
+
+
+def acl_of(settings: Settings, key: str) -> list[str] | None:
+    with index_conn(settings) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT access_groups FROM rag.chunks WHERE source_table = 'app.articles'"
+            " AND doc_key = %s",
+            (key,),
+        ).fetchall()
+    return rows[0][0] if len(rows) == 1 else None
+
+
+def test_truncate(fault_stack: Settings, workload: Workload, record: Record) -> None:
+    note: list[str] = []
+    with fault("TRUNCATE app.articles", workload, record, note):
+        with source_conn(fault_stack) as src:
+            src.execute("TRUNCATE app.articles")
+        time.sleep(6)  # the workload inserts after the truncate, on every partition
+    with source_conn(fault_stack) as src:
+        restored = load_demo(src)
+    note.append(f"demo rows loaded again afterwards ({restored['articles']})")
+    wait_converged(fault_stack)
+
+
+def test_the_documented_snapshot_remedy_works(
+    fault_stack: Settings, workload: Workload, record: Record
+) -> None:
+    note: list[str] = []
+    env = {**os.environ, **settings_env(fault_stack)}
+    log = fault_stack.logs_dir / "connect.log"
+    before = log.read_text(errors="replace").count("permission denied")
+    with fault("freshet snapshot app.articles", workload, record, note):
+        result = subprocess.run(
+            [sys.executable, "-m", "freshet.cli", "snapshot", "app.articles"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        wait_until(
+            lambda: (
+                "incremental snapshotting of table 'app.articles' finished"
+                in log.read_text(errors="replace")
+            ),
+            180,
+            "the incremental snapshot to finish",
+        )
+    assert log.read_text(errors="replace").count("permission denied") == before
+    note.append("snapshot ran to its end; no permission error in the Connect log")
