@@ -7,19 +7,27 @@ BIN    := $(VENV)/bin
 JARS   ?= $(CURDIR)/.freshet/jars
 MVN    ?= mvn
 
-.PHONY: demo test unit integration lint up down status venv jars clean
+.PHONY: demo test unit integration faults test-faults lint up down status venv jars system clean
 
 demo: venv jars
 	$(BIN)/freshet demo
 
-test: venv jars lint
+# Everything: lint, unit, integration and the fault suite (about 35 minutes on 2 cores).
+test: system venv jars lint
 	$(BIN)/python -m pytest tests
 
 unit: venv
 	$(BIN)/python -m pytest tests/unit
 
-integration: venv jars
+integration: system venv jars
 	$(BIN)/python -m pytest tests/integration
+
+# One fault at a time during a workload, then `freshet verify`; writes RELIABILITY.md.
+test-faults faults: venv jars
+	$(BIN)/python -m pytest tests/faults
+
+system:
+	scripts/system-deps
 
 lint: venv
 	$(BIN)/ruff check .

@@ -34,6 +34,8 @@ def stack_env(home: Path) -> dict[str, str]:
         FRESHET_START_SYNC="false",
         FRESHET_START_WEB="false",
         FRESHET_START_WORKFLOW="false",
+        # Tests stop services on purpose; the fault suite (tests/faults) runs the supervisor.
+        FRESHET_SUPERVISE="false",
     )
 
 

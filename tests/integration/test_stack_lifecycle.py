@@ -14,7 +14,7 @@ from cdc import stack
 from cdc.connect import ConnectClient, LocalConnect
 from cdc.kafka import LocalKafka
 from cdc.postgres import EmbeddedPostgres
-from cdc.services import LocalSyncWorker, LocalWeb
+from cdc.services import LocalSupervisor, LocalSyncWorker, LocalWeb
 from freshet.settings import Settings
 from tests.integration.conftest import freshet, wait_for
 
@@ -44,6 +44,7 @@ def pids(settings: Settings) -> dict[str, int | None]:
         "connect": LocalConnect(settings).process.pid(),
         "sync": LocalSyncWorker(settings).process.pid(),
         "web": LocalWeb(settings).process.pid(),
+        "supervisor": LocalSupervisor(settings).process.pid(),
     }
 
 
@@ -52,7 +53,7 @@ def test_up_twice_changes_nothing_and_down_leaves_no_process(
 ) -> None:
     env = make_stack_env("lifecycle")
     # The whole of `up`: the sync worker and the web app run in the background too.
-    env.update(FRESHET_START_SYNC="true", FRESHET_START_WEB="true")
+    env.update(FRESHET_START_SYNC="true", FRESHET_START_WEB="true", FRESHET_SUPERVISE="true")
     settings = Settings.from_env(env)
     home = settings.home
     try:
