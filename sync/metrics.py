@@ -85,6 +85,8 @@ class SyncMetrics:
     assignment: list[str] = field(default_factory=list)
     events_per_sec: float = 0.0
     last_error: str | None = None
+    # The newest `freshet verify` run (refreshed with each heartbeat), for the endpoint.
+    verify: dict[str, Any] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _rate_window: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
 
@@ -140,6 +142,16 @@ class SyncMetrics:
             lines.append("# TYPE freshet_sync_consumer_lag gauge")
             for partition, lag in sorted(self.lag.items()):
                 lines.append(f'freshet_sync_consumer_lag{{{label},partition="{partition}"}} {lag}')
+            if self.verify is not None:
+                lines.append("# TYPE freshet_verify_in_sync gauge")
+                lines.append(f"freshet_verify_in_sync {int(bool(self.verify['in_sync']))}")
+                lines.append("# TYPE freshet_verify_age_seconds gauge")
+                lines.append(f"freshet_verify_age_seconds {self.verify['age_s']}")
+                lines.append("# TYPE freshet_verify_rows_checked gauge")
+                lines.append(f"freshet_verify_rows_checked {self.verify['rows_checked']}")
+                lines.append("# TYPE freshet_verify_differences gauge")
+                for kind, count in sorted(self.verify["counts"].items()):
+                    lines.append(f'freshet_verify_differences{{kind="{kind}"}} {count}')
             lines.append("# TYPE freshet_sync_freshness_seconds histogram")
             for table, hist in sorted(self.freshness.items()):
                 tl = f'{label},table="{table}"'

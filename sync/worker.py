@@ -50,6 +50,7 @@ from sync.lane import EmbedGate, LargeLane
 from sync.mapping import Mappings
 from sync.metrics import SyncMetrics
 from sync.source_rows import SourceRows
+from sync.verify import last_run as last_verify
 from sync.writer import ApplyStats, Writer, dead_letter
 
 logger = logging.getLogger(__name__)
@@ -479,6 +480,7 @@ class SyncWorker:
                     f"{tp.topic}[{tp.partition}]": max(0, ends[tp] - consumer.position(tp))  # type: ignore[union-attr]
                     for tp in assigned
                 }
+            self.metrics.verify = last_verify(conn)
             snap = self.metrics.snapshot()
             counters = snap["counters"]
             lane = self.lane
