@@ -462,6 +462,20 @@ class SyncWorker:
             self._committed[tp] = meta.offset
 
     # --- visibility ------------------------------------------------------------------
+    def _measure_lag(self, assigned: list[TopicPartition]) -> None:
+        """Records behind the end of each assigned partition; while Kafka cannot answer, the
+        last figures stay and the heartbeat says why."""
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            ends = consumer.end_offsets(assigned, timeout_ms=2000)
+            self.metrics.lag = {
+                f"{tp.topic}[{tp.partition}]": max(0, ends[tp] - consumer.position(tp, 2000))
+                for tp in assigned
+            }
+        except KAFKA_ERRORS as exc:
+            self.metrics.last_error = f"Kafka: cannot measure lag: {exc}"[:2000]
+
     def _heartbeat(self, state: str, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_heartbeat < HEARTBEAT_SECONDS:
@@ -475,11 +489,7 @@ class SyncWorker:
             if not assigned:
                 self.metrics.lag = {}
             elif state == "running":
-                ends = consumer.end_offsets(assigned, timeout_ms=2000)  # type: ignore[union-attr]
-                self.metrics.lag = {
-                    f"{tp.topic}[{tp.partition}]": max(0, ends[tp] - consumer.position(tp))  # type: ignore[union-attr]
-                    for tp in assigned
-                }
+                self._measure_lag(assigned)
             self.metrics.verify = last_verify(conn)
             snap = self.metrics.snapshot()
             counters = snap["counters"]
