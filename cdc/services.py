@@ -47,14 +47,17 @@ class FreshetCommand(LocalService):
 class LocalWorker(FreshetCommand):
     """A consumer-group member started in the background; more can join from anywhere."""
 
+    # Seconds the process must survive to count as started.
+    survival_s: ClassVar[float] = SYNC_SURVIVAL_S
+
     def start(self) -> bool:
         if self.running():
             return False
         started = time.monotonic()
         self.launch_command(
-            lambda: time.monotonic() - started >= SYNC_SURVIVAL_S,
+            lambda: time.monotonic() - started >= self.survival_s,
             what=self.service_name,
-            timeout=SYNC_SURVIVAL_S + 5,
+            timeout=self.survival_s + 5,
         )
         return True
 
@@ -108,19 +111,11 @@ class LocalValidator(LocalWorker):
 
 
 @dataclass(frozen=True)
-class LocalSupervisor(FreshetCommand):
+class LocalSupervisor(LocalWorker):
     """`freshet supervise`: restarts what `up` started when it dies (cdc/supervisor.py)."""
 
     service_name = "supervisor"
     file_stem = "supervise"
     command = "supervise"
     stop_timeout = 15.0
-
-    def start(self) -> bool:
-        if self.running():
-            return False
-        started = time.monotonic()
-        self.launch_command(
-            lambda: time.monotonic() - started >= 1.0, what="the supervisor", timeout=10
-        )
-        return True
+    survival_s = 1.0

@@ -12,6 +12,17 @@ from kafka import KafkaConsumer, TopicPartition
 
 
 @dataclass(frozen=True)
+class FakeRecord:
+    """A Kafka record as the sync worker's router reads one (topic, partition, offset, bytes)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True)
 class RawRecord:
     topic: str
     partition: int

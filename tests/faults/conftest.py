@@ -27,13 +27,13 @@ import psycopg
 import pytest
 
 from cdc import stack
-from cdc.sandbox import private_home, sandbox_env
+from cdc.sandbox import private_home
 from freshet.db import connect, database_url, source_database_url
 from freshet.settings import PROJECT_ROOT, Settings
 from sync.mapping import Mappings
 from sync.verify import KINDS, verify
 from sync.verify_cli import chunker_for
-from tests.integration.conftest import freshet
+from tests.integration.conftest import freshet, stack_env
 
 RELIABILITY = PROJECT_ROOT / "RELIABILITY.md"
 # Keys the workload owns; the demo rows (ids below 1000) are edited too, never deleted.
@@ -44,16 +44,9 @@ CONVERGE_TIMEOUT = 420.0
 @pytest.fixture(scope="session")
 def fault_env() -> Iterator[dict[str, str]]:
     home = private_home("faults")
-    env = sandbox_env(
-        home,
-        FRESHET_PG_SHARED_BUFFERS="128MB",
-        FRESHET_PG_MAINTENANCE_WORK_MEM="256MB",
-        FRESHET_HEARTBEAT_MS="1000",
-        FRESHET_START_SYNC="true",
-        FRESHET_START_WEB="false",
-        FRESHET_START_WORKFLOW="false",
-        FRESHET_SUPERVISE="true",
-    )
+    env = stack_env(home)
+    # As a user runs it: a background sync worker, and the supervisor that restarts it.
+    env.update(FRESHET_START_SYNC="true", FRESHET_SUPERVISE="true")
     yield env
     shutil.rmtree(home, ignore_errors=True)
 

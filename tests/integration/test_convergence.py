@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from sync.mapping import Mappings
 from sync.worker import SyncWorker
 from tests.integration.conftest import WorkerThread, freshet, wait_for
 from tests.integration.sync_support import caught_up, index, source
+from tests.support import FakeRecord
 
 pytestmark = pytest.mark.integration
 
@@ -148,15 +149,6 @@ def test_verify_finds_each_planted_difference_and_repair_fixes_them_through_the_
 
 
 # --- fuzzing the real path ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
 # The fuzz writes documents of a table of its own (no such table in the source: reading a row
 # back fails too), so a generated TRUNCATE or delete cannot touch another test's rows.
 FUZZ_TABLE = "fuzz.articles"
@@ -244,7 +236,7 @@ def test_10000_generated_records_through_the_real_router_and_writer_never_raise(
     @given(batch=st.lists(records, min_size=20, max_size=40))
     def run(batch: list[tuple[bytes | None, bytes | None]]) -> None:
         worker.process(
-            [Record(topic, FUZZ_PARTITION, next(offsets), key, value) for key, value in batch]
+            [FakeRecord(topic, FUZZ_PARTITION, next(offsets), key, value) for key, value in batch]
         )
         FUZZED.append(len(batch))
 

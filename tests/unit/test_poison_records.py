@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,18 +17,10 @@ from sync import deadletters
 from sync.changes import Kind, Rejected, Router
 from sync.mapping import DEFAULT_MAPPINGS, Mappings
 from sync.worker import topic_pattern
+from tests.support import FakeRecord
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "debezium"
 TOPIC = "freshet.app.articles"
-
-
-@dataclass(frozen=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
 
 
 def insert_envelope() -> dict:
@@ -41,7 +32,7 @@ def router() -> Router:
 
 
 def route_one(key: bytes | None, value: bytes | None) -> tuple[list, list[Rejected]]:
-    routed = router().route([Record(TOPIC, 0, 7, key, value)])
+    routed = router().route([FakeRecord(TOPIC, 0, 7, key, value)])
     return routed.changes, routed.rejected
 
 
@@ -143,7 +134,7 @@ json_values = st.recursive(
     ),
 )
 def test_router_never_raises(key: bytes | None, value: bytes | None) -> None:
-    routed = router().route([Record(TOPIC, 1, 3, key, value)])
+    routed = router().route([FakeRecord(TOPIC, 1, 3, key, value)])
     assert len(routed.changes) + len(routed.rejected) + routed.ignored == 1
 
 
