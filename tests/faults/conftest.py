@@ -256,14 +256,53 @@ class Result:
 RESULTS: list[Result] = []
 
 
-@pytest.fixture
-def record() -> Callable[..., None]:
-    def add(fault: str, workload: Workload, outcome: Outcome | None, note: str = "") -> None:
-        RESULTS.append(
-            Result(fault, workload.ops, outcome, note, bool(outcome and outcome.in_sync))
-        )
+@dataclass
+class FaultRun:
+    """One fault of the suite: the workload around it, notes, and the convergence after."""
 
-    return add
+    workload: Workload
+    name: str = ""
+    notes: list[str] = field(default_factory=list)
+    outcome: Outcome | None = None
+
+    @contextmanager
+    def during(self, name: str) -> Iterator[None]:
+        self.name = name
+        with self.workload.running():
+            time.sleep(4)  # the workload is under way when the fault hits
+            yield
+            time.sleep(4)
+        self.outcome = wait_converged(self.workload.settings)
+        assert self.outcome.in_sync, f"{name}: the index differs: {self.outcome.final}"
+        assert self.outcome.final["exit_code"] == 0
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def run(request: pytest.FixtureRequest, workload: Workload) -> Iterator[FaultRun]:
+    """The fault of this test; its result goes to RELIABILITY.md whether it passed or not."""
+    fault = FaultRun(workload)
+    yield fault
+    report = getattr(request.node, "report_call", None)
+    passed = bool(report is not None and report.passed and fault.outcome is not None)
+    RESULTS.append(
+        Result(
+            fault.name or request.node.name,
+            workload.ops,
+            fault.outcome,
+            "; ".join(fault.notes),
+            passed,
+        )
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

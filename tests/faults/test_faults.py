@@ -9,8 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -23,8 +21,7 @@ from cdc.postgres import EmbeddedPostgres
 from cdc.services import LocalSupervisor, LocalSyncWorker
 from freshet.settings import PROJECT_ROOT, Settings
 from tests.faults.conftest import (
-    Outcome,
-    Workload,
+    FaultRun,
     index_conn,
     kill9,
     settings_env,
@@ -36,24 +33,11 @@ from tests.faults.conftest import (
 pytestmark = pytest.mark.faults
 
 TOPIC = "freshet.app.articles"
-Record = Callable[..., None]
 
 
-@contextmanager
-def fault(name: str, workload: Workload, record: Record, note: list[str]) -> Iterator[None]:
-    """Run the workload around the block, then wait for convergence and record the result,
-    passing or not."""
-    outcome: Outcome | None = None
-    try:
-        with workload.running():
-            time.sleep(4)  # the workload is under way when the fault hits
-            yield
-            time.sleep(4)
-        outcome = wait_converged(workload.settings)
-    finally:
-        record(name, workload, outcome, "; ".join(note))
-    assert outcome.in_sync, f"{name}: index differs from the source: {outcome.final}"
-    assert outcome.final["exit_code"] == 0
+def new_pid(pid: int | None, old: int | None) -> bool:
+    """A process of the service runs again, not the killed one."""
+    return pid is not None and pid != old
 
 
 def sync_pid(settings: Settings) -> int | None:
@@ -145,79 +129,70 @@ def distinct_text(chars: int, seed: str) -> str:
 
 
 # --- processes killed -------------------------------------------------------------------------
-def test_kill_9_of_the_sync_worker(
-    fault_stack: Settings, workload: Workload, record: Record
-) -> None:
-    note: list[str] = []
-    with fault("kill -9 of the sync worker", workload, record, note):
+def test_kill_9_of_the_sync_worker(fault_stack: Settings, run: FaultRun) -> None:
+    with run.during("kill -9 of the sync worker"):
         old = sync_pid(fault_stack)
         kill9(old)
         started = time.monotonic()
         restarted(fault_stack, old)
-        note.append(f"restarted by the supervisor in {time.monotonic() - started:.1f} s")
+        run.note(f"restarted by the supervisor in {time.monotonic() - started:.1f} s")
         time.sleep(10)
 
 
-def test_kill_9_of_kafka_connect(fault_stack: Settings, workload: Workload, record: Record) -> None:
-    note: list[str] = []
-    with fault("kill -9 of Kafka Connect", workload, record, note):
-        kill9(LocalConnect(fault_stack).process.pid())
+def test_kill_9_of_kafka_connect(fault_stack: Settings, run: FaultRun) -> None:
+    with run.during("kill -9 of Kafka Connect"):
+        old = LocalConnect(fault_stack).process.pid()
+        kill9(old)
         started = time.monotonic()
-        wait_until(lambda: LocalConnect(fault_stack).running(), 180, "Connect restarted")
-        note.append(f"Connect restarted in {time.monotonic() - started:.1f} s")
+        wait_until(lambda: new_pid(LocalConnect(fault_stack).process.pid(), old), 180, "Connect")
+        run.note(f"Connect restarted in {time.monotonic() - started:.1f} s")
         time.sleep(10)
 
 
-def test_kill_9_of_postgresql(fault_stack: Settings, workload: Workload, record: Record) -> None:
-    note: list[str] = []
-    with fault("kill -9 of PostgreSQL", workload, record, note):
-        kill9(EmbeddedPostgres(fault_stack).pid())
+def test_kill_9_of_postgresql(fault_stack: Settings, run: FaultRun) -> None:
+    with run.during("kill -9 of PostgreSQL"):
+        old = EmbeddedPostgres(fault_stack).pid()
+        kill9(old)
         started = time.monotonic()
-        wait_until(lambda: EmbeddedPostgres(fault_stack).running(), 180, "PostgreSQL restarted")
-        note.append(f"PostgreSQL restarted in {time.monotonic() - started:.1f} s")
+        wait_until(lambda: new_pid(EmbeddedPostgres(fault_stack).pid(), old), 180, "PostgreSQL")
+        run.note(f"PostgreSQL restarted in {time.monotonic() - started:.1f} s")
         time.sleep(10)
-        note.append(f"{workload.failed} workload ops failed while it was down")
+        run.note(f"{run.workload.failed} workload ops failed while it was down")
 
 
-def test_kafka_broker_down_for_45_seconds(
-    fault_stack: Settings, workload: Workload, record: Record
-) -> None:
+def test_kafka_broker_down_for_45_seconds(fault_stack: Settings, run: FaultRun) -> None:
     """The broker is killed with work pending and stays down 45 s (the supervisor is paused so
     it cannot restart it sooner), longer than every client timeout."""
-    note: list[str] = []
     supervisor = LocalSupervisor(fault_stack).process.pid()
     assert supervisor is not None
     worker = sync_pid(fault_stack)
-    with fault("Kafka broker killed, down 45 s", workload, record, note):
+    with run.during("Kafka broker killed, down 45 s"):
         os.kill(supervisor, signal.SIGSTOP)
         try:
-            kill9(LocalKafka(fault_stack).process.pid())
+            old = LocalKafka(fault_stack).process.pid()
+            kill9(old)
             time.sleep(45)
         finally:
             os.kill(supervisor, signal.SIGCONT)
         started = time.monotonic()
-        wait_until(lambda: LocalKafka(fault_stack).running(), 180, "Kafka restarted")
-        note.append(f"broker back {time.monotonic() - started:.1f} s after the supervisor resumed")
+        wait_until(lambda: new_pid(LocalKafka(fault_stack).process.pid(), old), 180, "Kafka")
+        run.note(f"broker back {time.monotonic() - started:.1f} s after the supervisor resumed")
         time.sleep(10)
-    survived = sync_pid(fault_stack) == worker
-    note.append("the sync worker waited it out" if survived else "the sync worker was restarted")
+        survived = sync_pid(fault_stack) == worker
+        run.note("the sync worker waited it out" if survived else "the worker was restarted")
 
 
-def test_connector_task_restart(fault_stack: Settings, workload: Workload, record: Record) -> None:
-    note: list[str] = []
+def test_connector_task_restart(fault_stack: Settings, run: FaultRun) -> None:
     client = ConnectClient(fault_stack.connect_rest_url)
-    with fault("connector task restart", workload, record, note):
+    with run.during("connector task restart"):
         client._request("POST", f"/connectors/{fault_stack.connector_name}/tasks/0/restart")
         time.sleep(10)
 
 
-def test_rebalance_by_adding_and_removing_a_worker(
-    fault_stack: Settings, workload: Workload, record: Record
-) -> None:
-    note: list[str] = []
+def test_rebalance_by_adding_and_removing_a_worker(fault_stack: Settings, run: FaultRun) -> None:
     env = {**os.environ, **settings_env(fault_stack), "PYTHONWARNINGS": "ignore"}
     log = (fault_stack.logs_dir / "second-sync.log").open("ab")
-    with fault("rebalance: a worker added, then removed", workload, record, note):
+    with run.during("rebalance: a worker added, then removed"):
         second = subprocess.Popen(
             [sys.executable, "-m", "freshet.cli", "sync", "--tag", "fault-suite-second"],
             env=env,
@@ -237,7 +212,7 @@ def test_rebalance_by_adding_and_removing_a_worker(
                 return bool(row and row[0])
 
             wait_until(joined, 180, "the second worker owning partitions")
-            note.append("second worker owned partitions")
+            run.note("the second worker owned partitions, then left by SIGTERM")
             time.sleep(10)
         finally:
             second.send_signal(signal.SIGTERM)
@@ -247,10 +222,7 @@ def test_rebalance_by_adding_and_removing_a_worker(
 
 
 # --- records that cannot be read --------------------------------------------------------------
-def test_a_burst_of_malformed_records(
-    fault_stack: Settings, workload: Workload, record: Record
-) -> None:
-    note: list[str] = []
+def test_a_burst_of_malformed_records(fault_stack: Settings, run: FaultRun) -> None:
     before = len(dead_letters(fault_stack))
     garbage: list[tuple[bytes | None, bytes | None]] = []
     for n in range(300):
@@ -264,18 +236,17 @@ def test_a_burst_of_malformed_records(
         ][n % 5]
         garbage.append((key, value))
     worker = sync_pid(fault_stack)
-    with fault("a burst of 300 malformed records", workload, record, note):
+    with run.during("a burst of 300 malformed records"):
         produce(fault_stack, garbage)
         wait_until(
             lambda: len(dead_letters(fault_stack)) >= before + 300, 120, "300 new dead letters"
         )
-    assert sync_pid(fault_stack) == worker, "the worker died on a malformed record"
-    note.append("300 dead letters, worker never restarted")
+        assert sync_pid(fault_stack) == worker, "the worker died on a malformed record"
+        run.note("300 dead letters, the worker never restarted")
 
 
-def test_poison_records(fault_stack: Settings, workload: Workload, record: Record) -> None:
+def test_poison_records(fault_stack: Settings, run: FaultRun) -> None:
     """The records of the issue that each stopped a partition for good."""
-    note: list[str] = []
     envelope = {
         "op": "c",
         "after": {"id": 1, "title": "x", "body": "y", "access_groups": []},
@@ -291,23 +262,20 @@ def test_poison_records(fault_stack: Settings, workload: Workload, record: Recor
     ]
     before = len(dead_letters(fault_stack))
     worker = sync_pid(fault_stack)
-    with fault(
-        "poison records (deep JSON, bad times, NUL key, 200 kB of \\x01)", workload, record, note
-    ):
+    with run.during("poison records (deep JSON, bad times, NUL key, 200 kB of \\x01)"):
         produce(fault_stack, poison)
         wait_until(
             lambda: len(dead_letters(fault_stack)) >= before + len(poison), 120, "dead letters"
         )
-    assert sync_pid(fault_stack) == worker, "a poison record killed the worker"
-    stored = dead_letters(fault_stack)[before:]
-    assert any(r[4] for r in stored), "the 200 kB record was stored cut, with size and digest"
-    note.append(f"{len(poison)} dead letters, worker never restarted")
+        assert sync_pid(fault_stack) == worker, "a poison record killed the worker"
+        stored = dead_letters(fault_stack)[before:]
+        assert any(r[3] == 200_000 for r in stored), "the 200 kB record is kept with its size"
+        run.note(f"{len(poison)} dead letters, the worker never restarted")
 
 
 # --- rows of any size -------------------------------------------------------------------------
-def test_a_row_of_1_mib(fault_stack: Settings, workload: Workload, record: Record) -> None:
-    note: list[str] = []
-    with fault("a row of 1 MiB of text", workload, record, note):
+def test_a_row_of_1_mib(fault_stack: Settings, run: FaultRun) -> None:
+    with run.during("a row of 1 MiB of text"):
         with source_conn(fault_stack) as src:
             src.execute(
                 "INSERT INTO app.articles (id, title, body) VALUES (910001, 'one MiB', %s)",
@@ -316,7 +284,7 @@ def test_a_row_of_1_mib(fault_stack: Settings, workload: Workload, record: Recor
         wait_until(lambda: chunk_count(fault_stack, "910001") > 0, 600, "the 1 MiB row indexed")
     status = ConnectClient(fault_stack.connect_rest_url).status(fault_stack.connector_name)
     assert status is not None and status["tasks"][0]["state"] == "RUNNING"
-    note.append(f"{chunk_count(fault_stack, '910001')} chunks; the task stayed RUNNING")
+    run.note(f"{chunk_count(fault_stack, '910001')} chunks; the task stayed RUNNING")
     with source_conn(fault_stack) as src:
         src.execute("DELETE FROM app.articles WHERE id = 910001")
 
@@ -331,10 +299,9 @@ def chunk_count(settings: Settings, key: str) -> int:
 
 
 def test_a_million_character_row_does_not_hold_back_other_rows(
-    fault_stack: Settings, workload: Workload, record: Record
+    fault_stack: Settings, run: FaultRun
 ) -> None:
-    note: list[str] = []
-    with fault("a 1,000,000-character row", workload, record, note):
+    with run.during("a 1,000,000-character row"):
         started = time.monotonic()
         with source_conn(fault_stack) as src:
             src.execute(
@@ -347,19 +314,16 @@ def test_a_million_character_row_does_not_hold_back_other_rows(
     with source_conn(fault_stack) as src:
         src.execute("DELETE FROM app.articles WHERE id = 910002")
     latencies.sort()
-    note.append(
+    run.note(
         f"indexed in {took:.0f} s ({chunk_count(fault_stack, '910002')} chunks, large lane); "
         f"meanwhile {len(latencies)} edits of other rows (both tables): freshness p50 "
         f"{latencies[len(latencies) // 2] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
     )
 
 
-def test_a_primary_key_change_of_a_toasted_row(
-    fault_stack: Settings, workload: Workload, record: Record
-) -> None:
+def test_a_primary_key_change_of_a_toasted_row(fault_stack: Settings, run: FaultRun) -> None:
     """The new key's event carries Debezium's placeholder for the unchanged (TOASTed) body; the
     row is read back from the source by its new key."""
-    note: list[str] = []
     with source_conn(fault_stack) as src:
         src.execute(
             "INSERT INTO app.articles (id, title, body) VALUES (910003, 'toasted', %s)",
@@ -370,22 +334,19 @@ def test_a_primary_key_change_of_a_toasted_row(
         ).fetchone()
     assert stored is not None and stored[0], "the body is stored compressed out of line (TOAST)"
     wait_until(lambda: chunk_count(fault_stack, "910003") > 0, 600, "the TOASTed row indexed")
-    with fault("UPDATE ... SET id = id + 1 of a TOASTed row", workload, record, note):
+    with run.during("UPDATE ... SET id = id + 1 of a TOASTed row"):
         with source_conn(fault_stack) as src:
             src.execute("UPDATE app.articles SET id = 910004 WHERE id = 910003")
         wait_until(lambda: chunk_count(fault_stack, "910004") > 0, 600, "the new key indexed")
         assert chunk_count(fault_stack, "910003") == 0
-    note.append(f"old key removed, new key indexed ({chunk_count(fault_stack, '910004')} chunks)")
+    run.note(f"old key removed, new key indexed ({chunk_count(fault_stack, '910004')} chunks)")
     with source_conn(fault_stack) as src:
         src.execute("DELETE FROM app.articles WHERE id = 910004")
 
 
-def test_a_row_over_the_event_size_limit(
-    fault_stack: Settings, workload: Workload, record: Record
-) -> None:
-    note: list[str] = []
+def test_a_row_over_the_event_size_limit(fault_stack: Settings, run: FaultRun) -> None:
     limit = fault_stack.max_event_bytes
-    with fault(f"a row over the {limit >> 20} MiB event limit", workload, record, note):
+    with run.during(f"a row over the {limit >> 20} MiB event limit"):
         with source_conn(fault_stack) as src:
             src.execute(
                 "INSERT INTO app.articles (id, title, body) VALUES (910009, 'too big', %s)",
@@ -410,7 +371,7 @@ def test_a_row_over_the_event_size_limit(
         hidden = report["tables"]["app.articles"]["samples"].get("hidden", [])
         assert [h["key"] for h in hidden] == ["910009"], report
         assert listed.returncode == 1
-        note.append("dead letter (key, size, table), verify listed it as hidden; row deleted")
+        run.note("dead letter (key, size, table), verify listed it as hidden; row deleted")
         with source_conn(fault_stack) as src:
             src.execute("DELETE FROM app.articles WHERE id = 910009")
     status = ConnectClient(fault_stack.connect_rest_url).status(fault_stack.connector_name)
@@ -418,11 +379,8 @@ def test_a_row_over_the_event_size_limit(
 
 
 # --- the source changes shape -----------------------------------------------------------------
-def test_a_renamed_metadata_column(
-    fault_stack: Settings, workload: Workload, record: Record
-) -> None:
-    note: list[str] = []
-    with fault("RENAME COLUMN updated_at TO modified_at", workload, record, note):
+def test_a_renamed_metadata_column(fault_stack: Settings, run: FaultRun) -> None:
+    with run.during("RENAME COLUMN updated_at TO modified_at"):
         with source_conn(fault_stack) as src:
             src.execute("ALTER TABLE app.articles RENAME COLUMN updated_at TO modified_at")
             time.sleep(3)
@@ -435,7 +393,7 @@ def test_a_renamed_metadata_column(
             "SELECT column_name FROM rag.mapping_problems WHERE source_table = 'app.articles'"
         ).fetchall()
     assert ("updated_at",) in problems
-    note.append("revocation applied while drifted; reported in rag.mapping_problems")
+    run.note("revocation applied while drifted; reported in rag.mapping_problems")
     with source_conn(fault_stack) as src:
         src.execute("ALTER TABLE app.articles RENAME COLUMN modified_at TO updated_at")
         src.execute("UPDATE app.articles SET access_groups = '{}' WHERE id = 7")
@@ -451,26 +409,22 @@ def acl_of(settings: Settings, key: str) -> list[str] | None:
     return rows[0][0] if len(rows) == 1 else None
 
 
-def test_truncate(fault_stack: Settings, workload: Workload, record: Record) -> None:
-    note: list[str] = []
-    with fault("TRUNCATE app.articles", workload, record, note):
+def test_truncate(fault_stack: Settings, run: FaultRun) -> None:
+    with run.during("TRUNCATE app.articles"):
         with source_conn(fault_stack) as src:
             src.execute("TRUNCATE app.articles")
         time.sleep(6)  # the workload inserts after the truncate, on every partition
     with source_conn(fault_stack) as src:
         restored = load_demo(src)
-    note.append(f"demo rows loaded again afterwards ({restored['articles']})")
+    run.note(f"demo rows loaded again afterwards ({restored['articles']})")
     wait_converged(fault_stack)
 
 
-def test_the_documented_snapshot_remedy_works(
-    fault_stack: Settings, workload: Workload, record: Record
-) -> None:
-    note: list[str] = []
+def test_the_documented_snapshot_remedy_works(fault_stack: Settings, run: FaultRun) -> None:
     env = {**os.environ, **settings_env(fault_stack)}
     log = fault_stack.logs_dir / "connect.log"
     before = log.read_text(errors="replace").count("permission denied")
-    with fault("freshet snapshot app.articles", workload, record, note):
+    with run.during("freshet snapshot app.articles"):
         result = subprocess.run(
             [sys.executable, "-m", "freshet.cli", "snapshot", "app.articles"],
             env=env,
@@ -489,4 +443,4 @@ def test_the_documented_snapshot_remedy_works(
             "the incremental snapshot to finish",
         )
     assert log.read_text(errors="replace").count("permission denied") == before
-    note.append("snapshot ran to its end; no permission error in the Connect log")
+    run.note("snapshot ran to its end; no permission error in the Connect log")
