@@ -44,6 +44,22 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
 
 
+def _convergence(conn: Any) -> dict[str, Any]:
+    """Whether the index equals its source: the last `freshet verify`, documents hidden on
+    purpose, and mappings that no longer fit their tables."""
+    from sync import problems
+    from sync.verify import last_run
+
+    hidden = conn.execute(
+        "SELECT count(*) FROM rag.documents WHERE hidden_reason IS NOT NULL"
+    ).fetchone()
+    return {
+        "verify": last_run(conn),
+        "hidden_documents": hidden[0] if hidden else 0,
+        "mapping_problems": problems.current(conn),
+    }
+
+
 def database_status(pool: ConnectionPool) -> dict[str, Any]:
     """Counts and worker heartbeats from schema rag."""
     try:
@@ -51,6 +67,7 @@ def database_status(pool: ConnectionPool) -> dict[str, Any]:
             counts = cur.execute(_COUNTS).fetchone() or {}
             workers = cur.execute(_WORKERS).fetchall()
             version = conn.execute("SHOW server_version").fetchone()
+            convergence = _convergence(conn)
     except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
         logger.warning("status: database unreachable: %s", exc)
         return {"postgres": {"state": "DOWN", "error": str(exc).strip().splitlines()[0]}}
@@ -59,6 +76,7 @@ def database_status(pool: ConnectionPool) -> dict[str, Any]:
         "index": _jsonable(dict(counts)),
         "dead_letters": counts.get("dead_letters"),
         "workers": [_jsonable(dict(w)) for w in workers],
+        "convergence": convergence,
     }
 
 

@@ -254,6 +254,21 @@ async function loadStatus() {
       ["answers pending / failed", counts.answers_pending + " / " + counts.answers_failed]]) {
       index.append(el("dt", k), el("dd", v === undefined ? "unknown" : v));
     }
+    const conv = s.convergence || {};
+    const verify = conv.verify;
+    const differences = verify
+      ? Object.entries(verify.counts).filter(([, n]) => n).map(([k, n]) => k + " " + n).join(", ") || "none"
+      : "";
+    document.getElementById("convergence").replaceChildren(
+      el("dt", "last freshet verify"),
+      el("dd", verify ? (verify.in_sync ? "in sync" : "differs") + ", " + formatTime(verify.finished_at) +
+        ", " + verify.rows_checked + " rows" : "never run"),
+      el("dt", "differences"), el("dd", differences),
+      el("dt", "hidden documents"), el("dd", conv.hidden_documents === undefined ? "unknown" : conv.hidden_documents));
+    document.getElementById("mapping-problems").replaceChildren(
+      ...(conv.mapping_problems || []).map((p) => el("li",
+        "mapping of " + p.table + " does not fit: column " + p.column + ": " + p.problem +
+        " (" + p.occurrences + " events)")));
     document.querySelector("#tasks tbody").replaceChildren(
       ...(s.connector.tasks || []).map((t) => row([t.id, t.state, t.worker])));
     document.querySelector("#workers tbody").replaceChildren(
