@@ -469,10 +469,13 @@ class SyncWorker:
         assert consumer is not None
         try:
             ends = consumer.end_offsets(assigned, timeout_ms=2000)
-            self.metrics.lag = {
-                f"{tp.topic}[{tp.partition}]": max(0, ends[tp] - consumer.position(tp, 2000))
-                for tp in assigned
-            }
+            lag = {}
+            for tp in assigned:
+                # Records the large lane still holds are not applied yet: count from the first.
+                held = self.lane.first_pending(tp.topic, tp.partition) if self.lane else None
+                applied = consumer.position(tp, 2000) if held is None else held
+                lag[f"{tp.topic}[{tp.partition}]"] = max(0, ends[tp] - applied)
+            self.metrics.lag = lag
         except KAFKA_ERRORS as exc:
             self.metrics.last_error = f"Kafka: cannot measure lag: {exc}"[:2000]
 

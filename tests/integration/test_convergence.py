@@ -69,7 +69,7 @@ def test_verify_finds_each_planted_difference_and_repair_fixes_them_through_the_
     caught_up(worker)
     assert wait_for(lambda: len(versions(running_stack, [str(k) for k in KEYS.values()])) == 4, 60)
     code, report = verify(running_stack_env)
-    assert code == 0, report
+    assert code == 0, json.dumps(report["tables"], indent=1)
     before = versions(running_stack, [str(k) for k in KEYS.values()])
 
     # Damage the index behind the pipeline's back, one kind of difference per row.
