@@ -275,3 +275,36 @@ def test_10000_generated_records_through_the_real_router_and_writer_never_raise(
     # Both ends of the path were exercised: records written and records dead-lettered.
     assert counters["dead_letters"] > 1000, counters
     assert counters["applied"] > 100, counters
+
+
+def test_up_raises_the_message_limit_of_existing_change_topics(running_stack: Settings) -> None:
+    """A change topic made before the limit was raised (or by another tool) accepts events up
+    to FRESHET_MAX_EVENT_BYTES again after `freshet up`."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    from cdc.kafka import ensure_topic_limits, max_request_bytes
+
+    topic = f"{running_stack.topic_prefix}.app.module_docs"
+    admin = KafkaAdminClient(bootstrap_servers=running_stack.bootstrap_servers)
+    try:
+        admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": "1048588"})]
+        )
+        limit = max_request_bytes(running_stack)
+        changed = ensure_topic_limits(
+            running_stack.bootstrap_servers, running_stack.topic_prefix, limit
+        )
+        assert topic in changed
+        described = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, ["max.message.bytes"])],
+            config_filter="all",
+        )
+        value = next(iter(described.values()))[topic]["max.message.bytes"]["value"]
+        assert int(value) == limit
+        assert (
+            ensure_topic_limits(running_stack.bootstrap_servers, running_stack.topic_prefix, limit)
+            == []
+        )
+    finally:
+        admin.close()
