@@ -95,7 +95,7 @@ class _GatedEmbedder(Embedder):
                 cache[text] = vector
             if time.monotonic() - logged > 10:
                 logged = time.monotonic()
-                logger.info("large lane: %d of %d texts embedded", start + len(part), len(todo))
+                logger.warning("large lane: %d of %d texts embedded", start + len(part), len(todo))
         return np.stack([cache[t] for t in texts]).astype(np.float32, copy=False)
 
 
