@@ -67,8 +67,8 @@ DEFAULTS: dict[str, Any] = {
     "SEARCH_RATE_PER_MINUTE": 300,
     "SEARCH_BURST": 30,
     "SEARCH_CONCURRENCY_PER_CALLER": 4,
-    "ASK_RATE_PER_MINUTE": 30,
-    "ASK_BURST": 10,
+    "ASK_RATE_PER_MINUTE": 10,
+    "ASK_BURST": 5,
     "ASK_CONCURRENCY_PER_CALLER": 2,
     # Asks of all callers in flight in one process: the server's other threads stay free for
     # searches and the rest (waitress serves with web.server.THREADS = 8).
@@ -108,12 +108,6 @@ def create_app(
         if app.config.get(key) is not None:
             app.extensions[extension] = app.config.pop(key)
 
-    hops = int(app.config.get("TRUSTED_PROXY_HOPS") or 0)
-    if hops > 0:
-        from werkzeug.middleware.proxy_fix import ProxyFix
-
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
-
     from web import answers, db, errors, limits
     from web.api import bp as api_bp
     from web.ui import bp as ui_bp
@@ -124,6 +118,11 @@ def create_app(
     limits.init_app(app)
     app.register_blueprint(api_bp)
     app.register_blueprint(ui_bp)
+    hops = int(app.config.get("TRUSTED_PROXY_HOPS") or 0)
+    if hops > 0:  # outermost: everything after it sees the caller's address
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
     return app
 
 

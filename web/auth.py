@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import current_app, g, request
+from flask import Flask, current_app, g, request
 from werkzeug.datastructures import Headers
 
 from web.errors import ApiError
@@ -120,12 +120,17 @@ def is_local(remote_addr: str | None, headers: Mapping[str, str] | Headers) -> b
         return False
 
 
-def _tokens() -> dict[str, User]:
-    cached = current_app.extensions.get("freshet.tokens")
+def tokens_of(app: Flask) -> dict[str, User]:
+    """The app's token table, parsed once."""
+    cached = app.extensions.get("freshet.tokens")
     if cached is None:
-        cached = parse_tokens(current_app.config.get("API_TOKENS") or {})
-        current_app.extensions["freshet.tokens"] = cached
+        cached = parse_tokens(app.config.get("API_TOKENS") or {})
+        app.extensions["freshet.tokens"] = cached
     return cached
+
+
+def _tokens() -> dict[str, User]:
+    return tokens_of(current_app._get_current_object())  # type: ignore[attr-defined]
 
 
 def public_tokens(tokens: Mapping[str, Any]) -> frozenset[str]:

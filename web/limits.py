@@ -21,6 +21,7 @@ Two mechanisms, checked in this order for every request to a limited route:
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
 import threading
@@ -30,11 +31,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, current_app, g, request
+from flask import Flask, Response, current_app, g, request
 from psycopg_pool import ConnectionPool
 
 from freshet.settings import SettingsError
-from web.auth import ANONYMOUS, User
+from web.auth import (
+    ANONYMOUS,
+    FORWARDING_HEADERS,
+    TokenError,
+    User,
+    authenticate,
+    is_local,
+    public_tokens,
+    tokens_of,
+)
 from web.errors import ApiError
 
 logger = logging.getLogger(__name__)
@@ -145,6 +155,10 @@ class RateLimiter(ABC):
     def take(self, limit: Limit, caller: str) -> Verdict:
         """Admit one request of ``caller`` to ``limit.route``, or say when to come back."""
 
+    @abstractmethod
+    def peek(self, limit: Limit, caller: str) -> Verdict:
+        """Whether ``take`` could admit, from this process's buckets alone, taking nothing."""
+
 
 class MemoryRateLimiter(RateLimiter):
     """Buckets in this process only."""
@@ -154,6 +168,9 @@ class MemoryRateLimiter(RateLimiter):
 
     def take(self, limit: Limit, caller: str) -> Verdict:
         return self.buckets.take(limit, caller)
+
+    def peek(self, limit: Limit, caller: str) -> Verdict:
+        return self.buckets.peek(limit, caller)
 
 
 # One statement per admitted request: refill by the time since the last update, take a token
@@ -227,6 +244,9 @@ class PgRateLimiter(RateLimiter):
         self.local.record(limit, caller, tokens)
         return Verdict(True) if admitted else Verdict(False, (1 - tokens) / limit.rate)
 
+    def peek(self, limit: Limit, caller: str) -> Verdict:
+        return self.local.peek(limit, caller)
+
     def _prune(self, conn: Any, limit: Limit) -> None:
         now = self._clock()
         if now - self._pruned < 60:
@@ -243,14 +263,21 @@ class Concurrency:
         self._callers: dict[tuple[str, str], int] = {}
         self._routes: dict[str, int] = {}
 
+    def full(self, limit: Limit, caller: str) -> str | None:
+        """Why ``caller`` gets no slot now (``caller`` or ``route``), or None."""
+        if self._callers.get((limit.route, caller), 0) >= limit.per_caller:
+            return "caller"
+        if limit.total is not None and self._routes.get(limit.route, 0) >= limit.total:
+            return "route"
+        return None
+
     def acquire(self, limit: Limit, caller: str) -> Slot | str:
         """A slot, or why there is none: ``caller`` or ``route``."""
         key = (limit.route, caller)
         with self._lock:
-            if self._callers.get(key, 0) >= limit.per_caller:
-                return "caller"
-            if limit.total is not None and self._routes.get(limit.route, 0) >= limit.total:
-                return "route"
+            full = self.full(limit, caller)
+            if full is not None:
+                return full
             self._callers[key] = self._callers.get(key, 0) + 1
             self._routes[limit.route] = self._routes.get(limit.route, 0) + 1
         return Slot(self, key)
@@ -311,6 +338,41 @@ class Limits:
     limiter: RateLimiter | None
     concurrency: Concurrency = field(default_factory=Concurrency)
 
+    def refusal(self, route: str, user: User, address: str | None) -> ApiError | None:
+        """The 429 ``admit`` would answer a caller who is over a limit already, found without
+        taking anything (and without a database round trip); None when they may try."""
+        if self.limiter is None:
+            return None
+        limit = self.limits[route]
+        caller = caller_of(user, address)
+        full = self.concurrency.full(limit, caller)
+        if full is not None:
+            return self._busy(full, route, limit)
+        verdict = self.limiter.peek(limit, caller)
+        return None if verdict.admitted else self._over(route, verdict, limit)
+
+    def _busy(self, why: str, route: str, limit: Limit) -> ApiError:
+        if why == "caller":
+            message = (
+                f"too many {route} requests at once: {limit.per_caller} of yours are in "
+                "progress; wait for one to finish"
+            )
+        else:
+            message = (
+                f"the server is answering {limit.total} {route} requests already; try again shortly"
+            )
+        return too_many(message, "concurrency", route, 1.0, limit)
+
+    def _over(self, route: str, verdict: Verdict, limit: Limit) -> ApiError:
+        return too_many(
+            f"rate limit: {route} is limited to {limit.describe()} per caller; "
+            f"retry in {max(1, math.ceil(verdict.retry_after))} s",
+            "rate",
+            route,
+            verdict.retry_after,
+            limit,
+        )
+
     def admit(self, route: str, user: User, address: str | None) -> Slot | None:
         """A slot for this request, or a 429 ApiError that says why and when to retry."""
         if self.limiter is None:
@@ -319,28 +381,11 @@ class Limits:
         caller = caller_of(user, address)
         slot = self.concurrency.acquire(limit, caller)
         if isinstance(slot, str):
-            if slot == "caller":
-                message = (
-                    f"too many {route} requests at once: {limit.per_caller} of yours are in "
-                    "progress; wait for one to finish"
-                )
-            else:
-                message = (
-                    f"the server is answering {limit.total} {route} requests already; "
-                    "try again shortly"
-                )
-            raise too_many(message, "concurrency", route, 1.0, limit)
+            raise self._busy(slot, route, limit)
         verdict = self.limiter.take(limit, caller)
         if not verdict.admitted:
             slot.release()
-            raise too_many(
-                f"rate limit: {route} is limited to {limit.describe()} per caller; "
-                f"retry in {max(1, math.ceil(verdict.retry_after))} s",
-                "rate",
-                route,
-                verdict.retry_after,
-                limit,
-            )
+            raise self._over(route, verdict, limit)
         return slot
 
 
@@ -422,9 +467,58 @@ def _release(_exc: BaseException | None = None) -> None:
         slot.release()
 
 
+class Prefilter:
+    """WSGI middleware in front of Flask: a request to a limited route from a caller who is
+    over a limit already gets its 429 here, before Flask dispatches it or reads its body. An
+    abusive client's retries are most of its load, so they must cost the server (and everyone
+    else it serves) as little as possible. Anything else, and a caller who may try, goes on to
+    Flask, where ``admit`` decides (and bad input, an unknown token... get their own answer)."""
+
+    ROUTES = {("GET", "/api/v1/search"): "search", ("POST", "/api/v1/ask"): "ask"}
+
+    def __init__(self, app: Flask, wsgi_app: Any) -> None:
+        self.app = app
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        route = self.ROUTES.get((environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")))
+        error = self._refusal(route, environ) if route is not None else None
+        if error is None:
+            return self.wsgi_app(environ, start_response)
+        response = Response(
+            json.dumps(error.to_dict(), separators=(",", ":")),
+            error.status,
+            headers=error.headers,
+            mimetype="application/json",
+        )
+        return response(environ, start_response)
+
+    def _refusal(self, route: str, environ: dict[str, Any]) -> ApiError | None:
+        limits = self.app.extensions.get(_EXTENSION)
+        if not isinstance(limits, Limits) or limits.limiter is None:
+            return None
+        forwarded = {
+            name: environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+            for name in FORWARDING_HEADERS
+        }
+        tokens = tokens_of(self.app)
+        try:
+            user = authenticate(
+                environ.get("HTTP_AUTHORIZATION"),
+                tokens,
+                bool(self.app.config.get("ALLOW_ANONYMOUS", True)),
+                public=public_tokens(tokens),
+                local=is_local(environ.get("REMOTE_ADDR"), forwarded),
+            )
+        except TokenError:
+            return None
+        return None if user is None else limits.refusal(route, user, environ.get("REMOTE_ADDR"))
+
+
 def init_app(app: Flask) -> None:
     if _EXTENSION not in app.extensions:
         from web.db import get_pool
 
         app.extensions[_EXTENSION] = limits_from_config(app.config, lambda: get_pool(app))
     app.teardown_request(_release)
+    app.wsgi_app = Prefilter(app, app.wsgi_app)  # type: ignore[method-assign]

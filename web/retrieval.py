@@ -8,12 +8,16 @@ psycopg.sql; values travel as parameters.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
+import queue
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -411,17 +415,54 @@ class EmbedThread:
     Fast tokenizers are not safe to call from several threads at once ("Already borrowed"),
     and torch runs a model markedly slower from a thread other than the one that loaded it
     (measured here: one query p50 ~8 ms on the loading thread, ~15 ms from another one).
-    So the model is loaded on this thread (``load``) and every call runs there, one at a time,
-    whichever server thread asks.
+    So the model is loaded on this thread and every call runs there, one at a time, whichever
+    server thread asks.
+
+    One at a time, but not first come, first served: a search's query (one text) goes before
+    the batches of an answer (the extractive backend embeds every candidate sentence), and a
+    batch runs in slices of ``slice_size`` texts, so a query waits for one slice at most, never
+    for a whole answer, however many answers are being composed. The default slice is one
+    text: it runs through the Embedder's compiled one-text graph on one torch thread. Larger
+    slices were measured slower for the search behind them under a flood of asks on 2 shared
+    cores: a slice of 16 on all threads stalled at every parallel region for its slowest
+    (preempted) thread, search p50 1.5 s; slices of 4 on one thread, 170 ms; of 1, 40 ms of
+    embedding (bench.rate_limit).
     """
 
-    def __init__(self, embedder: Embedder | Callable[[], Embedder]) -> None:
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freshet-embed")
+    QUERY, BATCH = 0, 1
+
+    def __init__(self, embedder: Embedder | Callable[[], Embedder], *, slice_size: int = 1) -> None:
+        self.slice_size = slice_size
+        self._jobs: queue.PriorityQueue[tuple[int, int, Callable[[], Any], Future[Any]]]
+        self._jobs = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._thread = threading.Thread(target=self._work, name="freshet-embed", daemon=True)
+        self._thread.start()
         build = embedder if callable(embedder) else (lambda: embedder)
-        self.embedder: Embedder = self._thread.submit(build).result()
+        self.embedder: Embedder = self._submit(self.QUERY, build).result()
+
+    def _submit(self, priority: int, call: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        self._jobs.put((priority, next(self._order), call, future))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            _, _, call, future = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:  # noqa: BLE001 - the caller's to handle
+                future.set_exception(exc)
 
     def __call__(self, text: str) -> np.ndarray:
-        return self._thread.submit(self.embedder.embed, [text]).result()[0]
+        return self._submit(self.QUERY, lambda: self.embedder.embed([text])).result()[0]
 
     def many(self, texts: Sequence[str]) -> np.ndarray:
-        return self._thread.submit(self.embedder.embed, list(texts)).result()
+        texts = list(texts)
+        if len(texts) <= 1:
+            return self._submit(self.QUERY, lambda: self.embedder.embed(texts)).result()
+        slices = [texts[i : i + self.slice_size] for i in range(0, len(texts), self.slice_size)]
+        parts = [self._submit(self.BATCH, partial(self.embedder.embed, part)) for part in slices]
+        return np.concatenate([part.result() for part in parts])

@@ -67,6 +67,9 @@ def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
     # objects (a full collection over them is a latency spike for whichever request meets it).
     gc.collect()
     gc.freeze()
+    # waitress warns for every request that waits for a thread: under a flood of requests
+    # (refused with 429 in microseconds, but many) that logging would itself be the load.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     logger.info("Freshet web on http://%s:%d/", host, port)
     try:
         from waitress import serve

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, request
 
 from freshet.settings import SettingsError
 from tests.unit.test_web_api import STAFF, SUPPORT, error_of, events, make_app
@@ -26,6 +26,7 @@ from web.limits import (
 )
 
 ASK = Limit("ask", rate=0.5, burst=3, per_caller=2, total=3)
+BAD_TOKEN = {"Authorization": "Bearer not-a-token"}
 
 
 class Clock:
@@ -250,3 +251,22 @@ def test_the_process_wide_ask_cap(tmp_path: Path) -> None:
 def test_limits_can_be_turned_off(tmp_path: Path) -> None:
     client = make_app(tmp_path, RATE_LIMIT_BACKEND="off", SEARCH_BURST=1).test_client()
     assert {client.get(SEARCH, headers=STAFF).status_code for _ in range(5)} == {200}
+
+
+def test_a_caller_over_a_limit_is_refused_before_flask_reads_the_request(tmp_path: Path) -> None:
+    app = make_app(tmp_path, ASK_BURST=1)
+    dispatched: list[str] = []
+    app.before_request(lambda: dispatched.append(request.path) and None)
+    client = app.test_client()
+    assert client.post("/api/v1/ask", json={"question": "q"}, headers=STAFF).status_code == 200
+    assert len(dispatched) == 1
+    # Over its limit now: refused in front of Flask, body unread (this one is not even JSON).
+    response = client.post("/api/v1/ask", data="{not json", headers=STAFF)
+    error = error_of(response, 429)
+    assert error["reason"] == "rate" and response.headers["Retry-After"]
+    assert len(dispatched) == 1
+    # Others are not: another token, an unknown token (a 401 from Flask), a bad request.
+    assert client.post("/api/v1/ask", json={"question": "q"}, headers=SUPPORT).status_code == 200
+    error_of(client.post("/api/v1/ask", json={"question": "q"}, headers=BAD_TOKEN), 401)
+    error_of(client.get("/api/v1/search?q=kafka&k=0", headers=STAFF), 400)
+    assert len(dispatched) == 4

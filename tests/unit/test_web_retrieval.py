@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from psycopg import sql
 
 from tests.unit.web_fakes import passage
 from web.auth import User
 from web.retrieval import (
+    EmbedThread,
     Filters,
     acl_condition,
     dedupe_by_document,
@@ -92,3 +98,43 @@ def test_weighted_rrf_scales_each_list() -> None:
     assert [i for i, _ in rrf([[5, 6], [7, 5]], [1.0, 0.0])] == [5, 6, 7]
     with pytest.raises(ValueError, match="one weight per ranking"):
         rrf([[1]], [1.0, 2.0])
+
+
+class GatedEmbedder:
+    """Records each call's texts; the first batch slice waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        if len(texts) > 1 and not self.started.is_set():
+            self.started.set()
+            self.release.wait(10)
+        return np.zeros((len(texts), 3), dtype=np.float32)
+
+
+def test_a_query_waits_for_one_slice_of_an_answers_batch_not_all_of_it() -> None:
+    embedder = GatedEmbedder()
+    embed = EmbedThread(embedder, slice_size=4)  # type: ignore[arg-type]
+    with ThreadPoolExecutor(2) as pool:
+        batch = pool.submit(embed.many, [f"sentence {i}" for i in range(12)])
+        assert embedder.started.wait(10)  # the first slice is running
+        query = pool.submit(embed, "the query")
+        # Let the running slice finish only once the query is queued beside the other two.
+        assert wait_for(lambda: embed._jobs.qsize() == 3, 10)
+        embedder.release.set()
+        assert query.result(10).shape == (3,) and batch.result(10).shape == (12, 3)
+    sizes = [len(call) for call in embedder.calls]
+    assert sizes == [4, 1, 4, 4], sizes  # the query went before the batch's other slices
+
+
+def wait_for(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)
+    return False
