@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import psycopg
 
-from freshet.embedder import Embedder
+from freshet.embedder import SMALL_CALL_TEXTS, Embedder
 from freshet.retry import Backoff, Stopped, transient_db_error
 from sync import deadletters
 from sync.changes import Change
@@ -29,8 +29,10 @@ from sync.writer import ApplyStats, Writer, dead_letter
 
 logger = logging.getLogger(__name__)
 
-# Texts per slice of a large document's embedding; the main loop can run between two slices.
-SLICE = 8
+# Texts per slice of a large document's embedding: the main loop can run between two slices,
+# and a slice this small is a "small call" for the embedder, which runs it on one thread, so the
+# other core stays free for Debezium, Kafka, PostgreSQL and the main loop.
+SLICE = SMALL_CALL_TEXTS
 
 
 class EmbedGate:

@@ -275,11 +275,16 @@ def test_poison_records(fault_stack: Settings, run: FaultRun) -> None:
 
 # --- rows of any size -------------------------------------------------------------------------
 def test_a_row_of_1_mib(fault_stack: Settings, run: FaultRun) -> None:
+    """The fault is the event's size (1,051,913 bytes failed the task with the producer's 1 MiB
+    default): the text repeats 40 paragraphs, so it carries 1 MiB but embeds few distinct
+    chunks. The next test's row is the expensive one to embed."""
+    paragraphs = distinct_text(40 * 260, "one-mib").split("\n\n")
+    body = "\n\n".join(paragraphs[n % len(paragraphs)] for n in range(4200))[: 1 << 20]
     with run.during("a row of 1 MiB of text"):
         with source_conn(fault_stack) as src:
             src.execute(
                 "INSERT INTO app.articles (id, title, body) VALUES (910001, 'one MiB', %s)",
-                (distinct_text(1 << 20, "one-mib"),),
+                (body,),
             )
         wait_until(lambda: chunk_count(fault_stack, "910001") > 0, 600, "the 1 MiB row indexed")
     status = ConnectClient(fault_stack.connect_rest_url).status(fault_stack.connector_name)

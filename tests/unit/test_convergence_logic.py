@@ -243,7 +243,7 @@ def test_the_large_lane_embeds_in_slices_and_lets_the_main_loop_in_between() -> 
     gate.foreground().embed(["one change"])
     lane.join()
     names = [name for name, _ in inner.calls]
-    assert names.count("lane") == 10, "80 texts in slices of 8"
+    assert names.count("lane") == 20, "80 texts in slices of 4"
     assert "lane" in names[names.index("MainThread") + 1 :], "main waited for the whole document"
     assert len(cache) == 80
     # The lane's own second pass is served from its cache.
