@@ -221,7 +221,7 @@ plausible = st.builds(
     st.sampled_from(["c", "u", "r", "d"]),
     st.integers(min_value=600_000, max_value=600_050),
     nasty_text,
-    nasty_text | st.text(min_size=200, max_size=2000),
+    nasty_text | st.text(min_size=100, max_size=400),
     st.lists(nasty_text, max_size=3),
     st.integers(min_value=1, max_value=2**40),
 )
