@@ -148,3 +148,18 @@ def test_a_raw_answer_that_cannot_be_judged_is_unreadable_not_retried() -> None:
     raw += b' "answer": {"answer": "a [1]", "citations": [{"no": 1}]}}'
     with pytest.raises(MessageError, match="cannot be judged"):
         Validator(NO_RULES, InMemoryAnswerStore())(Record(raw, topic=RAW_ANSWERS))
+
+
+def test_the_validator_judges_the_markers_the_model_added() -> None:
+    """A raw answer quoting a row's own "[7]" (markers: only the [1] the model added) passes
+    citations_resolve; the same text from an older worker, without markers, does not."""
+    rules = '[[rule]]\nname = "resolve"\nkind = "citations_resolve"\n'
+    citations = [{"n": 1, "source_table": "app.articles", "doc_key": "1", "chunk_id": 1}]
+    answer = {"answer": "Workers restart at two [7]. [1]", "citations": citations, "markers": [1]}
+    body = {"id": "r1", "question": "q", "user": {"user": "ann"}, "passages": 1}
+    out, store = validated(json.dumps({**body, "answer": answer}).encode(), rules)
+    assert out.topic == APPROVED
+    answer.pop("markers")
+    out, store = validated(json.dumps({**body, "answer": answer}).encode(), rules)
+    stored = store.get("r1")
+    assert out.topic == REJECTED and stored is not None and stored.violations[0].rule == "resolve"
