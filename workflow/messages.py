@@ -104,6 +104,8 @@ def loads(raw: bytes | None) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise MessageError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise MessageError("JSON nested too deeply to read") from None
     if not isinstance(body, dict):
         raise MessageError("not a JSON object")
     return body

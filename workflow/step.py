@@ -21,13 +21,16 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 
-from freshet.retry import Stopped, retry
+from freshet.retry import Stopped, retry, transient_db_error
 from workflow.messages import DEAD_LETTERS, MessageError, dumps
 
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
 KAFKA_ERRORS = (KafkaError, OSError)
+# A record whose handler fails this many times in a row with an error that is not a service
+# being away (database, Kafka) is a dead letter: nothing a record holds can stop its partition.
+MAX_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Step:
     handled: int = 0
     dead_letters: int = 0
     _backoff: float = field(default=0.5, repr=False)
+    _failures: dict[tuple[str, int, int], int] = field(default_factory=dict, repr=False)
 
     def run(self, stop: threading.Event) -> None:
         def kafka(call: Callable[[], Any], what: str) -> Any:
@@ -130,14 +134,29 @@ class Step:
                 break
             try:
                 outputs = self.handle(record)
-            except Exception:  # noqa: BLE001 - retried from this record, never skipped
-                logger.exception(
-                    "%s: %s:%d@%d failed; retrying in %.1fs", self.name, *_at(record), self._backoff
-                )
-                consumer.seek(partition, record.offset)
-                stop.wait(self._backoff)
-                self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
-                break
+            except Exception as exc:  # noqa: BLE001 - retried from this record, never skipped
+                attempts = self._failures.get(_at(record), 0) + 1
+                if attempts >= MAX_ATTEMPTS and not _service_away(exc):
+                    self._failures.pop(_at(record), None)
+                    self.dead_letters += 1
+                    reason = f"{self.name} failed {attempts} times: {type(exc).__name__}: {exc}"
+                    logger.error(
+                        "%s: %s:%d@%d to %s: %s", self.name, *_at(record), DEAD_LETTERS, reason
+                    )
+                    outputs = [dead_letter(record, reason[:2000])]
+                else:
+                    self._failures[_at(record)] = attempts
+                    logger.exception(
+                        "%s: %s:%d@%d failed; retrying in %.1fs",
+                        self.name,
+                        *_at(record),
+                        self._backoff,
+                    )
+                    consumer.seek(partition, record.offset)
+                    stop.wait(self._backoff)
+                    self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+                    break
+            self._failures.pop(_at(record), None)
             for out in outputs:
                 producer.send(out.topic, key=out.key, value=out.value)
             done = record.offset
@@ -177,3 +196,8 @@ class Step:
 
 def _at(record: Any) -> tuple[str, int, int]:
     return record.topic, record.partition, record.offset
+
+
+def _service_away(exc: BaseException) -> bool:
+    """The database or Kafka is not there: wait it out, however long."""
+    return transient_db_error(exc) or isinstance(exc, KAFKA_ERRORS)

@@ -163,3 +163,54 @@ def test_the_validator_judges_the_markers_the_model_added() -> None:
     out, store = validated(json.dumps({**body, "answer": answer}).encode(), rules)
     stored = store.get("r1")
     assert out.topic == REJECTED and stored is not None and stored.violations[0].rule == "resolve"
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.seeks: list[int] = []
+        self.commits: list[dict[Any, Any]] = []
+
+    def seek(self, partition: Any, offset: int) -> None:
+        self.seeks.append(offset)
+
+    def commit(self, offsets: dict[Any, Any]) -> None:
+        self.commits.append(offsets)
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    def send(self, topic: str, key: bytes | None = None, value: bytes = b"") -> None:
+        self.sent.append((topic, value))
+
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+
+def test_a_record_that_keeps_failing_becomes_a_dead_letter_and_the_partition_moves_on() -> None:
+    import threading
+
+    from workflow import step as step_module
+
+    def broken(record: Any) -> list[Any]:
+        raise ValueError("the handler cannot take this record")
+
+    step = Step("inference", "rag.requests", "g", "127.0.0.1:1", broken)
+    step._backoff = 0.0
+    consumer, producer = FakeConsumer(), FakeProducer()
+    record = Record(b'{"id": "r1"}', offset=5)
+    for _ in range(step_module.MAX_ATTEMPTS):
+        step._backoff = 0.0
+        step._process(consumer, producer, "p", [record], threading.Event())  # type: ignore[arg-type]
+    assert consumer.seeks == [5] * (step_module.MAX_ATTEMPTS - 1)  # retried, then given up
+    [(topic, value)] = producer.sent
+    assert topic == DEAD_LETTERS
+    assert "failed 5 times: ValueError" in json.loads(value)["reason"]
+    assert len(consumer.commits) == 1 and step.dead_letters == 1
+
+
+def test_a_record_nested_too_deeply_is_unreadable() -> None:
+    step = Step("inference", "rag.requests", "g", "127.0.0.1:1", inference())
+    [out] = step.handle(Record(b"[" * 100_000))
+    assert out.topic == DEAD_LETTERS and "nested too deeply" in json.loads(out.value)["reason"]
