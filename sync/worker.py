@@ -160,6 +160,10 @@ class SyncWorker:
             max_poll_records=s.sync_batch,
             fetch_max_wait_ms=s.sync_fetch_wait_ms,
             max_poll_interval_ms=600_000,
+            # A member that dies (kill -9, a lost machine) gives its partitions up after 10 s
+            # instead of kafka-python's 45 s; heartbeats run on their own thread every 3 s.
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=3_000,
             metadata_max_age_ms=5_000,  # new captured tables are picked up within seconds
             # A change event may be as large as the pipeline's limit (FRESHET_MAX_EVENT_BYTES).
             max_partition_fetch_bytes=s.max_event_bytes + (1 << 20),

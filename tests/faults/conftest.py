@@ -269,9 +269,9 @@ class FaultRun:
     def during(self, name: str) -> Iterator[None]:
         self.name = name
         with self.workload.running():
-            time.sleep(4)  # the workload is under way when the fault hits
+            time.sleep(3)  # the workload is under way when the fault hits
             yield
-            time.sleep(4)
+            time.sleep(3)
         self.outcome = wait_converged(self.workload.settings)
         assert self.outcome.in_sync, f"{name}: the index differs: {self.outcome.final}"
         assert self.outcome.final["exit_code"] == 0
