@@ -24,8 +24,10 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -162,8 +164,17 @@ def compiled(
                 finally:
                     partial.unlink(missing_ok=True)
             logger.info("compiled in %.0f s", time.monotonic() - started)
+        # Loaded from a .pt2 file, the package is unpacked into a new /tmp folder (89 MB) on
+        # every load and never removed; unpacked once here, every process loads the folder.
+        unpacked = package.with_suffix(".d")
+        if not unpacked.is_dir():
+            partial = unpacked.with_name(f"{unpacked.name}.{os.getpid()}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            with zipfile.ZipFile(package) as archive:
+                archive.extractall(partial)
+            partial.replace(unpacked)
     with _quiet():
-        runner: Runner = torch._inductor.aoti_load_package(str(package))
+        runner: Runner = torch._inductor.aoti_load_package(str(unpacked))
     return runner
 
 

@@ -7,6 +7,10 @@ Order of offsets holds: the worker commits a partition's offsets only up to the 
 still in the lane (sync/worker.py). A large change is embedded before its transaction opens, so
 the transaction, and the row and advisory locks it takes, stay short; embedding yields to the
 main loop between slices (EmbedGate), so a small change waits at most one slice.
+
+A large change that a later change of its document makes moot (a delete, or an upsert that
+carries every mapped column) is not embedded to the end: the lane skips it, or stops its
+embedding at the next slice, and applies the later change instead.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import psycopg
 from freshet.embedder import SMALL_CALL_TEXTS, Embedder
 from freshet.retry import Backoff, Stopped, transient_db_error
 from sync import deadletters
-from sync.changes import Change
+from sync.changes import Change, Kind
+from sync.mapping import unavailable_columns
 from sync.writer import ApplyStats, Writer, dead_letter
 
 logger = logging.getLogger(__name__)
@@ -33,6 +38,25 @@ logger = logging.getLogger(__name__)
 # and a slice this small is a "small call" for the embedder, which runs it on one thread, so the
 # other core stays free for Debezium, Kafka, PostgreSQL and the main loop.
 SLICE = SMALL_CALL_TEXTS
+
+
+class Superseded(Exception):
+    """A later change of the document makes the one being embedded moot."""
+
+
+def supersedes(later: Change, earlier: Change) -> bool:
+    """Whether `later` decides its document without anything `earlier` would have stored:
+    a delete, or an upsert none of whose mapped columns is an unavailable (TOAST) value (an
+    upsert that has one completes it from the stored row, which needs `earlier` applied)."""
+    if (later.table, later.doc_key) != (earlier.table, earlier.doc_key):
+        return False
+    if later.kind in (Kind.DELETE, Kind.TOMBSTONE):
+        return True
+    return (
+        later.kind is Kind.UPSERT
+        and later.row is not None
+        and not unavailable_columns(later.mapping, later.row)
+    )
 
 
 class EmbedGate:
@@ -72,18 +96,25 @@ class EmbedGate:
     def foreground(self) -> Embedder:
         return _GatedEmbedder(self, foreground=True)
 
-    def background(self, cache: dict[str, np.ndarray]) -> Embedder:
-        return _GatedEmbedder(self, foreground=False, cache=cache)
+    def background(
+        self, cache: dict[str, np.ndarray], abandon: Callable[[], bool] | None = None
+    ) -> _GatedEmbedder:
+        return _GatedEmbedder(self, foreground=False, cache=cache, abandon=abandon)
 
 
 class _GatedEmbedder(Embedder):
     def __init__(
-        self, gate: EmbedGate, foreground: bool, cache: dict[str, np.ndarray] | None = None
+        self,
+        gate: EmbedGate,
+        foreground: bool,
+        cache: dict[str, np.ndarray] | None = None,
+        abandon: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__(gate.inner.dim)
         self.gate = gate
         self.is_foreground = foreground
         self.cache = cache
+        self.abandon = abandon
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         if self.is_foreground:
@@ -92,6 +123,8 @@ class _GatedEmbedder(Embedder):
         todo = [t for t in dict.fromkeys(texts) if t not in cache]
         logged = time.monotonic()
         for start in range(0, len(todo), SLICE):
+            if self.abandon is not None and self.abandon():
+                raise Superseded(f"{start} of {len(todo)} texts embedded")
             part = todo[start : start + SLICE]
             for text, vector in zip(part, self.gate.run(part, foreground=False), strict=True):
                 cache[text] = vector
@@ -185,6 +218,13 @@ class LargeLane:
         if self._conn is not None:
             self._conn.close()
 
+    def superseded(self) -> bool:
+        """Whether a change queued behind the current one makes it moot (checked by the lane's
+        embedder between slices, too)."""
+        with self._cond:
+            current = self.current
+            return current is not None and any(supersedes(c, current) for c in self._queue)
+
     # --- the lane's thread -------------------------------------------------------------
     def _forget(self, change: Change) -> None:
         key = (change.table, change.doc_key)
@@ -207,9 +247,17 @@ class LargeLane:
                 self.current = self._queue.popleft()
             change = self.current
             try:
-                stats = self._apply(change)
+                stats = ApplyStats(superseded=1) if self.superseded() else self._apply(change)
             except Stopped:
                 return
+            except Superseded as exc:
+                logger.warning(
+                    "large lane: %s key=%s superseded by a later change (%s); not applied",
+                    change.table,
+                    change.doc_key,
+                    exc,
+                )
+                stats = ApplyStats(superseded=1)
             with self._cond:
                 self._forget(change)
                 self.current = None
@@ -230,6 +278,8 @@ class LargeLane:
                             deadletters.store(conn, stats.dead)
                         return stats
                     return self._embed_and_apply(conn, change)
+                except Superseded:
+                    raise
                 except Exception as exc:
                     if self.stop.is_set():
                         raise Stopped("large lane") from exc

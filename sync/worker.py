@@ -180,12 +180,14 @@ class SyncWorker:
         self.writer.chunker = _own_tokenizer(self.chunker)
         self.writer.defer_above = self.settings.sync_large_embeddings
         cache: dict[str, Any] = {}
+        background = self.gate.background(cache)
         self.lane = LargeLane(
-            Writer(self.gate.background(cache), _own_tokenizer(self.chunker), self.source),
+            Writer(background, _own_tokenizer(self.chunker), self.source),
             cache,
             lambda: connect(database_url(self.settings), autocommit=True, vector=True),
             stop,
         )
+        background.abandon = self.lane.superseded
         self.lane.start()
 
     def _close(self) -> None:

@@ -13,12 +13,13 @@ import psycopg
 import pytest
 
 from cdc import supervisor
-from cdc.events import UNAVAILABLE
+from cdc.events import UNAVAILABLE, RecordPosition
 from cdc.processes import StackError
 from freshet.embedder import Embedder
 from freshet.retry import Backoff, Stopped, retry, transient_db_error
 from freshet.settings import Settings
-from sync.lane import EmbedGate
+from sync.changes import Change, Kind
+from sync.lane import EmbedGate, Superseded, supersedes
 from sync.mapping import DEFAULT_MAPPINGS, MappingError, Mappings
 from sync.verify import TableReport, _Indexed, compare
 
@@ -250,3 +251,33 @@ def test_the_large_lane_embeds_in_slices_and_lets_the_main_loop_in_between() -> 
     before = len(inner.calls)
     background.embed(["t1", "t2"])
     assert len(inner.calls) == before
+
+
+def change(kind: Kind, key: str = "1", **row_changes: Any) -> Change:
+    return Change(
+        kind,
+        ARTICLES,
+        key,
+        RecordPosition("t", 0, 0),
+        row=None if kind is not Kind.UPSERT else row(**row_changes),
+    )
+
+
+def test_a_large_change_is_moot_only_when_the_later_one_needs_nothing_it_stores() -> None:
+    big = change(Kind.UPSERT, body="x" * 10)
+    assert supersedes(change(Kind.DELETE), big)
+    assert supersedes(change(Kind.TOMBSTONE), big)
+    assert supersedes(change(Kind.UPSERT, title="new"), big)
+    # A title-only update whose body is TOASTed completes the body from the stored row.
+    assert not supersedes(change(Kind.UPSERT, body=UNAVAILABLE), big)
+    assert not supersedes(change(Kind.DELETE, key="2"), big)
+
+
+def test_the_large_lane_stops_embedding_a_superseded_document_at_the_next_slice() -> None:
+    inner = SlowEmbedder()
+    gate = EmbedGate(inner)
+    calls = iter(range(1000))
+    background = gate.background({}, abandon=lambda: next(calls) >= 3)
+    with pytest.raises(Superseded, match="12 of 80"):
+        background.embed([f"t{i}" for i in range(80)])
+    assert len(inner.calls) == 3

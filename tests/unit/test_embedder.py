@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -217,9 +218,15 @@ def test_one_text_runs_compiled_close_to_the_eager_vectors(
         raise AssertionError("compiled again although the cache holds the model")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_second_compile)
+    # Nor does a load unpack the package into a new folder under the temporary directory.
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
     again = TransformersEmbedder(bf16=True, fast_path="compiled", cache=tmp_path)
     assert again.fast_path == "compiled"
     assert list(tmp_path.glob("embed-one-text-*.pt2")) == [package]
+    assert [p.name for p in temp.iterdir() if p.name.startswith("aotinductor")] == []
     np.testing.assert_array_equal(again.embed(texts[:1]), compiled.embed(texts[:1]))
 
 
