@@ -158,18 +158,19 @@ def test_kill_9_of_postgresql(fault_stack: Settings, run: FaultRun) -> None:
         run.note(f"{run.workload.failed} workload ops failed while it was down")
 
 
-def test_kafka_broker_down_for_45_seconds(fault_stack: Settings, run: FaultRun) -> None:
-    """The broker is killed with work pending and stays down 45 s (the supervisor is paused so
-    it cannot restart it sooner), longer than every client timeout."""
+def test_kafka_broker_down_for_75_seconds(fault_stack: Settings, run: FaultRun) -> None:
+    """The broker is killed with work pending and stays down 75 s (the supervisor is paused so
+    it cannot restart it sooner), longer than every client timeout, and longer than Connect's
+    poll timeout (60 s), so the Connect worker leaves its group and must take its task back."""
     supervisor = LocalSupervisor(fault_stack).process.pid()
     assert supervisor is not None
     worker = sync_pid(fault_stack)
-    with run.during("Kafka broker killed, down 45 s"):
+    with run.during("Kafka broker killed, down 75 s"):
         os.kill(supervisor, signal.SIGSTOP)
         try:
             old = LocalKafka(fault_stack).process.pid()
             kill9(old)
-            time.sleep(45)
+            time.sleep(75)
         finally:
             os.kill(supervisor, signal.SIGCONT)
         started = time.monotonic()
