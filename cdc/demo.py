@@ -212,13 +212,14 @@ def _insert(cur: psycopg.Cursor, table: str, columns: Sequence[str], rows: list[
     return max(cur.rowcount, 0)
 
 
-def load_demo(conn: psycopg.Connection) -> dict[str, int]:
+def load_demo(conn: psycopg.Connection, limit: int | None = None) -> dict[str, int]:
     """Create the demo tables and insert their rows in one transaction; rows inserted per table.
+    ``limit``: at most that many rows of each table, the first by key (a smaller demo).
 
     Idempotent: rows already present are left alone, so a second run inserts 0 and keeps updated_at.
     """
-    articles = [(a.id, a.title, a.body, a.access_groups) for a in article_rows()]
-    docs = [(d.name, d.summary, d.body, d.access_groups) for d in module_doc_rows()]
+    articles = [(a.id, a.title, a.body, a.access_groups) for a in article_rows()][:limit]
+    docs = [(d.name, d.summary, d.body, d.access_groups) for d in module_doc_rows()][:limit]
     with conn.transaction():
         create_demo_schema(conn)
         with conn.cursor() as cur:

@@ -71,7 +71,7 @@ def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
         if settings.load_demo:
             from cdc.demo import load_demo
 
-            inserted = load_demo(conn)
+            inserted = load_demo(conn, limit=settings.demo_rows or None)
             report(f"demo data: {inserted} new rows in schema app")
         prepare_source(conn, cdc_role=CDC_ROLE if source_embedded else None)
 

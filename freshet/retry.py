@@ -17,6 +17,10 @@ from typing import TypeVar
 
 import psycopg
 
+# A generator of our own: jitter drawn from worker threads leaves the global `random`
+# state alone (other code, and tests, may depend on it).
+_JITTER = random.Random()
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -40,7 +44,7 @@ class Backoff:
     def delay(self) -> float:
         current = self._next
         self._next = min(self._next * 2, self.cap)
-        return current * random.uniform(0.5, 1.5)
+        return current * _JITTER.uniform(0.5, 1.5)
 
     def reset(self) -> None:
         self._next = self.initial

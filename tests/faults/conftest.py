@@ -47,6 +47,9 @@ def fault_env() -> Iterator[dict[str, str]]:
     env = stack_env(home)
     # As a user runs it: a background sync worker, and the supervisor that restarts it.
     env.update(FRESHET_START_SYNC="true", FRESHET_SUPERVISE="true")
+    # A third of the demo (30 rows per table): the faults need a table of some size, not the
+    # minutes of embedding the whole demo takes on 2 cores; the workload adds its own rows.
+    env.update(FRESHET_DEMO_ROWS="30")
     yield env
     shutil.rmtree(home, ignore_errors=True)
 

@@ -72,7 +72,7 @@ def produce(settings: Settings, records: list[tuple[bytes | None, bytes | None]]
 
 PROBES = [
     ("app.articles", "5", "UPDATE app.articles SET body = body || %s WHERE id = 5"),
-    ("app.module_docs", "json", "UPDATE app.module_docs SET body = body || %s WHERE name = 'json'"),
+    ("app.module_docs", "csv", "UPDATE app.module_docs SET body = body || %s WHERE name = 'csv'"),
 ]
 
 
@@ -88,8 +88,8 @@ def freshness_probe(settings: Settings, seconds: float) -> list[float]:
             table, key, sql = (
                 (
                     "app.module_docs",
-                    "json",
-                    "UPDATE app.module_docs SET body = body || %s WHERE name = 'json'",
+                    "csv",
+                    "UPDATE app.module_docs SET body = body || %s WHERE name = 'csv'",
                 )
                 if n % 2
                 else ("app.articles", "5", "UPDATE app.articles SET body = body || %s WHERE id = 5")

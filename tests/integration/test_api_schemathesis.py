@@ -25,7 +25,16 @@ from tests.integration.conftest import WorkerThread
 from tests.integration.sync_support import caught_up
 from web import close_app, create_app
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    # Hypothesis flags any change of the global `random` state while it draws a case; Kafka's
+    # client threads (kafka-python picks brokers and jitters reconnects with it) can make one
+    # at any moment, which says nothing about the strategies here.
+    pytest.mark.filterwarnings(
+        "ignore:Do not use the `random` module inside strategies"
+        ":hypothesis.errors.HypothesisDeprecationWarning"
+    ),
+]
 
 ADMIN = {"Authorization": "Bearer demo-admin"}
 

@@ -230,7 +230,7 @@ class SlowEmbedder(Embedder):
         return np.ones((len(texts), 2), dtype=np.float32)
 
 
-def test_the_large_lane_embeds_in_slices_and_lets_the_main_loop_in_between() -> None:
+def test_the_large_lane_embeds_one_text_at_a_time_and_lets_the_main_loop_in_between() -> None:
     inner = SlowEmbedder()
     gate = EmbedGate(inner)
     cache: dict[str, np.ndarray] = {}
@@ -244,7 +244,7 @@ def test_the_large_lane_embeds_in_slices_and_lets_the_main_loop_in_between() -> 
     gate.foreground().embed(["one change"])
     lane.join()
     names = [name for name, _ in inner.calls]
-    assert names.count("lane") == 20, "80 texts in slices of 4"
+    assert names.count("lane") == 80, "80 texts, one per slice"
     assert "lane" in names[names.index("MainThread") + 1 :], "main waited for the whole document"
     assert len(cache) == 80
     # The lane's own second pass is served from its cache.
@@ -278,6 +278,6 @@ def test_the_large_lane_stops_embedding_a_superseded_document_at_the_next_slice(
     gate = EmbedGate(inner)
     calls = iter(range(1000))
     background = gate.background({}, abandon=lambda: next(calls) >= 3)
-    with pytest.raises(Superseded, match="12 of 80"):
+    with pytest.raises(Superseded, match="3 of 80"):
         background.embed([f"t{i}" for i in range(80)])
     assert len(inner.calls) == 3

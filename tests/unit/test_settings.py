@@ -34,3 +34,10 @@ def test_embed_cache_is_resolved(tmp_path: Path) -> None:
 def test_a_bad_integer_names_the_variable() -> None:
     with pytest.raises(SettingsError, match="FRESHET_EMBED_SMALL_CALL_THREADS='two'"):
         Settings.from_env({"FRESHET_EMBED_SMALL_CALL_THREADS": "two"})
+
+
+def test_demo_rows_is_all_by_default_and_never_negative() -> None:
+    assert Settings.from_env({}).demo_rows == 0
+    assert Settings.from_env({"FRESHET_DEMO_ROWS": "30"}).demo_rows == 30
+    with pytest.raises(SettingsError, match="FRESHET_DEMO_ROWS=-1 must be 0 or more"):
+        Settings.from_env({"FRESHET_DEMO_ROWS": "-1"})

@@ -19,6 +19,10 @@ from web.llm.base import Answer, Answerer, LLMError
 from web.prompting import build_prompt
 from web.retrieval import Passage
 
+# A generator of our own: jitter drawn from worker threads leaves the global `random`
+# state alone (other code, and tests, may depend on it).
+_JITTER = random.Random()
+
 logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -33,7 +37,7 @@ def backoff_delay(attempt: int, base: float, retry_after: str | None = None) -> 
             return min(max(float(retry_after), 0.0), MAX_BACKOFF)
         except ValueError:
             pass  # an HTTP date: fall back to our own schedule
-    return min(base * 2**attempt, MAX_BACKOFF) * random.uniform(0.5, 1.0)
+    return min(base * 2**attempt, MAX_BACKOFF) * _JITTER.uniform(0.5, 1.0)
 
 
 class OpenAIAnswerer(Answerer):
