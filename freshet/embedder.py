@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -69,6 +70,12 @@ class Embedder(ABC):
     @abstractmethod
     def _embed(self, texts: list[str]) -> np.ndarray:
         """Embed a non-empty list of texts (shape (n, dim), float32, unit norm)."""
+
+    @contextmanager
+    def sharing_the_interpreter(self) -> Iterator[None]:
+        """Calls made inside run without holding Python's GIL for long, so the process's other
+        threads keep running meanwhile (a background thread's calls); nothing to do here."""
+        yield
 
 
 def cpu_supports_bf16(flags: str) -> bool:
@@ -208,6 +215,7 @@ class TransformersEmbedder(Embedder):
         # a compiled or traced graph of the model on CPU (freshet.fast_path), ~40% faster for
         # a short text than the eager model.
         self.fast_path, self._one_text = "off", None
+        self._local = threading.local()
         if device == "cpu":
             self.fast_path, self._one_text = self._one_text_runner(fast_path, cache)
         logger.info(
@@ -290,10 +298,23 @@ class TransformersEmbedder(Embedder):
             out[idx] = self._embed_batch([texts[i] for i in idx])
         return out
 
+    @contextmanager
+    def sharing_the_interpreter(self) -> Iterator[None]:
+        """The compiled one-text path holds the GIL for its whole forward pass (~100 ms for a
+        chunk, during which no other thread of the process runs Python); the eager model
+        releases it in every operator. Calls inside, on this thread, use the eager model."""
+        previous = getattr(self._local, "eager", False)
+        self._local.eager = True
+        try:
+            yield
+        finally:
+            self._local.eager = previous
+
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         encoded = self._encode(texts)
         with self._inference():
-            if self._one_text is not None and len(texts) == 1:
+            one_text = len(texts) == 1 and not getattr(self._local, "eager", False)
+            if self._one_text is not None and one_text:
                 hidden = self._one_text(encoded["input_ids"], encoded["attention_mask"])
             else:
                 hidden = self._model(**encoded).last_hidden_state

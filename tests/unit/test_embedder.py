@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,31 @@ def test_small_calls_run_on_their_own_thread_count(embedder: TransformersEmbedde
         np.testing.assert_allclose(one[0], many[0], atol=1e-5)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_call_sharing_the_interpreter_runs_the_eager_model() -> None:
+    """A background thread's one-text call must not take the compiled path, which holds the
+    GIL for its whole forward pass; other threads' calls still do."""
+    model = TransformersEmbedder(bf16=False, fast_path="traced")
+    runner = model._one_text
+    assert runner is not None
+    used: list[str] = []
+
+    def recording(*args: object) -> object:
+        used.append(threading.current_thread().name)
+        return runner(*args)
+
+    model._one_text = recording
+    with model.sharing_the_interpreter():
+        shared = model.embed(["a chunk of the large lane"])
+        # Another thread meanwhile (the main loop) keeps the fast path.
+        other = threading.Thread(target=lambda: model.embed(["one change"]), name="main loop")
+        other.start()
+        other.join()
+    assert used == ["main loop"]
+    model.embed(["after"])
+    assert used == ["main loop", "MainThread"]
+    np.testing.assert_allclose(shared, model.embed(["a chunk of the large lane"]), atol=1e-5)
 
 
 def test_one_text_runs_through_a_trace_with_the_eager_vectors() -> None:
