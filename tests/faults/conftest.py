@@ -352,7 +352,7 @@ def render_reliability(results: list[Result]) -> str:
     lines += [
         "",
         f"Verify also counts {', '.join(other)} rows; they were 0 after every passing fault.",
-        "Reproduce: `make test-faults` (about 20 minutes on 2 cores).",
+        "Reproduce: `make test-faults` (about 13 minutes on 2 cores).",
         "",
     ]
     return "\n".join(lines)

@@ -158,6 +158,32 @@ def test_kill_9_of_postgresql(fault_stack: Settings, run: FaultRun) -> None:
         run.note(f"{run.workload.failed} workload ops failed while it was down")
 
 
+def test_postgresql_down_for_60_seconds(fault_stack: Settings, run: FaultRun) -> None:
+    """PostgreSQL (source and index, one server here) is killed and stays down 60 s, the
+    supervisor paused so it cannot restart it sooner: Debezium's task, the sync worker and the
+    workload all lose their connections for longer than their first retries."""
+    supervisor = LocalSupervisor(fault_stack).process.pid()
+    assert supervisor is not None
+    worker = sync_pid(fault_stack)
+    with run.during("PostgreSQL killed, down 60 s"):
+        os.kill(supervisor, signal.SIGSTOP)
+        try:
+            old = EmbeddedPostgres(fault_stack).pid()
+            kill9(old)
+            time.sleep(60)
+        finally:
+            os.kill(supervisor, signal.SIGCONT)
+        started = time.monotonic()
+        wait_until(lambda: new_pid(EmbeddedPostgres(fault_stack).pid(), old), 180, "PostgreSQL")
+        run.note(f"PostgreSQL back {time.monotonic() - started:.1f} s after the supervisor resumed")
+        time.sleep(10)
+        survived = sync_pid(fault_stack) == worker
+        run.note(
+            ("the sync worker waited it out" if survived else "the worker was restarted")
+            + f"; {run.workload.failed} workload ops failed while it was down"
+        )
+
+
 def test_kafka_broker_down_for_75_seconds(fault_stack: Settings, run: FaultRun) -> None:
     """The broker is killed with work pending and stays down 75 s (the supervisor is paused so
     it cannot restart it sooner), longer than every client timeout, and longer than Connect's
