@@ -32,7 +32,7 @@ system:
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	MYPY=$(BIN)/mypy scripts/typecheck
 
 up: venv jars
 	$(BIN)/freshet up

@@ -16,6 +16,9 @@ import argparse
 import hashlib
 import time
 
+from freshet.sync.chunking import TokenChunker
+from freshet.sync.mapping import Mappings
+
 from bench.common import (
     count_documents,
     load_scifact,
@@ -29,8 +32,6 @@ from bench.common import (
 )
 from freshet.db import connect, database_url
 from freshet.embedder import embedder_from_settings
-from sync.chunking import TokenChunker
-from sync.mapping import Mappings
 
 TABLE = "app.scifact"
 

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import requests
-
-from cdc.jvm import java_command, plugin_dir
-from cdc.processes import StackError
-from cdc.service import LocalService
-from cdc.templates import render_file, write_rendered
+from freshet.cdc.jvm import java_command, plugin_dir
+from freshet.cdc.processes import StackError
+from freshet.cdc.service import LocalService
+from freshet.cdc.templates import render_file, write_rendered
 
 logger = logging.getLogger(__name__)
 

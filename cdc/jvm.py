@@ -5,8 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from cdc.processes import StackError
-from cdc.templates import CONNECTORS_DIR
+from freshet.cdc.processes import StackError
+from freshet.cdc.templates import CONNECTORS_DIR
+
 from freshet.settings import Settings
 
 

@@ -9,10 +9,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cdc.jvm import java_command
-from cdc.processes import StackError, port_in_use
-from cdc.service import LocalService
-from cdc.templates import write_rendered
+from freshet.cdc.jvm import java_command
+from freshet.cdc.processes import StackError, port_in_use
+from freshet.cdc.service import LocalService
+from freshet.cdc.templates import write_rendered
+
 from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)

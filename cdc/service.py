@@ -8,7 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from cdc.processes import ManagedProcess, PortTakenError, port_in_use, wait_until
+from freshet.cdc.processes import ManagedProcess, PortTakenError, port_in_use, wait_until
+
 from freshet.settings import Settings
 
 

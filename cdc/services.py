@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import requests
-
-from cdc.service import LocalService
+from freshet.cdc.service import LocalService
 
 # A worker that survives this long got past imports and settings; loading the model and
 # joining the group take longer, and `freshet status` shows its heartbeat once it has.

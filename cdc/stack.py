@@ -17,23 +17,29 @@ from typing import Any
 import requests
 from alembic import command
 from alembic.config import Config
-
-from cdc import supervisor
-from cdc.connect import ConnectClient, ConnectError, LocalConnect, connector_state
-from cdc.connect import register_connector as put_connector
-from cdc.kafka import LocalKafka, describe_kafka, ensure_topic_limits, max_request_bytes
-from cdc.postgres import EmbeddedPostgres
-from cdc.processes import PortTakenError, StackError, pid_alive, port_in_use
-from cdc.services import (
+from freshet.cdc import supervisor
+from freshet.cdc.connect import ConnectClient, ConnectError, LocalConnect, connector_state
+from freshet.cdc.connect import register_connector as put_connector
+from freshet.cdc.kafka import LocalKafka, describe_kafka, ensure_topic_limits, max_request_bytes
+from freshet.cdc.postgres import EmbeddedPostgres
+from freshet.cdc.processes import PortTakenError, StackError, pid_alive, port_in_use
+from freshet.cdc.services import (
     LocalInference,
     LocalSupervisor,
     LocalSyncWorker,
     LocalValidator,
     LocalWeb,
 )
-from cdc.source import connector_values, prepare_source, slot_status, write_connector_secrets
+from freshet.cdc.source import (
+    connector_values,
+    prepare_source,
+    slot_status,
+    write_connector_secrets,
+)
+
 from freshet.db import CDC_ROLE, connect, database_url, redact, source_database_url
-from freshet.settings import PROJECT_ROOT, Settings
+from freshet.resources import migrations_dir
+from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +52,9 @@ def _quiet(_: str) -> None:
 
 def migrate(url: str) -> None:
     """Upgrade schema `rag` to the newest Alembic revision."""
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("path_separator", "os")
     config.attributes["url"] = url
     config.attributes["configure_logging"] = False
     command.upgrade(config, "head")
@@ -69,7 +76,7 @@ def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     source_embedded = settings.embedded_postgres and not settings.source_database_url
     with connect(source_url, autocommit=True) as conn:
         if settings.load_demo:
-            from cdc.demo import load_demo
+            from freshet.cdc.demo import load_demo
 
             inserted = load_demo(conn, limit=settings.demo_rows or None)
             report(f"demo data: {inserted} new rows in schema app")
@@ -320,8 +327,8 @@ def _connector_report(name: str, raw: dict[str, Any] | None) -> dict[str, Any]:
 def _convergence(conn: Any) -> dict[str, Any]:
     """What says whether the index equals its source: the last `freshet verify`, documents
     hidden on purpose, and mappings that no longer fit their tables."""
-    from sync import problems
-    from sync.verify import last_run
+    from freshet.sync import problems
+    from freshet.sync.verify import last_run
 
     if not _has_table(conn, "rag.verify_runs"):
         return {}

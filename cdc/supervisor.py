@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from cdc.connect import ConnectClient, ConnectError, LocalConnect
-from cdc.kafka import LocalKafka
-from cdc.postgres import EmbeddedPostgres
-from cdc.processes import StackError
-from cdc.services import LocalInference, LocalSyncWorker, LocalValidator, LocalWeb
+from freshet.cdc.connect import ConnectClient, ConnectError, LocalConnect
+from freshet.cdc.kafka import LocalKafka
+from freshet.cdc.postgres import EmbeddedPostgres
+from freshet.cdc.processes import StackError
+from freshet.cdc.services import LocalInference, LocalSyncWorker, LocalValidator, LocalWeb
+
 from freshet.retry import Backoff
 from freshet.settings import Settings
 

@@ -10,9 +10,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from freshet.settings import PROJECT_ROOT
+from freshet.resources import connectors_dir
 
-CONNECTORS_DIR = PROJECT_ROOT / "connectors"
+CONNECTORS_DIR = connectors_dir()
 _PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
 
 

@@ -24,7 +24,7 @@ def _say(message: str) -> None:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from cdc import stack
+    from freshet.cdc import stack
 
     started = stack.up(settings, report=_say)
     fresh = [name for name, was_started in started.items() if was_started]
@@ -34,14 +34,14 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
-    from cdc import stack
+    from freshet.cdc import stack
 
     stack.down(settings, report=_say)
     return 0
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from cdc import stack
+    from freshet.cdc import stack
 
     report = stack.status(settings)
     if args.json:
@@ -54,7 +54,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     """Bring everything up, show where it is, and stop it all on Ctrl+C."""
-    from cdc import stack
+    from freshet.cdc import stack
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -76,7 +76,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_supervise(settings: Settings, args: argparse.Namespace) -> int:
     """Restart what `freshet up` started when it dies, until SIGINT/SIGTERM."""
-    from cdc.supervisor import Supervisor
+    from freshet.cdc.supervisor import Supervisor
 
     stop = _install_stop_handlers()
     Supervisor(settings).run(stop)
@@ -85,13 +85,13 @@ def cmd_supervise(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     """Compare the source with the index; with --repair, fix differences through Debezium."""
-    from sync.verify_cli import run_verify
+    from freshet.sync.verify_cli import run_verify
 
     return run_verify(settings, args)
 
 
 def cmd_snapshot(settings: Settings, args: argparse.Namespace) -> int:
-    from cdc.signals import request_snapshot
+    from freshet.cdc.signals import request_snapshot
     from freshet.db import connect, source_database_url
 
     with connect(source_database_url(settings), autocommit=True) as conn:
@@ -126,8 +126,8 @@ def _install_stop_handlers() -> threading.Event:
 
 def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     """One sync worker in the foreground, until SIGINT/SIGTERM."""
-    from sync.metrics import serve
-    from sync.worker import build_worker, progress_printer
+    from freshet.sync.metrics import serve
+    from freshet.sync.worker import build_worker, progress_printer
 
     if args.metrics_port is not None:
         settings = settings.with_overrides(metrics_port=args.metrics_port)
@@ -155,12 +155,12 @@ def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_workflow_step(settings: Settings, args: argparse.Namespace) -> int:
     """One member of an async workflow step's group in the foreground, until SIGINT/SIGTERM."""
-    from web import create_app
-    from web.answers import get_rules, get_store
-    from workflow.inference import Inference
-    from workflow.messages import RAW_ANSWERS, REQUESTS
-    from workflow.step import Handler, Step
-    from workflow.validator import Validator
+    from freshet.web import create_app
+    from freshet.web.answers import get_rules, get_store
+    from freshet.workflow.inference import Inference
+    from freshet.workflow.messages import RAW_ANSWERS, REQUESTS
+    from freshet.workflow.step import Handler, Step
+    from freshet.workflow.validator import Validator
 
     stop = _install_stop_handlers()
     app = create_app(settings=settings)
@@ -181,7 +181,7 @@ def cmd_workflow_step(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     from freshet.db import connect, database_url
-    from sync import deadletters
+    from freshet.sync import deadletters
 
     with connect(database_url(settings), autocommit=True, vector=True) as conn:
         if args.action == "list":
@@ -198,10 +198,10 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"{d.id:>6}  {d.topic}[{d.partition}]@{d.offset}  {d.stage:<6} {state}")
                 print(f"        {d.error_type}: {d.reason}")
             return 0
-        from sync.changes import Router
-        from sync.mapping import Mappings
-        from sync.replay import kafka_fetch, replay
-        from sync.worker import build_worker
+        from freshet.sync.changes import Router
+        from freshet.sync.mapping import Mappings
+        from freshet.sync.replay import kafka_fetch, replay
+        from freshet.sync.worker import build_worker
 
         worker = build_worker(settings)
         router = Router(Mappings.load(settings.mappings_path), settings.topic_prefix)
@@ -216,7 +216,7 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
-    from web.server import run
+    from freshet.web.server import run
 
     port = args.port or settings.web_port
     _say(f"web app on http://{args.host}:{port}/")
@@ -226,7 +226,7 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_ask(settings: Settings, args: argparse.Namespace) -> int:
     """Answer a question in-process, through the same path as POST /api/v1/ask."""
-    from web import create_app
+    from freshet.web import create_app
 
     app = create_app(settings=settings)
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
@@ -474,9 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(package).setLevel(logging.DEBUG)
     # A first start compiles the embedding model for ~20 s: say so, whatever the log level.
     logging.getLogger("freshet.fast_path").setLevel(logging.INFO)
-    from cdc.processes import StackError
+    from freshet.cdc.processes import StackError
     from freshet.embedder import EmbedderError
-    from web.validation import RulesError
+    from freshet.web.validation import RulesError
 
     try:
         settings = Settings.from_env()

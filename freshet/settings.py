@@ -11,7 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from freshet.resources import CHECKOUT, SHARED_STATE, default_mappings, default_rules
+
+#: The source checkout (None for an installed wheel); benchmarks and tests write under it.
+PROJECT_ROOT = CHECKOUT if CHECKOUT is not None else Path.cwd()
 # How a one-text embedding call runs on CPU (freshet.fast_path): fastest first.
 FAST_PATHS = ("compiled", "traced", "off")
 
@@ -82,7 +85,7 @@ class Settings:
     # FRESHET_HOME: state directory (data of the embedded services, logs, PID files, secrets).
     home: Path = field(default_factory=lambda: Path(".freshet").resolve())
     # FRESHET_JARS: where `make jars` put Kafka, Connect and Debezium (lib/ and plugins/).
-    jars_dir: Path = PROJECT_ROOT / ".freshet" / "jars"
+    jars_dir: Path = SHARED_STATE / "jars"
     # JAVA_HOME: the JDK (17 or newer) that runs Kafka and Connect; empty means `java` on PATH.
     java_home: str = ""
 
@@ -144,7 +147,7 @@ class Settings:
     # (AOTInductor, cached in FRESHET_EMBED_CACHE), traced (TorchScript) or off (eager).
     embed_fast_path: str = "compiled"
     # FRESHET_EMBED_CACHE: where compiled models are kept, shared by every process and stack.
-    embed_cache: Path = PROJECT_ROOT / ".freshet" / "compiled"
+    embed_cache: Path = SHARED_STATE / "compiled"
     # FRESHET_EMBED_BF16: bf16 autocast on CPU: auto (when the CPU has bf16 units), true, false.
     embed_bf16: bool | None = None
     # FRESHET_EMBED_BATCH: texts per forward pass.
@@ -153,7 +156,7 @@ class Settings:
     embed_device: str = "cpu"
 
     # FRESHET_MAPPINGS: the table -> document mapping file (TOML).
-    mappings_path: Path = PROJECT_ROOT / "sync" / "mappings.toml"
+    mappings_path: Path = field(default_factory=default_mappings)
     # FRESHET_SYNC_GROUP: the sync workers' Kafka consumer group.
     sync_group: str = "rag-sync"
     # FRESHET_SYNC_BATCH: most records applied in one database transaction.
@@ -188,7 +191,7 @@ class Settings:
     # LLM_BACKEND: extractive (offline default), openai or transformers.
     llm_backend: str = "extractive"
     # FRESHET_ANSWER_RULES: the business rules every answer must pass (TOML; empty: none).
-    answer_rules: str = str(PROJECT_ROOT / "rules" / "answers.toml")
+    answer_rules: str = field(default_factory=lambda: str(default_rules()))
     # FRESHET_START_WORKFLOW: `freshet up` starts one inference and one validator worker, the
     # async answer path (rag.requests -> rag.answers.raw -> rag.answers / rag.answers.rejected).
     start_workflow: bool = True

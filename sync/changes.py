@@ -14,8 +14,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from cdc.events import ChangeEvent, DecodeError, Op, RecordPosition, Tombstone, decode
-from sync.mapping import MappingError, Mappings, TableMapping
+from freshet.cdc.events import ChangeEvent, DecodeError, Op, RecordPosition, Tombstone, decode
+from freshet.sync.mapping import MappingError, Mappings, TableMapping
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdc.events import UNAVAILABLE
+from freshet.cdc.events import UNAVAILABLE
 
 DEFAULT_MAPPINGS = Path(__file__).with_name("mappings.toml")
 

@@ -19,11 +19,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
+from freshet.cdc.signals import request_snapshot
+from freshet.sync.mapping import TableMapping
+from freshet.sync.verify import TableReport
 from psycopg import sql
-
-from cdc.signals import request_snapshot
-from sync.mapping import TableMapping
-from sync.verify import TableReport
 
 logger = logging.getLogger(__name__)
 

@@ -7,11 +7,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
-
-from cdc.events import RecordPosition
-from sync import deadletters
-from sync.changes import Router
-from sync.writer import Writer
+from freshet.cdc.events import RecordPosition
+from freshet.sync import deadletters
+from freshet.sync.changes import Router
+from freshet.sync.writer import Writer
 
 logger = logging.getLogger(__name__)
 

@@ -29,14 +29,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from freshet.sync import problems
+from freshet.sync.chunking import Chunker
+from freshet.sync.mapping import MappingError, Mappings, TableMapping
+from freshet.sync.source_rows import debezium_value
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-
-from sync import problems
-from sync.chunking import Chunker
-from sync.mapping import MappingError, Mappings, TableMapping
-from sync.source_rows import debezium_value
 
 logger = logging.getLogger(__name__)
 

@@ -35,6 +35,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from freshet.sync import deadletters
+from freshet.sync.changes import Change, KafkaRecord, Kind, Rejected, Router
+from freshet.sync.chunking import Chunker, TokenChunker
+from freshet.sync.lane import EmbedGate, LargeLane
+from freshet.sync.mapping import Mappings
+from freshet.sync.metrics import SyncMetrics
+from freshet.sync.source_rows import SourceRows
+from freshet.sync.verify import last_run as last_verify
+from freshet.sync.writer import ApplyStats, Writer, dead_letter
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
@@ -43,15 +52,6 @@ from freshet.db import connect, database_url, source_database_url
 from freshet.embedder import Embedder
 from freshet.retry import Backoff, Stopped, retry, transient_db_error
 from freshet.settings import Settings
-from sync import deadletters
-from sync.changes import Change, KafkaRecord, Kind, Rejected, Router
-from sync.chunking import Chunker, TokenChunker
-from sync.lane import EmbedGate, LargeLane
-from sync.mapping import Mappings
-from sync.metrics import SyncMetrics
-from sync.source_rows import SourceRows
-from sync.verify import last_run as last_verify
-from sync.writer import ApplyStats, Writer, dead_letter
 
 logger = logging.getLogger(__name__)
 

@@ -108,9 +108,9 @@ def create_app(
         if app.config.get(key) is not None:
             app.extensions[extension] = app.config.pop(key)
 
-    from web import answers, db, errors, limits
-    from web.api import bp as api_bp
-    from web.ui import bp as ui_bp
+    from freshet.web import answers, db, errors, limits
+    from freshet.web.api import bp as api_bp
+    from freshet.web.ui import bp as ui_bp
 
     db.init_app(app)
     errors.init_app(app)
@@ -175,8 +175,8 @@ def config_value(app: Flask, key: str) -> Any:
 
 def close_app(app: Flask) -> None:
     """Release what the app opened: its database pool and its Kafka producer."""
-    from web.db import close_pool
-    from web.publisher import close_publisher
+    from freshet.web.db import close_pool
+    from freshet.web.publisher import close_publisher
 
     close_publisher(app)
     close_pool(app)

@@ -25,15 +25,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, current_app
+from freshet.web.auth import ANONYMOUS, User
+from freshet.web.capability import NO_KEYS, Keys
+from freshet.web.llm import Answer, Answerer
+from freshet.web.retrieval import NO_FILTERS, Filters, Passage, Retriever
+from freshet.web.validation import Judged, RuleSet, Violation, load_rules
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
-
-from web.auth import ANONYMOUS, User
-from web.capability import NO_KEYS, Keys
-from web.llm import Answer, Answerer
-from web.retrieval import NO_FILTERS, Filters, Passage, Retriever
-from web.validation import Judged, RuleSet, Violation, load_rules
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +334,7 @@ def get_rules(app: Flask | None = None) -> RuleSet:
     app = app or current_app._get_current_object()  # type: ignore[attr-defined]
     rules = app.extensions.get("freshet.answer_rules")
     if rules is None:
-        from web import app_settings
+        from freshet.web import app_settings
 
         path = app.config.get("ANSWER_RULES")
         rules = load_rules(app_settings(app).answer_rules if path is None else path)
@@ -353,6 +352,6 @@ def init_app(app: Flask) -> None:
             int(app.config["ANSWER_STORE_SIZE"])
         )
     else:
-        from web.db import get_pool
+        from freshet.web.db import get_pool
 
         app.extensions["freshet.answer_store"] = PgAnswerStore(lambda: get_pool(app))

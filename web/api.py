@@ -16,20 +16,19 @@ from typing import Any
 
 import psycopg
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
+from freshet.web import answers as answers_mod
+from freshet.web import app_settings, capability, config_value, inputs, limits, timing
+from freshet.web.auth import ANONYMOUS, User, current_user, require_admin
+from freshet.web.errors import ApiError
+from freshet.web.inputs import storable
+from freshet.web.llm import LLMError
+from freshet.web.llm.base import citation
+from freshet.web.openapi import openapi_document
+from freshet.web.publisher import QueueUnavailable, get_publisher
+from freshet.web.retrieval import MODES, Filters
+from freshet.web.services import get_answerer, get_retriever
+from freshet.workflow.messages import AnswerRequest
 from psycopg_pool import PoolTimeout
-
-from web import answers as answers_mod
-from web import app_settings, capability, config_value, inputs, limits, timing
-from web.auth import ANONYMOUS, User, current_user, require_admin
-from web.errors import ApiError
-from web.inputs import storable
-from web.llm import LLMError
-from web.llm.base import citation
-from web.openapi import openapi_document
-from web.publisher import QueueUnavailable, get_publisher
-from web.retrieval import MODES, Filters
-from web.services import get_answerer, get_retriever
-from workflow.messages import AnswerRequest
 
 logger = logging.getLogger(__name__)
 
@@ -427,8 +426,8 @@ def get_document(source: str, key: str) -> Any:
 @bp.get("/status")
 def status() -> Any:
     require_admin()
-    from web.db import get_pool
-    from web.status import collect
+    from freshet.web.db import get_pool
+    from freshet.web.status import collect
 
     settings = app_settings(current_app)
     pool, problem = None, None

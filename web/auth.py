@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, current_app, g, request
+from freshet.web.errors import ApiError
 from werkzeug.datastructures import Headers
-
-from web.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def _tokens() -> dict[str, User]:
 
 def public_tokens(tokens: Mapping[str, Any]) -> frozenset[str]:
     """The tokens of ``tokens`` that are published (the demo tokens)."""
-    from web import DEMO_API_TOKENS
+    from freshet.web import DEMO_API_TOKENS
 
     return frozenset(t for t in tokens if t in DEMO_API_TOKENS)
 

@@ -28,7 +28,7 @@ def _configure(conn: psycopg.Connection) -> None:
 
 def get_pool(app: Flask | None = None) -> ConnectionPool:
     """The app's pool, opened on first use (so a unit test never needs a database)."""
-    from web import config_value
+    from freshet.web import config_value
 
     app = app or current_app._get_current_object()  # type: ignore[attr-defined]
     pool = app.extensions.get(_POOL)

@@ -32,10 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, Response, current_app, g, request
-from psycopg_pool import ConnectionPool
-
-from freshet.settings import SettingsError
-from web.auth import (
+from freshet.web.auth import (
     ANONYMOUS,
     FORWARDING_HEADERS,
     TokenError,
@@ -45,7 +42,10 @@ from web.auth import (
     public_tokens,
     tokens_of,
 )
-from web.errors import ApiError
+from freshet.web.errors import ApiError
+from psycopg_pool import ConnectionPool
+
+from freshet.settings import SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -517,7 +517,7 @@ class Prefilter:
 
 def init_app(app: Flask) -> None:
     if _EXTENSION not in app.extensions:
-        from web.db import get_pool
+        from freshet.web.db import get_pool
 
         app.extensions[_EXTENSION] = limits_from_config(app.config, lambda: get_pool(app))
     app.teardown_request(_release)

@@ -8,10 +8,9 @@ import threading
 from abc import ABC, abstractmethod
 
 from flask import Flask, current_app
+from freshet.workflow.messages import REQUESTS, AnswerRequest
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
-
-from workflow.messages import REQUESTS, AnswerRequest
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def get_publisher(app: Flask | None = None) -> RequestPublisher:
     app = app or current_app._get_current_object()  # type: ignore[attr-defined]
     publisher = app.extensions.get("freshet.request_publisher")
     if publisher is None:
-        from web import app_settings
+        from freshet.web import app_settings
 
         publisher = KafkaRequestPublisher(app_settings(app).bootstrap_servers)
         app.extensions["freshet.request_publisher"] = publisher

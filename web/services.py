@@ -12,9 +12,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Flask, current_app
-
-from web.llm import Answerer, make_answerer
-from web.retrieval import EmbedThread, PgRetriever, Retriever
+from freshet.web.llm import Answerer, make_answerer
+from freshet.web.retrieval import EmbedThread, PgRetriever, Retriever
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +41,14 @@ def get_embed(app: Flask | None = None) -> EmbedThread:
     app = app or _app()
 
     def build() -> EmbedThread:
-        from web import config_value
+        from freshet.web import config_value
 
         embedder: Any = app.extensions.get("freshet.embedder")
         if embedder is not None:
             return EmbedThread(embedder)
+        from freshet.web import app_settings
+
         from freshet.embedder import embedder_from_settings
-        from web import app_settings
 
         settings = app_settings(app).with_overrides(
             embedding_model=config_value(app, "EMBEDDING_MODEL")
@@ -62,7 +62,7 @@ def get_retriever(app: Flask | None = None) -> Retriever:
     app = app or _app()
 
     def build() -> Retriever:
-        from web.db import get_pool
+        from freshet.web.db import get_pool
 
         return PgRetriever(
             lambda: get_pool(app),
@@ -80,7 +80,7 @@ def get_answerer(app: Flask | None = None) -> Answerer:
     app = app or _app()
 
     def build() -> Answerer:
-        from web import config_value
+        from freshet.web import config_value
 
         backend = str(config_value(app, "LLM_BACKEND"))
         embed_many = get_embed(app).many if backend == "extractive" else None

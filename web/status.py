@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from freshet.cdc.connect import ConnectClient, ConnectError, connector_state
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from cdc.connect import ConnectClient, ConnectError, connector_state
 from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 def _convergence(conn: Any) -> dict[str, Any]:
     """Whether the index equals its source: the last `freshet verify`, documents hidden on
     purpose, and mappings that no longer fit their tables."""
-    from sync import problems
-    from sync.verify import last_run
+    from freshet.sync import problems
+    from freshet.sync.verify import last_run
 
     hidden = conn.execute(
         "SELECT count(*) FROM rag.documents WHERE hidden_reason IS NOT NULL"

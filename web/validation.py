@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from web.llm.base import markers
+from freshet.web.llm.base import markers
 
 
 class RulesError(ValueError):

@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask
-
-from web.answers import compose
-from web.llm import Answerer, LLMError
-from web.retrieval import Retriever
-from workflow.messages import RAW_ANSWERS, AnswerRequest, dumps
-from workflow.step import Output
+from freshet.web.answers import compose
+from freshet.web.llm import Answerer, LLMError
+from freshet.web.retrieval import Retriever
+from freshet.workflow.messages import RAW_ANSWERS, AnswerRequest, dumps
+from freshet.workflow.step import Output
 
 
 class Inference:
@@ -25,7 +24,7 @@ class Inference:
 
     @classmethod
     def from_app(cls, app: Flask) -> Inference:
-        from web.services import get_answerer, get_retriever
+        from freshet.web.services import get_answerer, get_retriever
 
         return cls(get_retriever(app), get_answerer(app))
 

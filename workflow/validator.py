@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from web.answers import AnswerStore, StoredAnswer, judge
-from web.validation import RuleSet
-from workflow.messages import (
+from freshet.web.answers import AnswerStore, StoredAnswer, judge
+from freshet.web.validation import RuleSet
+from freshet.workflow.messages import (
     APPROVED,
     REJECTED,
     MessageError,
@@ -20,7 +20,7 @@ from workflow.messages import (
     request_id,
     user_of,
 )
-from workflow.step import Output
+from freshet.workflow.step import Output
 
 
 class Validator:

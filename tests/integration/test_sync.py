@@ -8,14 +8,14 @@ import uuid
 from collections.abc import Callable
 
 import pytest
+from freshet.cdc.demo import module_doc_rows
+from freshet.cdc.events import UNAVAILABLE_PLACEHOLDER
+from freshet.sync.chunking import TokenChunker
+from freshet.sync.deadletters import DLQ_TOPIC
 from kafka import KafkaProducer
 
-from cdc.demo import module_doc_rows
-from cdc.events import UNAVAILABLE_PLACEHOLDER
 from freshet.embedder import Embedder
 from freshet.settings import Settings
-from sync.chunking import TokenChunker
-from sync.deadletters import DLQ_TOPIC
 from tests.integration.conftest import WorkerThread, freshet, topic_from_start, wait_for
 from tests.integration.sync_support import (
     caught_up,
@@ -245,9 +245,9 @@ def test_dlq_list_and_replay_through_the_cli(
 ) -> None:
     """A dead letter that still fails keeps failing with its reason; one whose record now
     applies is resolved by `freshet dlq replay`."""
-    from cdc.events import RecordPosition
-    from sync import deadletters
-    from sync.changes import Rejected
+    from freshet.cdc.events import RecordPosition
+    from freshet.sync import deadletters
+    from freshet.sync.changes import Rejected
 
     worker = start_worker()
     caught_up(worker)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
+from freshet.web import close_app, create_app
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -29,7 +30,6 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from freshet.settings import Settings
 from tests.integration.conftest import WorkerThread, wait_for
 from tests.integration.sync_support import caught_up, chunk_texts, index, source
-from web import close_app, create_app
 
 pytestmark = pytest.mark.integration
 

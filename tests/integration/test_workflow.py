@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from freshet.cdc.services import LocalInference, LocalValidator
+from freshet.web import close_app, create_app
+from freshet.workflow.messages import APPROVED, DEAD_LETTERS, REJECTED, REQUESTS
 from kafka import KafkaProducer
 
-from cdc.services import LocalInference, LocalValidator
 from freshet.settings import PROJECT_ROOT, Settings
 from tests.integration.conftest import WorkerThread, freshet, topic_from_start, wait_for
 from tests.integration.sync_support import caught_up, source
-from web import close_app, create_app
-from workflow.messages import APPROVED, DEAD_LETTERS, REJECTED, REQUESTS
 
 pytestmark = pytest.mark.integration
 

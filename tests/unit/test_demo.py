@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from cdc.demo import DEMO_SCHEMA, DEMO_TABLES, access_groups_for, article_rows, module_doc_rows
+from freshet.cdc.demo import (
+    DEMO_SCHEMA,
+    DEMO_TABLES,
+    access_groups_for,
+    article_rows,
+    module_doc_rows,
+)
 
 
 def test_constants() -> None:

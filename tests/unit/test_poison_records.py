@@ -9,14 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+from freshet.cdc.events import DecodeError, Op, decode
+from freshet.sync import deadletters
+from freshet.sync.changes import Kind, Rejected, Router
+from freshet.sync.mapping import DEFAULT_MAPPINGS, Mappings
+from freshet.sync.worker import topic_pattern
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdc.events import DecodeError, Op, decode
-from sync import deadletters
-from sync.changes import Kind, Rejected, Router
-from sync.mapping import DEFAULT_MAPPINGS, Mappings
-from sync.worker import topic_pattern
 from tests.support import FakeRecord
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "debezium"
@@ -185,7 +185,7 @@ def test_topic_pattern_skips_control_tables_and_the_dead_letter_topic() -> None:
 
 
 def deadletters_position():  # type: ignore[no-untyped-def]
-    from cdc.events import RecordPosition
+    from freshet.cdc.events import RecordPosition
 
     return RecordPosition(TOPIC, 0, 1)
 

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from cdc import processes
-from cdc.processes import ManagedProcess
+from freshet.cdc import processes
+from freshet.cdc.processes import ManagedProcess
 
 
 class Reads:

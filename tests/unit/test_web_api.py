@@ -10,16 +10,16 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from freshet.web import create_app
+from freshet.web.answers import WITHHELD
+from freshet.web.llm.base import Answerer, LLMError
+from freshet.web.llm.extractive import ExtractiveAnswerer, LexicalScorer
+from freshet.web.publisher import QueueUnavailable, RequestPublisher
+from freshet.web.retrieval import Passage
+from freshet.workflow.messages import AnswerRequest
 
 from freshet.settings import Settings
 from tests.unit.web_fakes import FakeRetriever, passage
-from web import create_app
-from web.answers import WITHHELD
-from web.llm.base import Answerer, LLMError
-from web.llm.extractive import ExtractiveAnswerer, LexicalScorer
-from web.publisher import QueueUnavailable, RequestPublisher
-from web.retrieval import Passage
-from workflow.messages import AnswerRequest
 
 PASSAGES = [
     passage(1, "Public text about Kafka Connect workers and their connector tasks."),

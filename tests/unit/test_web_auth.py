@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from web import DEMO_API_TOKENS
-from web.auth import ANONYMOUS, TokenError, User, authenticate, bearer_token, parse_tokens
+from freshet.web import DEMO_API_TOKENS
+from freshet.web.auth import ANONYMOUS, TokenError, User, authenticate, bearer_token, parse_tokens
 
 
 def test_demo_tokens_parse_into_users() -> None:

@@ -10,9 +10,9 @@ from urllib.parse import quote
 
 import pytest
 from flask.testing import FlaskClient
+from freshet.web.inputs import MAX_JSON_DEPTH, BadInput, depth, loads, storable
 
 from tests.unit.test_web_api import STAFF, error_of, make_app
-from web.inputs import MAX_JSON_DEPTH, BadInput, depth, loads, storable
 
 
 @pytest.fixture

@@ -10,11 +10,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from psycopg import sql
-
-from tests.unit.web_fakes import passage
-from web.auth import User
-from web.retrieval import (
+from freshet.web.auth import User
+from freshet.web.retrieval import (
     EmbedThread,
     Filters,
     acl_condition,
@@ -24,6 +21,9 @@ from web.retrieval import (
     rrf,
     where_clause,
 )
+from psycopg import sql
+
+from tests.unit.web_fakes import passage
 
 
 def render(composable: sql.Composable) -> str:

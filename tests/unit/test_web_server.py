@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from freshet.web import DEMO_API_TOKENS
+from freshet.web.auth import TokenError, is_local, parse_tokens
+from freshet.web.server import ExposureError, check_exposure, is_loopback, run
 
 from freshet.cli import main
 from freshet.settings import Settings, SettingsError
 from tests.unit.test_web_api import STAFF, error_of, make_app
-from web import DEMO_API_TOKENS
-from web.auth import TokenError, is_local, parse_tokens
-from web.server import ExposureError, check_exposure, is_loopback, run
 
 OWN_TOKENS = {"s3cret-ops-token": {"user": "ops", "groups": ["staff"]}}
 
@@ -71,7 +71,7 @@ def test_the_server_refuses_before_loading_anything(
     def no_model(*args: Any) -> None:
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr("web.server.get_embed", no_model)
+    monkeypatch.setattr("freshet.web.server.get_embed", no_model)
     with pytest.raises(ExposureError):
         run(Settings.from_env({"FRESHET_HOME": str(tmp_path)}), host="0.0.0.0", port=1)
 

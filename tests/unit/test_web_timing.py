@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from freshet.web import timing
+from freshet.web.auth import User
+from freshet.web.retrieval import NO_FILTERS, Filters, Mode, Passage
+
 from tests.unit.test_web_api import PASSAGES, make_app
 from tests.unit.web_fakes import FakeRetriever
-from web import timing
-from web.auth import User
-from web.retrieval import NO_FILTERS, Filters, Mode, Passage
 
 
 class SlowRetriever(FakeRetriever):

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from freshet.web.answers import judge
+from freshet.web.auth import User
+from freshet.web.llm.base import added_markers, make_answer
+from freshet.web.validation import NO_RULES, Judged, RulesError, load_rules, parse_rules
 
 from freshet.settings import PROJECT_ROOT
 from tests.unit.test_web_api import STAFF, events, make_app
 from tests.unit.web_fakes import FakeRetriever, passage
-from web.answers import judge
-from web.auth import User
-from web.llm.base import added_markers, make_answer
-from web.validation import NO_RULES, Judged, RulesError, load_rules, parse_rules
 
 
 def names(rules_text: str, answer: Judged) -> list[str]:

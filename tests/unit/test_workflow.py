@@ -7,16 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-
-from tests.unit.web_fakes import FakeRetriever, passage
-from web.answers import WITHHELD, InMemoryAnswerStore
-from web.auth import User
-from web.llm.base import Answerer, LLMError
-from web.llm.extractive import ExtractiveAnswerer, LexicalScorer
-from web.retrieval import Filters
-from web.validation import NO_RULES, parse_rules
-from workflow.inference import Inference
-from workflow.messages import (
+from freshet.web.answers import WITHHELD, InMemoryAnswerStore
+from freshet.web.auth import User
+from freshet.web.llm.base import Answerer, LLMError
+from freshet.web.llm.extractive import ExtractiveAnswerer, LexicalScorer
+from freshet.web.retrieval import Filters
+from freshet.web.validation import NO_RULES, parse_rules
+from freshet.workflow.inference import Inference
+from freshet.workflow.messages import (
     APPROVED,
     DEAD_LETTERS,
     RAW_ANSWERS,
@@ -24,8 +22,10 @@ from workflow.messages import (
     AnswerRequest,
     MessageError,
 )
-from workflow.step import Step
-from workflow.validator import Validator
+from freshet.workflow.step import Step
+from freshet.workflow.validator import Validator
+
+from tests.unit.web_fakes import FakeRetriever, passage
 
 PASSAGES = [
     passage(1, "Public: the Kafka Connect workers restart every night at two."),
@@ -191,7 +191,7 @@ class FakeProducer:
 def test_a_record_that_keeps_failing_becomes_a_dead_letter_and_the_partition_moves_on() -> None:
     import threading
 
-    from workflow import step as step_module
+    from freshet.workflow import step as step_module
 
     def broken(record: Any) -> list[Any]:
         raise ValueError("the handler cannot take this record")

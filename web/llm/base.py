@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from web.retrieval import Passage
+from freshet.web.retrieval import Passage
 
 logger = logging.getLogger(__name__)
 

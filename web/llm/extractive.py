@@ -16,9 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-
-from web.llm.base import Answer, Answerer, make_answer
-from web.retrieval import Passage
+from freshet.web.llm.base import Answer, Answerer, make_answer
+from freshet.web.retrieval import Passage
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import requests
-
-from web.llm.base import Answer, Answerer, LLMError
-from web.prompting import build_prompt
-from web.retrieval import Passage
+from freshet.web.llm.base import Answer, Answerer, LLMError
+from freshet.web.prompting import build_prompt
+from freshet.web.retrieval import Passage
 
 # A generator of our own: jitter drawn from worker threads leaves the global `random`
 # state alone (other code, and tests, may depend on it).

@@ -1,0 +1,1 @@
+"""Templates of the Kafka, Kafka Connect and Debezium configuration the launcher renders."""

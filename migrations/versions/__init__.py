@@ -1,0 +1,1 @@
+"""Alembic revisions of schema `rag`, oldest first."""

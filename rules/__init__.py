@@ -1,0 +1,1 @@
+"""The answer rules shipped as the default rule set (answers.toml)."""
