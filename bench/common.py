@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from freshet.cdc import stack
-from freshet.cdc.sandbox import private_home, sandbox_env
 
 from bench.report import RESULTS, SCIFACT, print_table, scifact_corpus, write_results
+from freshet.cdc import stack
+from freshet.cdc.sandbox import private_home, sandbox_env
 from freshet.db import connect, database_url, source_database_url
 from freshet.settings import PROJECT_ROOT, Settings
 

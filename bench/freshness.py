@@ -17,8 +17,6 @@ import statistics
 import threading
 import time
 
-from freshet.cdc.demo import create_demo_schema
-
 from bench.common import (
     count_documents,
     print_table,
@@ -28,6 +26,7 @@ from bench.common import (
     wait_until,
     write_results,
 )
+from freshet.cdc.demo import create_demo_schema
 from freshet.db import connect, database_url, source_database_url
 from freshet.settings import Settings
 

@@ -23,8 +23,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import requests
-from freshet.web import create_app
-from freshet.web.retrieval import rrf
 from werkzeug.serving import make_server
 
 from bench.common import (
@@ -40,6 +38,8 @@ from bench.common import (
     write_results,
 )
 from freshet.settings import PROJECT_ROOT
+from freshet.web import create_app
+from freshet.web.retrieval import rrf
 
 TABLE = "app.scifact"
 MODES = ("dense", "text", "hybrid")

@@ -29,9 +29,6 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import requests
-from freshet.sync.chunking import TokenChunker
-from freshet.web import create_app
-from freshet.web.timing import parse_header
 from pgvector.psycopg import register_vector
 
 from bench.common import SCIFACT, print_table, private_stack, web_process, write_results
@@ -39,6 +36,9 @@ from bench.corpus import documents
 from freshet.db import database_url
 from freshet.embedder import embedder_from_settings
 from freshet.settings import PROJECT_ROOT, Settings
+from freshet.sync.chunking import TokenChunker
+from freshet.web import create_app
+from freshet.web.timing import parse_header
 
 TABLE = "bench.query"
 

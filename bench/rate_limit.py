@@ -40,18 +40,18 @@ from typing import Any
 
 import numpy as np
 import requests
+
+from bench.common import Bench, print_table, web_process, write_results
 from freshet.cdc.demo import article_rows, module_doc_rows
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.sandbox import private_home, sandbox_env
 from freshet.cdc.stack import migrate
-from freshet.sync.chunking import TokenChunker
-from freshet.web import DEFAULTS
-from freshet.web.timing import parse_header
-
-from bench.common import Bench, print_table, web_process, write_results
 from freshet.db import connect, database_url
 from freshet.embedder import TransformersEmbedder
 from freshet.settings import PROJECT_ROOT, Settings
+from freshet.sync.chunking import TokenChunker
+from freshet.web import DEFAULTS
+from freshet.web.timing import parse_header
 
 FLOOD_TOKEN = "demo-public"
 USER_TOKEN = "demo-staff"

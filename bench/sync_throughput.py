@@ -16,9 +16,6 @@ import argparse
 import hashlib
 import time
 
-from freshet.sync.chunking import TokenChunker
-from freshet.sync.mapping import Mappings
-
 from bench.common import (
     count_documents,
     load_scifact,
@@ -32,6 +29,8 @@ from bench.common import (
 )
 from freshet.db import connect, database_url
 from freshet.embedder import embedder_from_settings
+from freshet.sync.chunking import TokenChunker
+from freshet.sync.mapping import Mappings
 
 TABLE = "app.scifact"
 

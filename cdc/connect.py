@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+
 from freshet.cdc.jvm import java_command, plugin_dir
 from freshet.cdc.processes import StackError
 from freshet.cdc.service import LocalService

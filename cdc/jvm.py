@@ -7,7 +7,6 @@ from pathlib import Path
 
 from freshet.cdc.processes import StackError
 from freshet.cdc.templates import CONNECTORS_DIR
-
 from freshet.settings import Settings
 
 

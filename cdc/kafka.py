@@ -13,7 +13,6 @@ from freshet.cdc.jvm import java_command
 from freshet.cdc.processes import StackError, port_in_use
 from freshet.cdc.service import LocalService
 from freshet.cdc.templates import write_rendered
-
 from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)

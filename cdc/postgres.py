@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-from freshet.cdc.processes import PortTakenError, StackError, port_in_use, tail
 from psycopg import sql
 
+from freshet.cdc.processes import PortTakenError, StackError, port_in_use, tail
 from freshet.db import CDC_ROLE, EMBEDDED_DB, EMBEDDED_SUPERUSER, secret_path
 from freshet.settings import Settings
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from freshet.cdc.processes import ManagedProcess, PortTakenError, port_in_use, wait_until
-
 from freshet.settings import Settings
 
 

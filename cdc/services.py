@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import requests
+
 from freshet.cdc.service import LocalService
 
 # A worker that survives this long got past imports and settings; loading the model and

@@ -11,9 +11,9 @@ import logging
 from pathlib import Path
 
 import psycopg
-from freshet.cdc.kafka import max_request_bytes
 from psycopg import sql
 
+from freshet.cdc.kafka import max_request_bytes
 from freshet.db import CDC_ROLE, read_secret, url_parts
 from freshet.settings import Settings
 

@@ -17,6 +17,7 @@ from typing import Any
 import requests
 from alembic import command
 from alembic.config import Config
+
 from freshet.cdc import supervisor
 from freshet.cdc.connect import ConnectClient, ConnectError, LocalConnect, connector_state
 from freshet.cdc.connect import register_connector as put_connector
@@ -36,7 +37,6 @@ from freshet.cdc.source import (
     slot_status,
     write_connector_secrets,
 )
-
 from freshet.db import CDC_ROLE, connect, database_url, redact, source_database_url
 from freshet.resources import migrations_dir
 from freshet.settings import Settings

@@ -27,7 +27,6 @@ from freshet.cdc.kafka import LocalKafka
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.processes import StackError
 from freshet.cdc.services import LocalInference, LocalSyncWorker, LocalValidator, LocalWeb
-
 from freshet.retry import Backoff
 from freshet.settings import Settings
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from freshet.sync.changes import Rejected
 
 from freshet.retry import transient_db_error
+from freshet.sync.changes import Rejected
 
 logger = logging.getLogger(__name__)
 

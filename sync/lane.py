@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import psycopg
+
+from freshet.embedder import Embedder
+from freshet.retry import Backoff, Stopped, transient_db_error
 from freshet.sync import deadletters
 from freshet.sync.changes import Change, Kind
 from freshet.sync.mapping import unavailable_columns
 from freshet.sync.writer import ApplyStats, Writer, dead_letter
-
-from freshet.embedder import Embedder
-from freshet.retry import Backoff, Stopped, transient_db_error
 
 logger = logging.getLogger(__name__)
 

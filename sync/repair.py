@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
+from psycopg import sql
+
 from freshet.cdc.signals import request_snapshot
 from freshet.sync.mapping import TableMapping
 from freshet.sync.verify import TableReport
-from psycopg import sql
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
+
 from freshet.cdc.events import RecordPosition
 from freshet.sync import deadletters
 from freshet.sync.changes import Router

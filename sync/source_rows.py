@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from freshet.sync.mapping import TableMapping
 from psycopg import sql
 from psycopg.rows import dict_row
+
+from freshet.sync.mapping import TableMapping
 
 logger = logging.getLogger(__name__)
 

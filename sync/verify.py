@@ -29,13 +29,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
 from freshet.sync import problems
 from freshet.sync.chunking import Chunker
 from freshet.sync.mapping import MappingError, Mappings, TableMapping
 from freshet.sync.source_rows import debezium_value
-from psycopg import sql
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 logger = logging.getLogger(__name__)
 

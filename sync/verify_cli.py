@@ -14,13 +14,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from freshet.db import connect, database_url, source_database_url
+from freshet.settings import Settings
 from freshet.sync import repair
 from freshet.sync.chunking import TokenChunker
 from freshet.sync.mapping import Mappings
 from freshet.sync.verify import KINDS, Report, recheck, save, verify
-
-from freshet.db import connect, database_url, source_database_url
-from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
 

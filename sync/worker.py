@@ -35,6 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError
+from kafka.structs import OffsetAndMetadata
+
+from freshet.db import connect, database_url, source_database_url
+from freshet.embedder import Embedder
+from freshet.retry import Backoff, Stopped, retry, transient_db_error
+from freshet.settings import Settings
 from freshet.sync import deadletters
 from freshet.sync.changes import Change, KafkaRecord, Kind, Rejected, Router
 from freshet.sync.chunking import Chunker, TokenChunker
@@ -44,14 +52,6 @@ from freshet.sync.metrics import SyncMetrics
 from freshet.sync.source_rows import SourceRows
 from freshet.sync.verify import last_run as last_verify
 from freshet.sync.writer import ApplyStats, Writer, dead_letter
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError
-from kafka.structs import OffsetAndMetadata
-
-from freshet.db import connect, database_url, source_database_url
-from freshet.embedder import Embedder
-from freshet.retry import Backoff, Stopped, retry, transient_db_error
-from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -31,15 +31,15 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg.types.json import Jsonb
+
+from freshet.embedder import Embedder
+from freshet.retry import transient_db_error
 from freshet.sync import problems
 from freshet.sync.changes import Change, Kind, Rejected
 from freshet.sync.chunking import Chunk, Chunker
 from freshet.sync.mapping import Document, MappingError, complete_row, unavailable_columns
 from freshet.sync.source_rows import SourceRows
-from psycopg.types.json import Jsonb
-
-from freshet.embedder import Embedder
-from freshet.retry import transient_db_error
 
 logger = logging.getLogger(__name__)
 

@@ -25,14 +25,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, current_app
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
 from freshet.web.auth import ANONYMOUS, User
 from freshet.web.capability import NO_KEYS, Keys
 from freshet.web.llm import Answer, Answerer
 from freshet.web.retrieval import NO_FILTERS, Filters, Passage, Retriever
 from freshet.web.validation import Judged, RuleSet, Violation, load_rules
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
 
 logger = logging.getLogger(__name__)
 

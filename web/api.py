@@ -16,6 +16,8 @@ from typing import Any
 
 import psycopg
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
+from psycopg_pool import PoolTimeout
+
 from freshet.web import answers as answers_mod
 from freshet.web import app_settings, capability, config_value, inputs, limits, timing
 from freshet.web.auth import ANONYMOUS, User, current_user, require_admin
@@ -28,7 +30,6 @@ from freshet.web.publisher import QueueUnavailable, get_publisher
 from freshet.web.retrieval import MODES, Filters
 from freshet.web.services import get_answerer, get_retriever
 from freshet.workflow.messages import AnswerRequest
-from psycopg_pool import PoolTimeout
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, current_app, g, request
-from freshet.web.errors import ApiError
 from werkzeug.datastructures import Headers
+
+from freshet.web.errors import ApiError
 
 logger = logging.getLogger(__name__)
 

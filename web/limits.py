@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, Response, current_app, g, request
+from psycopg_pool import ConnectionPool
+
+from freshet.settings import SettingsError
 from freshet.web.auth import (
     ANONYMOUS,
     FORWARDING_HEADERS,
@@ -43,9 +46,6 @@ from freshet.web.auth import (
     tokens_of,
 )
 from freshet.web.errors import ApiError
-from psycopg_pool import ConnectionPool
-
-from freshet.settings import SettingsError
 
 logger = logging.getLogger(__name__)
 

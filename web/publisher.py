@@ -8,9 +8,10 @@ import threading
 from abc import ABC, abstractmethod
 
 from flask import Flask, current_app
-from freshet.workflow.messages import REQUESTS, AnswerRequest
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
+
+from freshet.workflow.messages import REQUESTS, AnswerRequest
 
 logger = logging.getLogger(__name__)
 

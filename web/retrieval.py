@@ -21,14 +21,14 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from freshet.web import timing
-from freshet.web.auth import User
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from freshet.embedder import Embedder
+from freshet.web import timing
+from freshet.web.auth import User
 
 logger = logging.getLogger(__name__)
 

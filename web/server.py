@@ -7,11 +7,11 @@ import ipaddress
 import logging
 
 from flask import Flask
+
+from freshet.settings import Settings, SettingsError
 from freshet.web import DEMO_API_TOKENS, create_app
 from freshet.web.answers import get_rules
 from freshet.web.services import get_embed
-
-from freshet.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Flask, current_app
+
 from freshet.web.llm import Answerer, make_answerer
 from freshet.web.retrieval import EmbedThread, PgRetriever, Retriever
 
@@ -46,9 +47,8 @@ def get_embed(app: Flask | None = None) -> EmbedThread:
         embedder: Any = app.extensions.get("freshet.embedder")
         if embedder is not None:
             return EmbedThread(embedder)
-        from freshet.web import app_settings
-
         from freshet.embedder import embedder_from_settings
+        from freshet.web import app_settings
 
         settings = app_settings(app).with_overrides(
             embedding_model=config_value(app, "EMBEDDING_MODEL")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from freshet.cdc.connect import ConnectClient, ConnectError, connector_state
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from freshet.cdc.connect import ConnectClient, ConnectError, connector_state
 from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask
+
 from freshet.web.answers import compose
 from freshet.web.llm import Answerer, LLMError
 from freshet.web.retrieval import Retriever

@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from freshet.workflow.messages import DEAD_LETTERS, MessageError, dumps
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 
 from freshet.retry import Stopped, retry, transient_db_error
+from freshet.workflow.messages import DEAD_LETTERS, MessageError, dumps
 
 logger = logging.getLogger(__name__)
 

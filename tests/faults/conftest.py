@@ -25,14 +25,14 @@ from typing import Any
 
 import psycopg
 import pytest
+
 from freshet.cdc import stack
 from freshet.cdc.sandbox import private_home
+from freshet.db import connect, database_url, source_database_url
+from freshet.settings import PROJECT_ROOT, Settings
 from freshet.sync.mapping import Mappings
 from freshet.sync.verify import KINDS, verify
 from freshet.sync.verify_cli import chunker_for
-
-from freshet.db import connect, database_url, source_database_url
-from freshet.settings import PROJECT_ROOT, Settings
 from tests.integration.conftest import freshet, stack_env
 
 RELIABILITY = PROJECT_ROOT / "RELIABILITY.md"

@@ -12,12 +12,12 @@ import time
 from typing import Any
 
 import pytest
+from kafka import KafkaProducer
+
 from freshet.cdc.connect import ConnectClient, LocalConnect
 from freshet.cdc.kafka import LocalKafka
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.services import LocalSupervisor, LocalSyncWorker
-from kafka import KafkaProducer
-
 from freshet.settings import PROJECT_ROOT, Settings
 from tests.faults.conftest import (
     FaultRun,

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from freshet.cdc import stack
 from freshet.cdc.sandbox import private_home, sandbox_env
-from freshet.sync.chunking import TokenChunker
-from freshet.sync.worker import SyncWorker
-
 from freshet.embedder import Embedder, TransformersEmbedder
 from freshet.settings import PROJECT_ROOT, Settings
+from freshet.sync.chunking import TokenChunker
+from freshet.sync.worker import SyncWorker
 
 
 def stack_env(home: Path) -> dict[str, str]:

@@ -6,12 +6,12 @@ import hashlib
 from typing import Any
 
 import psycopg
-from freshet.sync.chunking import Chunker
-from freshet.sync.mapping import Mappings
 
 from freshet.db import connect, database_url, source_database_url
 from freshet.embedder import Embedder
 from freshet.settings import Settings
+from freshet.sync.chunking import Chunker
+from freshet.sync.mapping import Mappings
 from tests.integration.conftest import WorkerThread, wait_for
 
 

@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import schemathesis
 from flask import Flask
-from freshet.sync.chunking import TokenChunker
-from freshet.sync.worker import SyncWorker
-from freshet.web import close_app, create_app
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from freshet.embedder import Embedder
 from freshet.settings import Settings
+from freshet.sync.chunking import TokenChunker
+from freshet.sync.worker import SyncWorker
+from freshet.web import close_app, create_app
 from tests.integration.conftest import WorkerThread
 from tests.integration.sync_support import caught_up
 

@@ -6,8 +6,8 @@ import json
 import time
 
 import pytest
-from freshet.cdc.events import ChangeEvent, Op, Tombstone, decode
 
+from freshet.cdc.events import ChangeEvent, Op, Tombstone, decode
 from freshet.db import connect, source_database_url
 from freshet.settings import Settings
 from tests.integration.conftest import topic_from_start

@@ -10,15 +10,15 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from freshet.sync.changes import Router
-from freshet.sync.chunking import TokenChunker
-from freshet.sync.mapping import Mappings
-from freshet.sync.worker import SyncWorker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from freshet.embedder import Embedder
 from freshet.settings import Settings
+from freshet.sync.changes import Router
+from freshet.sync.chunking import TokenChunker
+from freshet.sync.mapping import Mappings
+from freshet.sync.worker import SyncWorker
 from tests.integration.conftest import WorkerThread, freshet, wait_for
 from tests.integration.sync_support import caught_up, index, source
 from tests.support import FakeRecord
@@ -280,9 +280,10 @@ def test_10000_generated_records_through_the_real_router_and_writer_never_raise(
 def test_up_raises_the_message_limit_of_existing_change_topics(running_stack: Settings) -> None:
     """A change topic made before the limit was raised (or by another tool) accepts events up
     to FRESHET_MAX_EVENT_BYTES again after `freshet up`."""
-    from freshet.cdc.kafka import ensure_topic_limits, max_request_bytes
     from kafka import KafkaAdminClient
     from kafka.admin import ConfigResource, ConfigResourceType
+
+    from freshet.cdc.kafka import ensure_topic_limits, max_request_bytes
 
     topic = f"{running_stack.topic_prefix}.app.module_docs"
     admin = KafkaAdminClient(bootstrap_servers=running_stack.bootstrap_servers)

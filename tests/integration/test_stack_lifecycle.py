@@ -9,12 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from freshet.cdc import stack
 from freshet.cdc.connect import ConnectClient, LocalConnect
 from freshet.cdc.kafka import LocalKafka
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.services import LocalSupervisor, LocalSyncWorker, LocalWeb
-
 from freshet.settings import Settings
 from tests.integration.conftest import freshet, wait_for
 

@@ -8,14 +8,14 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from freshet.cdc.demo import module_doc_rows
-from freshet.cdc.events import UNAVAILABLE_PLACEHOLDER
-from freshet.sync.chunking import TokenChunker
-from freshet.sync.deadletters import DLQ_TOPIC
 from kafka import KafkaProducer
 
+from freshet.cdc.demo import module_doc_rows
+from freshet.cdc.events import UNAVAILABLE_PLACEHOLDER
 from freshet.embedder import Embedder
 from freshet.settings import Settings
+from freshet.sync.chunking import TokenChunker
+from freshet.sync.deadletters import DLQ_TOPIC
 from tests.integration.conftest import WorkerThread, freshet, topic_from_start, wait_for
 from tests.integration.sync_support import (
     caught_up,

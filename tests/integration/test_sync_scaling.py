@@ -13,11 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from freshet.cdc.demo import module_doc_rows
-from freshet.sync.chunking import TokenChunker
 
+from freshet.cdc.demo import module_doc_rows
 from freshet.embedder import Embedder
 from freshet.settings import PROJECT_ROOT, Settings
+from freshet.sync.chunking import TokenChunker
 from tests.integration.conftest import WorkerThread, wait_for
 from tests.integration.sync_support import (
     caught_up,

@@ -20,18 +20,18 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from psycopg.types.json import Jsonb
+
 from freshet.cdc.demo import article_rows, module_doc_rows
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.sandbox import free_port
 from freshet.cdc.stack import migrate
-from freshet.sync.chunking import TokenChunker
-from freshet.web import close_app, create_app
-from freshet.web.prompting import SYSTEM_PROMPT, data_block_of
-from psycopg.types.json import Jsonb
-
 from freshet.db import connect, database_url
 from freshet.embedder import TransformersEmbedder
 from freshet.settings import Settings
+from freshet.sync.chunking import TokenChunker
+from freshet.web import close_app, create_app
+from freshet.web.prompting import SYSTEM_PROMPT, data_block_of
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
-from freshet.web import close_app, create_app
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -28,6 +27,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from freshet.settings import Settings
+from freshet.web import close_app, create_app
 from tests.integration.conftest import WorkerThread, wait_for
 from tests.integration.sync_support import caught_up, chunk_texts, index, source
 

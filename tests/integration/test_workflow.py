@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from freshet.cdc.services import LocalInference, LocalValidator
-from freshet.web import close_app, create_app
-from freshet.workflow.messages import APPROVED, DEAD_LETTERS, REJECTED, REQUESTS
 from kafka import KafkaProducer
 
+from freshet.cdc.services import LocalInference, LocalValidator
 from freshet.settings import PROJECT_ROOT, Settings
+from freshet.web import close_app, create_app
+from freshet.workflow.messages import APPROVED, DEAD_LETTERS, REJECTED, REQUESTS
 from tests.integration.conftest import WorkerThread, freshet, topic_from_start, wait_for
 from tests.integration.sync_support import caught_up, source
 

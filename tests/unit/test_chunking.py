@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 import pytest
+
 from freshet.sync.chunking import Chunk, TokenChunker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -11,17 +11,17 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+
 from freshet.cdc import supervisor
 from freshet.cdc.events import UNAVAILABLE, RecordPosition
 from freshet.cdc.processes import StackError
+from freshet.embedder import Embedder
+from freshet.retry import Backoff, Stopped, retry, transient_db_error
+from freshet.settings import Settings
 from freshet.sync.changes import Change, Kind
 from freshet.sync.lane import EmbedGate, Superseded, supersedes
 from freshet.sync.mapping import DEFAULT_MAPPINGS, MappingError, Mappings
 from freshet.sync.verify import TableReport, _Indexed, compare
-
-from freshet.embedder import Embedder
-from freshet.retry import Backoff, Stopped, retry, transient_db_error
-from freshet.settings import Settings
 
 ARTICLES = Mappings.load(DEFAULT_MAPPINGS).tables["app.articles"]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from freshet.cdc.events import UNAVAILABLE, ChangeEvent, DecodeError, Op, Tombstone, decode
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "debezium"

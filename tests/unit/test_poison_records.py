@@ -9,14 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from freshet.cdc.events import DecodeError, Op, decode
 from freshet.sync import deadletters
 from freshet.sync.changes import Kind, Rejected, Router
 from freshet.sync.mapping import DEFAULT_MAPPINGS, Mappings
 from freshet.sync.worker import topic_pattern
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from tests.support import FakeRecord
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "debezium"

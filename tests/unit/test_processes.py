@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from freshet.cdc import processes
 from freshet.cdc.processes import ManagedProcess
 

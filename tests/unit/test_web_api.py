@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+
+from freshet.settings import Settings
 from freshet.web import create_app
 from freshet.web.answers import WITHHELD
 from freshet.web.llm.base import Answerer, LLMError
@@ -17,8 +19,6 @@ from freshet.web.llm.extractive import ExtractiveAnswerer, LexicalScorer
 from freshet.web.publisher import QueueUnavailable, RequestPublisher
 from freshet.web.retrieval import Passage
 from freshet.workflow.messages import AnswerRequest
-
-from freshet.settings import Settings
 from tests.unit.web_fakes import FakeRetriever, passage
 
 PASSAGES = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from freshet.web import DEMO_API_TOKENS
 from freshet.web.auth import ANONYMOUS, TokenError, User, authenticate, bearer_token, parse_tokens
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+
 from freshet.web.answers import InMemoryAnswerStore, StoredAnswer, get_store
 from freshet.web.auth import ANONYMOUS
 from freshet.web.capability import SECRET_HEADER, SESSION_COOKIE, Keys, digest, new_key
-
 from tests.unit.test_web_api import ADMIN, STAFF, SUPPORT, error_of, events, make_app
 
 QUESTION = {"question": "What are connector tasks in Kafka?"}

@@ -6,6 +6,8 @@ import os
 from datetime import UTC, datetime
 
 import pytest
+
+from freshet.embedder import TransformersEmbedder
 from freshet.web.llm.base import EMPTY_ANSWER, cited_numbers, make_answer
 from freshet.web.llm.extractive import (
     NOTHING_RELEVANT,
@@ -14,8 +16,6 @@ from freshet.web.llm.extractive import (
     LexicalScorer,
     split_sentences,
 )
-
-from freshet.embedder import TransformersEmbedder
 from tests.unit.web_fakes import passage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,8 +10,8 @@ from urllib.parse import quote
 
 import pytest
 from flask.testing import FlaskClient
-from freshet.web.inputs import MAX_JSON_DEPTH, BadInput, depth, loads, storable
 
+from freshet.web.inputs import MAX_JSON_DEPTH, BadInput, depth, loads, storable
 from tests.unit.test_web_api import STAFF, error_of, make_app
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from flask import Flask, request
+
+from freshet.settings import SettingsError
 from freshet.web.auth import ANONYMOUS, User
 from freshet.web.limits import (
     Concurrency,
@@ -21,8 +23,6 @@ from freshet.web.limits import (
     get_limits,
     limits_from_config,
 )
-
-from freshet.settings import SettingsError
 from tests.unit.test_web_api import STAFF, SUPPORT, error_of, events, make_app
 
 ASK = Limit("ask", rate=0.5, burst=3, per_caller=2, total=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from freshet.web.llm import LLMError, make_answerer
 from freshet.web.llm.openai import OpenAIAnswerer, backoff_delay, parse_sse
 

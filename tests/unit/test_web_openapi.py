@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 
 from flask import Flask
-from freshet.web import create_app
-from freshet.web.openapi import openapi_document
 
 from freshet.settings import Settings
+from freshet.web import create_app
+from freshet.web.openapi import openapi_document
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}
 

@@ -10,6 +10,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from psycopg import sql
+
 from freshet.web.auth import User
 from freshet.web.retrieval import (
     EmbedThread,
@@ -21,8 +23,6 @@ from freshet.web.retrieval import (
     rrf,
     where_clause,
 )
-from psycopg import sql
-
 from tests.unit.web_fakes import passage
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from freshet.web import DEMO_API_TOKENS
-from freshet.web.auth import TokenError, is_local, parse_tokens
-from freshet.web.server import ExposureError, check_exposure, is_loopback, run
 
 from freshet.cli import main
 from freshet.settings import Settings, SettingsError
+from freshet.web import DEMO_API_TOKENS
+from freshet.web.auth import TokenError, is_local, parse_tokens
+from freshet.web.server import ExposureError, check_exposure, is_loopback, run
 from tests.unit.test_web_api import STAFF, error_of, make_app
 
 OWN_TOKENS = {"s3cret-ops-token": {"user": "ops", "groups": ["staff"]}}

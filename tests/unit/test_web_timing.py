@@ -8,7 +8,6 @@ from pathlib import Path
 from freshet.web import timing
 from freshet.web.auth import User
 from freshet.web.retrieval import NO_FILTERS, Filters, Mode, Passage
-
 from tests.unit.test_web_api import PASSAGES, make_app
 from tests.unit.web_fakes import FakeRetriever
 

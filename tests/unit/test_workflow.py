@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
 from freshet.web.answers import WITHHELD, InMemoryAnswerStore
 from freshet.web.auth import User
 from freshet.web.llm.base import Answerer, LLMError
@@ -24,7 +25,6 @@ from freshet.workflow.messages import (
 )
 from freshet.workflow.step import Step
 from freshet.workflow.validator import Validator
-
 from tests.unit.web_fakes import FakeRetriever, passage
 
 PASSAGES = [

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+
 from freshet.web.llm.base import Answer, Answerer, make_answer
 from freshet.web.retrieval import Passage
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import requests
+
 from freshet.web.llm.base import Answer, Answerer, LLMError
 from freshet.web.prompting import build_prompt
 from freshet.web.retrieval import Passage
