@@ -37,9 +37,9 @@ from bench.common import (
     wait_until,
     write_results,
 )
+from freshet.answering.retrieval import rrf
 from freshet.settings import PROJECT_ROOT
 from freshet.web import create_app
-from freshet.web.retrieval import rrf
 
 TABLE = "app.scifact"
 MODES = ("dense", "text", "hybrid")

@@ -33,12 +33,12 @@ from pgvector.psycopg import register_vector
 
 from bench.common import SCIFACT, print_table, private_stack, web_process, write_results
 from bench.corpus import documents
+from freshet.answering.timing import parse_header
 from freshet.db import database_url
 from freshet.embedder import embedder_from_settings
 from freshet.settings import PROJECT_ROOT, Settings
 from freshet.sync.chunking import TokenChunker
 from freshet.web import create_app
-from freshet.web.timing import parse_header
 
 TABLE = "bench.query"
 

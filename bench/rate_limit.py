@@ -42,6 +42,7 @@ import numpy as np
 import requests
 
 from bench.common import Bench, print_table, web_process, write_results
+from freshet.answering.timing import parse_header
 from freshet.cdc.demo import article_rows, module_doc_rows
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.sandbox import private_home, sandbox_env
@@ -51,7 +52,6 @@ from freshet.embedder import TransformersEmbedder
 from freshet.settings import PROJECT_ROOT, Settings
 from freshet.sync.chunking import TokenChunker
 from freshet.web import DEFAULTS
-from freshet.web.timing import parse_header
 
 FLOOD_TOKEN = "demo-public"
 USER_TOKEN = "demo-staff"

@@ -14,6 +14,7 @@ from freshet.cdc.jvm import java_command, plugin_dir
 from freshet.cdc.processes import StackError
 from freshet.cdc.service import LocalService
 from freshet.cdc.templates import render_file, write_rendered
+from freshet.errors import ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,20 @@ class ConnectError(StackError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ConnectUnavailable(ConnectError, ServiceUnavailable):
+    """The Kafka Connect REST API does not answer at all."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        ServiceUnavailable.__init__(
+            self,
+            "Kafka Connect",
+            url,
+            "Start it with `freshet up`, or set CONNECT_URL to a running worker.",
+            detail,
+        )
+        self.status = None
 
 
 @dataclass(frozen=True)
@@ -41,10 +56,7 @@ class ConnectClient:
                 method, f"{self.url}{path}", json=body, timeout=self.timeout
             )
         except requests.RequestException as exc:
-            raise ConnectError(
-                f"Kafka Connect is not reachable at {self.url} ({exc.__class__.__name__}). "
-                f"Start it with `freshet up`, or set CONNECT_URL to a running worker."
-            ) from None
+            raise ConnectUnavailable(self.url, exc.__class__.__name__) from None
         if response.status_code >= 400:
             try:
                 message = response.json().get("message", response.text)

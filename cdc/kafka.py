@@ -13,9 +13,22 @@ from freshet.cdc.jvm import java_command
 from freshet.cdc.processes import StackError, port_in_use
 from freshet.cdc.service import LocalService
 from freshet.cdc.templates import write_rendered
+from freshet.errors import ServiceUnavailable
 from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+class KafkaUnavailable(ServiceUnavailable):
+    """No bootstrap address of the Kafka cluster accepts a connection."""
+
+    def __init__(self, bootstrap_servers: str) -> None:
+        super().__init__(
+            "Kafka",
+            bootstrap_servers,
+            "Start it with `freshet up`, or set KAFKA_BOOTSTRAP_SERVERS to a running cluster.",
+            "nothing listens there",
+        )
 
 
 def max_request_bytes(settings: Settings) -> int:
@@ -105,6 +118,12 @@ def _reachable(bootstrap_servers: str) -> bool:
         if host and port.isdigit() and port_in_use(int(port), host=host.strip("[]")):
             return True
     return False
+
+
+def require_broker(bootstrap_servers: str) -> None:
+    """Raise KafkaUnavailable unless some bootstrap address accepts TCP."""
+    if not _reachable(bootstrap_servers):
+        raise KafkaUnavailable(bootstrap_servers)
 
 
 def broker_ready(bootstrap_servers: str) -> bool:

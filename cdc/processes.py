@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from freshet.errors import FreshetError
+
 logger = logging.getLogger(__name__)
 
 # The shell forks the service into the background in a new session and prints its PID; the
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 _DAEMONIZE = 'setsid "$@" >>"$FRESHET_LOG" 2>&1 </dev/null & echo $!'
 
 
-class StackError(RuntimeError):
+class StackError(FreshetError, RuntimeError):
     """A service could not be started or reached; the message says which and what to do."""
 
 

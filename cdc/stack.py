@@ -18,8 +18,8 @@ import requests
 from alembic import command
 from alembic.config import Config
 
-from freshet.cdc import supervisor
-from freshet.cdc.connect import ConnectClient, ConnectError, LocalConnect, connector_state
+from freshet.cdc import readings, supervisor
+from freshet.cdc.connect import ConnectClient, LocalConnect, connector_state
 from freshet.cdc.connect import register_connector as put_connector
 from freshet.cdc.kafka import LocalKafka, describe_kafka, ensure_topic_limits, max_request_bytes
 from freshet.cdc.postgres import EmbeddedPostgres
@@ -212,11 +212,11 @@ def status(settings: Settings) -> dict[str, Any]:
         url = database_url(settings)
         postgres["url"] = redact(url)
         with connect(url, autocommit=True) as conn:
-            postgres["version"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            postgres["version"] = readings.server_version(conn)
             postgres["state"] = "RUNNING"
-            result["dead_letters"] = _count_dead_letters(conn)
+            result["dead_letters"] = readings.dead_letters(conn)
             result["workers"] = _workers(conn)
-            result.update(_convergence(conn))
+            result.update(readings.convergence(conn))
         with connect(source_database_url(settings), autocommit=True) as conn:
             result["slot"] = slot_status(conn)
     except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
@@ -231,21 +231,23 @@ def status(settings: Settings) -> dict[str, Any]:
         kafka["pid"] = LocalKafka(settings).process.pid()
     result["kafka"] = kafka
 
-    client = ConnectClient(settings.connect_rest_url, timeout=5)
     connect_info: dict[str, Any] = {
         "url": settings.connect_rest_url,
         "local": settings.local_connect,
     }
     if settings.local_connect:
         connect_info["pid"] = LocalConnect(settings).process.pid()
-    try:
-        connect_info["version"] = client.info().get("version")
+    reading = readings.read_connect(
+        settings.connect_rest_url, settings.connector_name, timeout=5, version=True
+    )
+    if reading.version is not None or reading.reachable:
+        connect_info["version"] = reading.version
+    if reading.reachable:
         connect_info["state"] = "RUNNING"
-        raw = client.status(settings.connector_name)
-        result["connector"] = _connector_report(settings.connector_name, raw)
-    except ConnectError as exc:
+        result["connector"] = reading.connector()
+    else:
         connect_info["state"] = "DOWN"
-        connect_info["error"] = str(exc)
+        connect_info["error"] = reading.error
         result["connector"] = {"name": settings.connector_name, "state": "UNKNOWN"}
     result["connect"] = connect_info
     workflow = {
@@ -304,87 +306,35 @@ def _web_state(settings: Settings) -> str:
     return "RUNNING" if response.status_code == 200 else f"HTTP {response.status_code}"
 
 
-def _connector_report(name: str, raw: dict[str, Any] | None) -> dict[str, Any]:
-    if raw is None:
-        return {"name": name, "state": "MISSING"}
-    return {
-        "name": name,
-        "state": connector_state(raw),
-        "connector_state": raw["connector"]["state"],
-        "connector_trace": raw["connector"].get("trace"),
-        "tasks": [
-            {
-                "id": t["id"],
-                "state": t["state"],
-                "worker": t.get("worker_id"),
-                "trace": t.get("trace"),
-            }
-            for t in raw.get("tasks", [])
-        ],
-    }
-
-
-def _convergence(conn: Any) -> dict[str, Any]:
-    """What says whether the index equals its source: the last `freshet verify`, documents
-    hidden on purpose, and mappings that no longer fit their tables."""
-    from freshet.sync import problems
-    from freshet.sync.verify import last_run
-
-    if not _has_table(conn, "rag.verify_runs"):
-        return {}
-    hidden = conn.execute(
-        "SELECT count(*) FROM rag.documents WHERE hidden_reason IS NOT NULL"
-    ).fetchone()[0]
-    return {
-        "verify": last_run(conn),
-        "hidden_documents": int(hidden),
-        "mapping_problems": problems.current(conn),
-    }
-
-
-def _count_dead_letters(conn: Any) -> int | None:
-    if not _has_table(conn, "rag.dead_letters"):
-        return None
-    row = conn.execute("SELECT count(*) FROM rag.dead_letters WHERE resolved_at IS NULL").fetchone()
-    return int(row[0])
-
-
-def _has_table(conn: Any, name: str) -> bool:
-    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
-
-
 def _workers(conn: Any) -> list[dict[str, Any]]:
     """Sync workers that sent a heartbeat in the last 10 minutes, with lag and freshness."""
-    if not _has_table(conn, "rag.workers"):
-        return []
-    rows = conn.execute(
-        "SELECT worker_id, group_id, state, extract(epoch FROM now() - heartbeat_at),"
-        " events_applied, events_skipped, embeddings, events_per_sec, lag, progress, last_error,"
-        " hostname, pid FROM rag.workers WHERE heartbeat_at > now() - interval '10 minutes'"
-        " ORDER BY worker_id"
-    ).fetchall()
     workers = []
     here = socket.gethostname()
-    for row in rows:
-        progress = row[9] or {}
-        state = row[2] if row[2] in ("stopped", "died") or row[3] < 30 else "silent"
-        if state not in ("stopped", "died") and row[11] == here and not pid_alive(row[12]):
+    for row in readings.worker_rows(conn, within_s=600):
+        progress = row["progress"] or {}
+        age = row["heartbeat_age_s"]
+        state = row["state"] if row["state"] in ("stopped", "died") or age < 30 else "silent"
+        if (
+            state not in ("stopped", "died")
+            and row["hostname"] == here
+            and not pid_alive(row["pid"])
+        ):
             state = "died"  # killed without a word (kill -9, OOM): its process is gone
         workers.append(
             {
-                "worker_id": row[0],
-                "group": row[1],
+                "worker_id": row["worker_id"],
+                "group": row["group_id"],
                 "state": state,
-                "heartbeat_age_s": round(float(row[3]), 1),
-                "events_applied": row[4],
-                "events_stale": row[5],
-                "embeddings": row[6],
-                "events_per_sec": row[7],
-                "lag": sum((row[8] or {}).values()),
-                "lag_by_partition": row[8] or {},
+                "heartbeat_age_s": round(float(age), 1),
+                "events_applied": row["events_applied"],
+                "events_stale": row["events_skipped"],
+                "embeddings": row["embeddings"],
+                "events_per_sec": row["events_per_sec"],
+                "lag": sum((row["lag"] or {}).values()),
+                "lag_by_partition": row["lag"] or {},
                 "freshness": progress.get("freshness", {}),
                 "dead_letters": progress.get("counters", {}).get("dead_letters", 0),
-                "last_error": row[10],
+                "last_error": row["last_error"],
             }
         )
     return workers

@@ -155,22 +155,23 @@ def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_workflow_step(settings: Settings, args: argparse.Namespace) -> int:
     """One member of an async workflow step's group in the foreground, until SIGINT/SIGTERM."""
-    from freshet.web import create_app
-    from freshet.web.answers import get_rules, get_store
+    from freshet.answering import config as answering_config
+    from freshet.answering.factory import Answering
+    from freshet.answering.messages import RAW_ANSWERS, REQUESTS
     from freshet.workflow.inference import Inference
-    from freshet.workflow.messages import RAW_ANSWERS, REQUESTS
     from freshet.workflow.step import Handler, Step
     from freshet.workflow.validator import Validator
 
     stop = _install_stop_handlers()
-    app = create_app(settings=settings)
+    # The answering core with no Flask app: the same factory and config the web app uses.
+    answering = Answering(settings, answering_config.from_env(os.environ))
     handler: Handler
     if args.command == "infer":
         name, topic, group = "inference", REQUESTS, settings.inference_group
-        handler = Inference.from_app(app)
+        handler = Inference.from_answering(answering)
     else:
         name, topic, group = "validator", RAW_ANSWERS, settings.validator_group
-        handler = Validator(get_rules(app), get_store(app))
+        handler = Validator(answering.rules(), answering.store())
     step = Step(name, topic, group, settings.bootstrap_servers, handler)
     gc.collect()
     gc.freeze()
@@ -474,9 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(package).setLevel(logging.DEBUG)
     # A first start compiles the embedding model for ~20 s: say so, whatever the log level.
     logging.getLogger("freshet.fast_path").setLevel(logging.INFO)
+    from freshet.answering.rules import RulesError
     from freshet.cdc.processes import StackError
     from freshet.embedder import EmbedderError
-    from freshet.web.validation import RulesError
 
     try:
         settings = Settings.from_env()

@@ -8,11 +8,37 @@ from urllib.parse import quote, unquote, urlsplit
 import psycopg
 from pgvector.psycopg import register_vector
 
+from freshet.errors import FreshetError, ServiceUnavailable
 from freshet.settings import Settings
 
 EMBEDDED_DB = "freshet"
 EMBEDDED_SUPERUSER = "freshet"
 CDC_ROLE = "freshet_cdc"
+
+
+class SecretMissing(FreshetError, RuntimeError):
+    """A password file of the embedded PostgreSQL is missing (`freshet up` writes it)."""
+
+    def __init__(self, path: Path, home: Path) -> None:
+        super().__init__(
+            f"{path} is missing: the embedded PostgreSQL has not been initialised in "
+            f"FRESHET_HOME={home}. Run `freshet up` first (it creates that file), or set "
+            "DATABASE_URL."
+        )
+        self.path = path
+
+
+class PostgresUnavailable(ServiceUnavailable, psycopg.OperationalError):
+    """PostgreSQL did not accept a connection (down, wrong address, timed out)."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(
+            "PostgreSQL",
+            redact(url),
+            "Start it with `freshet up`, or set DATABASE_URL (and SOURCE_DATABASE_URL) to a "
+            "running server.",
+            detail,
+        )
 
 
 def secret_path(settings: Settings, name: str) -> Path:
@@ -24,10 +50,7 @@ def read_secret(settings: Settings, name: str) -> str:
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        raise RuntimeError(
-            f"{path} is missing: the embedded PostgreSQL has not been initialised in "
-            f"FRESHET_HOME={settings.home}. Run `freshet up` first, or set DATABASE_URL."
-        ) from None
+        raise SecretMissing(path, settings.home) from None
 
 
 def embedded_url(settings: Settings, user: str = EMBEDDED_SUPERUSER) -> str:
@@ -65,6 +88,11 @@ def redact(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    return text.removeprefix("connection failed: ")
+
+
 def url_parts(url: str) -> dict[str, str]:
     """host, port, dbname, user and password of a libpq URL (for the Debezium connector)."""
     parts = urlsplit(url)
@@ -78,8 +106,16 @@ def url_parts(url: str) -> dict[str, str]:
 
 
 def connect(url: str, *, autocommit: bool = False, vector: bool = False) -> psycopg.Connection:
-    """A connection with a short connect timeout; pgvector types registered when asked."""
-    conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=5)
+    """A connection with a short connect timeout; pgvector types registered when asked.
+
+    A server that cannot be reached raises ``PostgresUnavailable`` (a FreshetError, still a
+    psycopg.OperationalError for the callers that wait it out)."""
+    try:
+        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        if exc.sqlstate is not None:  # the server answered: not an unreachable service
+            raise
+        raise PostgresUnavailable(url, _first_line(exc)) from exc
     if vector:
         register_vector(conn)
     return conn

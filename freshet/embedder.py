@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from freshet.errors import FreshetError
 from freshet.fast_path import LastHiddenState, Runner, cache_key, one_text_runner
 from freshet.settings import Settings
 
@@ -44,7 +45,7 @@ SMALL_CALL_TEXTS = 4
 _BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
-class EmbedderError(RuntimeError):
+class EmbedderError(FreshetError, RuntimeError):
     """The embedding model cannot be found, loaded or run; the message says what to fix."""
 
 

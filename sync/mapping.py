@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from freshet.cdc.events import UNAVAILABLE
+from freshet.errors import FreshetError
 
 DEFAULT_MAPPINGS = Path(__file__).with_name("mappings.toml")
 
 
-class MappingError(ValueError):
+class MappingError(FreshetError, ValueError):
     """A row cannot be turned into a document; the message says which column and why."""
 
     def __init__(self, message: str, column: str | None = None) -> None:

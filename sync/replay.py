@@ -95,6 +95,9 @@ def kafka_fetch(bootstrap_servers: str) -> Fetch:
     def fetch(topic: str, partition: int, offset: int) -> tuple[bytes | None, bytes | None] | None:
         from kafka import KafkaConsumer, TopicPartition
 
+        from freshet.cdc.kafka import require_broker
+
+        require_broker(bootstrap_servers)  # a clear error, not kafka-python's NoBrokersAvailable
         consumer = KafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             group_id=None,

@@ -1,10 +1,12 @@
-"""Helpers shared by the integration tests and the fixture-capture script."""
+"""Kafka record helpers shared by the unit tests, the integration tests and the fixture-capture
+script (which runs outside pytest, so these are not in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,3 +97,21 @@ class TopicTail:
 
 def key_is(record: RawRecord, **key: Any) -> bool:
     return record.key is not None and json.loads(record.key) == key
+
+
+@contextmanager
+def topic_from_start(bootstrap_servers: str, topic: str) -> Iterator[Any]:
+    """A group-less consumer of ``topic`` from its first record; iteration ends after 5 s
+    without a new record."""
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=5000,
+    )
+    try:
+        yield consumer
+    finally:
+        consumer.close()

@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Flask
 
+from freshet.answering.config import DEFAULTS as ANSWERING_DEFAULTS
 from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -25,39 +26,12 @@ DEMO_API_TOKENS: dict[str, dict[str, Any]] = {
 }
 
 DEFAULTS: dict[str, Any] = {
-    # None: resolved at first use from Settings (DATABASE_URL or the embedded PostgreSQL).
-    "DATABASE_URL": None,
-    # None: Settings.embedding_model / Settings.llm_backend (EMBEDDING_MODEL, LLM_BACKEND).
-    "EMBEDDING_MODEL": None,
-    "LLM_BACKEND": None,
-    "OPENAI_BASE_URL": "http://127.0.0.1:11434/v1",
-    "OPENAI_API_KEY": "",
-    "LLM_MODEL": "",
-    "LLM_TIMEOUT": 60.0,
-    "LLM_MAX_RETRIES": 3,
-    "LLM_MAX_TOKENS": 256,
-    "HNSW_EF_SEARCH": 100,
-    # Hybrid search: weighted reciprocal rank fusion with the dense list at weight 1. Tuned on
-    # SciFact's train queries (`python -m bench.quality --split train --tune`).
-    "HYBRID_TEXT_WEIGHT": 0.3,
-    "RRF_K": 10,
-    "PUBLIC_DOCUMENTS": True,
+    # Retrieval, answering, the answer store and rules: freshet.answering.config.
+    **ANSWERING_DEFAULTS,
     "ALLOW_ANONYMOUS": True,
     "API_TOKENS": DEMO_API_TOKENS,
     "API_TOKENS_FILE": None,
     "MAX_CONTENT_LENGTH": 64 * 1024,
-    "DEFAULT_K": 5,
-    # Cosine similarity below which the extractive answerer says it found nothing relevant.
-    "EXTRACTIVE_MIN_SCORE": 0.35,
-    # Where answers are kept: postgres (table rag.answers, shared by every web process and the
-    # async workflow) or memory (this process only; tests without a database).
-    "ANSWER_STORE_BACKEND": "postgres",
-    "ANSWER_STORE_SIZE": 1000,
-    # None: Settings.answer_rules (FRESHET_ANSWER_RULES); "" means no rules.
-    "ANSWER_RULES": None,
-    "POOL_MIN_SIZE": 1,
-    "POOL_MAX_SIZE": 10,
-    "CONNECT_TIMEOUT": 2.0,
     # Report where each API request's time went in a Server-Timing response header.
     "SERVER_TIMING": True,
     # Limits on /search and /ask per caller (a token's user; anonymous: the address), see

@@ -18,18 +18,21 @@ import psycopg
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 from psycopg_pool import PoolTimeout
 
-from freshet.web import answers as answers_mod
-from freshet.web import app_settings, capability, config_value, inputs, limits, timing
-from freshet.web.auth import ANONYMOUS, User, current_user, require_admin
+from freshet.answering import answers as answers_mod
+from freshet.answering import capability, timing
+from freshet.answering.llm import LLMError
+from freshet.answering.llm.base import citation
+from freshet.answering.messages import AnswerRequest
+from freshet.answering.retrieval import MODES, Filters
+from freshet.answering.users import ANONYMOUS, User
+from freshet.web import app_settings, config_value, inputs, limits
+from freshet.web.answers import get_rules, get_store
+from freshet.web.auth import current_user, require_admin
 from freshet.web.errors import ApiError
 from freshet.web.inputs import storable
-from freshet.web.llm import LLMError
-from freshet.web.llm.base import citation
 from freshet.web.openapi import openapi_document
 from freshet.web.publisher import QueueUnavailable, get_publisher
-from freshet.web.retrieval import MODES, Filters
 from freshet.web.services import get_answerer, get_retriever
-from freshet.workflow.messages import AnswerRequest
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +278,8 @@ def ask() -> Any:
     asker = Asker(user)
     if run_async:
         return _submit(question, user, k, filters, asker)
-    store = answers_mod.get_store()
-    rules = answers_mod.get_rules()
+    store = get_store()
+    rules = get_rules()
     retriever, answerer = get_retriever(), get_answerer()
     try:
         if stream:
@@ -314,7 +317,7 @@ def ask() -> Any:
 
 def _submit(question: str, user: User, k: int, filters: Filters, asker: Asker) -> Any:
     """The async path: keep a pending answer, publish the request, answer 202 at once."""
-    store = answers_mod.get_store()
+    store = get_store()
     pending = answers_mod.StoredAnswer(answers_mod.new_id(), question, user, keys=asker.keys)
     try:
         store.put(pending)
@@ -393,7 +396,7 @@ def get_answer(answer_id: str) -> Any:
     asker's session; anyone else learns nothing, not even that it exists."""
     user = current_user()
     try:
-        stored = answers_mod.get_store().get(answer_id) if storable(answer_id) else None
+        stored = get_store().get(answer_id) if storable(answer_id) else None
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise _unavailable(exc) from None
     secret = capability.presented_secret(

@@ -12,30 +12,17 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, current_app, g, request
 from werkzeug.datastructures import Headers
 
+from freshet.answering.users import ANONYMOUS, User
 from freshet.web.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class User:
-    """Who asks: a name, the access groups they belong to, and whether they see everything."""
-
-    name: str
-    groups: tuple[str, ...] = field(default_factory=tuple)
-    admin: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"user": self.name, "groups": list(self.groups), "admin": self.admin}
-
-
-ANONYMOUS = User("anonymous")
 #: Headers a reverse proxy adds: a request that carries one did not start on this host.
 FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 

@@ -34,12 +34,11 @@ from typing import Any
 from flask import Flask, Response, current_app, g, request
 from psycopg_pool import ConnectionPool
 
+from freshet.answering.users import ANONYMOUS, User
 from freshet.settings import SettingsError
 from freshet.web.auth import (
-    ANONYMOUS,
     FORWARDING_HEADERS,
     TokenError,
-    User,
     authenticate,
     is_local,
     public_tokens,

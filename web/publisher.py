@@ -11,7 +11,7 @@ from flask import Flask, current_app
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from freshet.workflow.messages import REQUESTS, AnswerRequest
+from freshet.answering.messages import REQUESTS, AnswerRequest
 
 logger = logging.getLogger(__name__)
 

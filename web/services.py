@@ -1,4 +1,4 @@
-"""The app's shared objects, built lazily once per app and kept in ``app.extensions``.
+"""The app's shared objects, from one answering-core factory per app (``app.extensions``).
 
 Tests inject their own through create_app's test_config (RETRIEVER, EMBEDDER, ANSWERER,
 ANSWER_STORE), so no unit test needs a model or a database.
@@ -6,17 +6,15 @@ ANSWER_STORE), so no unit test needs a model or a database.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from flask import Flask, current_app
 
-from freshet.web.llm import Answerer, make_answerer
-from freshet.web.retrieval import EmbedThread, PgRetriever, Retriever
-
-logger = logging.getLogger(__name__)
+from freshet.answering.factory import Answering
+from freshet.answering.llm import Answerer
+from freshet.answering.retrieval import EmbedThread, Retriever
 
 T = TypeVar("T")
 _lock = threading.RLock()
@@ -37,55 +35,35 @@ def _lazy(app: Flask, key: str, build: Callable[[], T]) -> T:
     return value
 
 
+def answering(app: Flask | None = None) -> Answering:
+    """The app's answering factory: its config, its pool, its (or an injected) embedder."""
+    app = app or _app()
+
+    def build() -> Answering:
+        from freshet.web import app_settings
+        from freshet.web.db import get_pool
+
+        return Answering(
+            app_settings(app),
+            dict(app.config),
+            pool=lambda: get_pool(app),
+            embedder=app.extensions.get("freshet.embedder"),
+        )
+
+    return _lazy(app, "freshet.answering", build)
+
+
 def get_embed(app: Flask | None = None) -> EmbedThread:
     """The query embedder (the shared freshet Embedder, serialised)."""
     app = app or _app()
-
-    def build() -> EmbedThread:
-        from freshet.web import config_value
-
-        embedder: Any = app.extensions.get("freshet.embedder")
-        if embedder is not None:
-            return EmbedThread(embedder)
-        from freshet.embedder import embedder_from_settings
-        from freshet.web import app_settings
-
-        settings = app_settings(app).with_overrides(
-            embedding_model=config_value(app, "EMBEDDING_MODEL")
-        )
-        return EmbedThread(lambda: embedder_from_settings(settings))
-
-    return _lazy(app, "freshet.embed", build)
+    return _lazy(app, "freshet.embed", lambda: answering(app).embed())
 
 
 def get_retriever(app: Flask | None = None) -> Retriever:
     app = app or _app()
-
-    def build() -> Retriever:
-        from freshet.web.db import get_pool
-
-        return PgRetriever(
-            lambda: get_pool(app),
-            get_embed(app),
-            ef_search=int(app.config["HNSW_EF_SEARCH"]),
-            public_documents=bool(app.config["PUBLIC_DOCUMENTS"]),
-            text_weight=float(app.config["HYBRID_TEXT_WEIGHT"]),
-            rrf_k=int(app.config["RRF_K"]),
-        )
-
-    return _lazy(app, "freshet.retriever", build)
+    return _lazy(app, "freshet.retriever", lambda: answering(app).retriever())
 
 
 def get_answerer(app: Flask | None = None) -> Answerer:
     app = app or _app()
-
-    def build() -> Answerer:
-        from freshet.web import config_value
-
-        backend = str(config_value(app, "LLM_BACKEND"))
-        embed_many = get_embed(app).many if backend == "extractive" else None
-        answerer = make_answerer(backend, dict(app.config), embed_many)
-        logger.info("answer backend: %s", answerer.name)
-        return answerer
-
-    return _lazy(app, "freshet.answerer", build)
+    return _lazy(app, "freshet.answerer", lambda: answering(app).answerer())

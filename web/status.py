@@ -1,7 +1,9 @@
 """What the admin status page shows: index counts, dead letters, workers, connector state.
 
 Read-only. A part that cannot be reached is reported as such (state DOWN / UNKNOWN) instead of
-failing the whole request.
+failing the whole request. What it shares with `freshet status` (the connector, the workers'
+heartbeats, the server version, convergence) is read by ``freshet.cdc.readings``; this module
+adds the index counts and shapes the page's JSON.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from freshet.cdc.connect import ConnectClient, ConnectError, connector_state
+from freshet.cdc import readings
 from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -31,33 +33,9 @@ SELECT
   (SELECT count(*) FROM rag.answers WHERE status = 'failed') AS answers_failed
 """
 
-_WORKERS = """
-SELECT worker_id, group_id, hostname, pid, state, started_at, heartbeat_at,
-       extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age_s,
-       events_applied, events_skipped, embeddings, events_per_sec, lag, progress,
-       last_error, last_error_at
-FROM rag.workers ORDER BY worker_id
-"""
-
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
-
-
-def _convergence(conn: Any) -> dict[str, Any]:
-    """Whether the index equals its source: the last `freshet verify`, documents hidden on
-    purpose, and mappings that no longer fit their tables."""
-    from freshet.sync import problems
-    from freshet.sync.verify import last_run
-
-    hidden = conn.execute(
-        "SELECT count(*) FROM rag.documents WHERE hidden_reason IS NOT NULL"
-    ).fetchone()
-    return {
-        "verify": last_run(conn),
-        "hidden_documents": hidden[0] if hidden else 0,
-        "mapping_problems": problems.current(conn),
-    }
 
 
 def database_status(pool: ConnectionPool) -> dict[str, Any]:
@@ -65,14 +43,14 @@ def database_status(pool: ConnectionPool) -> dict[str, Any]:
     try:
         with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             counts = cur.execute(_COUNTS).fetchone() or {}
-            workers = cur.execute(_WORKERS).fetchall()
-            version = conn.execute("SHOW server_version").fetchone()
-            convergence = _convergence(conn)
+            workers = readings.worker_rows(conn)
+            version = readings.server_version(conn)
+            convergence = readings.convergence(conn)
     except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
         logger.warning("status: database unreachable: %s", exc)
         return {"postgres": {"state": "DOWN", "error": str(exc).strip().splitlines()[0]}}
     return {
-        "postgres": {"state": "RUNNING", "version": version[0] if version else None},
+        "postgres": {"state": "RUNNING", "version": version},
         "index": _jsonable(dict(counts)),
         "dead_letters": counts.get("dead_letters"),
         "workers": [_jsonable(dict(w)) for w in workers],
@@ -82,27 +60,29 @@ def database_status(pool: ConnectionPool) -> dict[str, Any]:
 
 def connector_status(settings: Settings, timeout: float) -> dict[str, Any]:
     """The Debezium connector and its tasks through Connect's REST API; UNKNOWN if unreachable."""
-    client = ConnectClient(settings.connect_rest_url, timeout=timeout)
+    reading = readings.read_connect(settings.connect_rest_url, settings.connector_name, timeout)
     name = settings.connector_name
-    try:
-        raw = client.status(name)
-    except ConnectError as exc:
+    if not reading.reachable:
         return {
-            "connect": {"url": settings.connect_rest_url, "state": "UNKNOWN", "error": str(exc)},
+            "connect": {
+                "url": settings.connect_rest_url,
+                "state": "UNKNOWN",
+                "error": reading.error,
+            },
             "connector": {"name": name, "state": "UNKNOWN", "tasks": []},
         }
     connect = {"url": settings.connect_rest_url, "state": "RUNNING"}
-    if raw is None:
+    if reading.raw is None:
         return {"connect": connect, "connector": {"name": name, "state": "MISSING", "tasks": []}}
+    full = reading.connector()  # the page shows no traces
     return {
         "connect": connect,
         "connector": {
             "name": name,
-            "state": connector_state(raw),
-            "connector_state": raw["connector"]["state"],
+            "state": full["state"],
+            "connector_state": full["connector_state"],
             "tasks": [
-                {"id": t["id"], "state": t["state"], "worker": t.get("worker_id")}
-                for t in raw.get("tasks", [])
+                {"id": t["id"], "state": t["state"], "worker": t["worker"]} for t in full["tasks"]
             ],
         },
     }

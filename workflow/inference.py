@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask
-
-from freshet.web.answers import compose
-from freshet.web.llm import Answerer, LLMError
-from freshet.web.retrieval import Retriever
-from freshet.workflow.messages import RAW_ANSWERS, AnswerRequest, dumps
+from freshet.answering.answers import compose
+from freshet.answering.factory import Answering
+from freshet.answering.llm import Answerer, LLMError
+from freshet.answering.messages import RAW_ANSWERS, AnswerRequest, dumps
+from freshet.answering.retrieval import Retriever
 from freshet.workflow.step import Output
 
 
@@ -24,10 +23,8 @@ class Inference:
         self.answerer = answerer
 
     @classmethod
-    def from_app(cls, app: Flask) -> Inference:
-        from freshet.web.services import get_answerer, get_retriever
-
-        return cls(get_retriever(app), get_answerer(app))
+    def from_answering(cls, answering: Answering) -> Inference:
+        return cls(answering.retriever(), answering.answerer())
 
     def __call__(self, record: Any) -> list[Output]:
         request = AnswerRequest.decode(record.value)

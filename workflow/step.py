@@ -21,8 +21,8 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 
+from freshet.answering.messages import DEAD_LETTERS, MessageError, dumps
 from freshet.retry import Stopped, retry, transient_db_error
-from freshet.workflow.messages import DEAD_LETTERS, MessageError, dumps
 
 logger = logging.getLogger(__name__)
 

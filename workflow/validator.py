@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from freshet.web.answers import AnswerStore, StoredAnswer, judge
-from freshet.web.validation import RuleSet
-from freshet.workflow.messages import (
+from freshet.answering.answers import AnswerStore, StoredAnswer, judge
+from freshet.answering.messages import (
     APPROVED,
     REJECTED,
     MessageError,
@@ -20,6 +19,7 @@ from freshet.workflow.messages import (
     request_id,
     user_of,
 )
+from freshet.answering.rules import RuleSet
 from freshet.workflow.step import Output
 
 

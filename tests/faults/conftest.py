@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -27,13 +26,12 @@ import psycopg
 import pytest
 
 from freshet.cdc import stack
-from freshet.cdc.sandbox import private_home
 from freshet.db import connect, database_url, source_database_url
 from freshet.settings import PROJECT_ROOT, Settings
 from freshet.sync.mapping import Mappings
 from freshet.sync.verify import KINDS, verify
 from freshet.sync.verify_cli import chunker_for
-from tests.integration.conftest import freshet, stack_env
+from tests.conftest import freshet, wait_for
 
 RELIABILITY = PROJECT_ROOT / "RELIABILITY.md"
 # Keys the workload owns; the demo rows (ids below 1000) are edited too, never deleted.
@@ -42,16 +40,14 @@ CONVERGE_TIMEOUT = 420.0
 
 
 @pytest.fixture(scope="session")
-def fault_env() -> Iterator[dict[str, str]]:
-    home = private_home("faults")
-    env = stack_env(home)
+def fault_env(make_stack_env: Callable[[str], dict[str, str]]) -> dict[str, str]:
+    env = make_stack_env("faults")
     # As a user runs it: a background sync worker, and the supervisor that restarts it.
     env.update(FRESHET_START_SYNC="true", FRESHET_SUPERVISE="true")
     # A third of the demo (30 rows per table): the faults need a table of some size, not the
     # minutes of embedding the whole demo takes on 2 cores; the workload adds its own rows.
     env.update(FRESHET_DEMO_ROWS="30")
-    yield env
-    shutil.rmtree(home, ignore_errors=True)
+    return env
 
 
 @pytest.fixture(scope="session")
@@ -365,13 +361,11 @@ def kill9(pid: int | None) -> None:
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not within {timeout:.0f}s")
+    """``wait_for`` that fails the test, naming ``what`` did not happen."""
+    value = wait_for(check, timeout, interval=0.5)
+    if not value:
+        raise AssertionError(f"{what} not within {timeout:.0f}s")
+    return value
 
 
 def source_conn(settings: Settings) -> psycopg.Connection:

@@ -1,56 +1,21 @@
 """Session fixtures: a real stack (embedded PostgreSQL, Kafka, Connect, Debezium) started by
-the project's own launcher, in a private FRESHET_HOME on free ports, stopped afterwards."""
+the project's own launcher, in a private FRESHET_HOME on free ports, stopped afterwards.
+
+Its environment comes from ``make_stack_env`` in tests/conftest.py, which the fault suite
+shares, as it shares ``freshet`` and ``wait_for``."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from freshet.cdc import stack
-from freshet.cdc.sandbox import private_home, sandbox_env
 from freshet.embedder import Embedder, TransformersEmbedder
-from freshet.settings import PROJECT_ROOT, Settings
+from freshet.settings import Settings
 from freshet.sync.chunking import TokenChunker
 from freshet.sync.worker import SyncWorker
-
-
-def stack_env(home: Path) -> dict[str, str]:
-    """A private stack for tests: small memory settings, fast heartbeats, no background
-    sync worker, web app or workflow workers (the tests run their own)."""
-    return sandbox_env(
-        home,
-        FRESHET_PG_SHARED_BUFFERS="128MB",
-        FRESHET_PG_MAINTENANCE_WORK_MEM="256MB",
-        FRESHET_HEARTBEAT_MS="1000",
-        FRESHET_START_SYNC="false",
-        FRESHET_START_WEB="false",
-        FRESHET_START_WORKFLOW="false",
-        # Tests stop services on purpose; the fault suite (tests/faults) runs the supervisor.
-        FRESHET_SUPERVISE="false",
-    )
-
-
-@pytest.fixture(scope="session")
-def make_stack_env() -> Iterator[Callable[[str], dict[str, str]]]:
-    homes: list[Path] = []
-
-    def make(tag: str) -> dict[str, str]:
-        home = private_home(tag)
-        homes.append(home)
-        return stack_env(home)
-
-    yield make
-    for home in homes:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -133,48 +98,3 @@ def start_worker(
     for thread in started:
         if thread.thread.is_alive():
             thread.stop()
-
-
-def wait_for(check: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    """Poll until `check()` returns something truthy; returns it, or None on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    return None
-
-
-def freshet(
-    env: dict[str, str], *args: str, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
-    """Run the `freshet` command line as a user would, in ``env``; output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "freshet.cli", *args],
-        env={**env, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=PROJECT_ROOT,
-    )
-
-
-@contextmanager
-def topic_from_start(bootstrap_servers: str, topic: str) -> Iterator[Any]:
-    """A group-less consumer of ``topic`` from its first record; iteration ends after 5 s
-    without a new record."""
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        consumer_timeout_ms=5000,
-    )
-    try:
-        yield consumer
-    finally:
-        consumer.close()

@@ -12,7 +12,8 @@ from freshet.embedder import Embedder
 from freshet.settings import Settings
 from freshet.sync.chunking import Chunker
 from freshet.sync.mapping import Mappings
-from tests.integration.conftest import WorkerThread, wait_for
+from tests.conftest import wait_for
+from tests.integration.conftest import WorkerThread
 
 
 def source(settings: Settings) -> psycopg.Connection:

@@ -10,8 +10,7 @@ import pytest
 from freshet.cdc.events import ChangeEvent, Op, Tombstone, decode
 from freshet.db import connect, source_database_url
 from freshet.settings import Settings
-from tests.integration.conftest import topic_from_start
-from tests.support import RawRecord, TopicTail, key_is
+from tests.support import RawRecord, TopicTail, key_is, topic_from_start
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,8 @@ from freshet.sync.changes import Router
 from freshet.sync.chunking import TokenChunker
 from freshet.sync.mapping import Mappings
 from freshet.sync.worker import SyncWorker
-from tests.integration.conftest import WorkerThread, freshet, wait_for
+from tests.conftest import freshet, wait_for
+from tests.integration.conftest import WorkerThread
 from tests.integration.sync_support import caught_up, index, source
 from tests.support import FakeRecord
 

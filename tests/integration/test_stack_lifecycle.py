@@ -16,7 +16,7 @@ from freshet.cdc.kafka import LocalKafka
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.services import LocalSupervisor, LocalSyncWorker, LocalWeb
 from freshet.settings import Settings
-from tests.integration.conftest import freshet, wait_for
+from tests.conftest import freshet, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,8 @@ from freshet.embedder import Embedder
 from freshet.settings import Settings
 from freshet.sync.chunking import TokenChunker
 from freshet.sync.deadletters import DLQ_TOPIC
-from tests.integration.conftest import WorkerThread, freshet, topic_from_start, wait_for
+from tests.conftest import freshet, wait_for
+from tests.integration.conftest import WorkerThread
 from tests.integration.sync_support import (
     caught_up,
     chunk_ids,
@@ -26,7 +27,7 @@ from tests.integration.sync_support import (
     search_keys,
     source,
 )
-from tests.support import TopicTail, key_is
+from tests.support import TopicTail, key_is, topic_from_start
 
 pytestmark = pytest.mark.integration
 

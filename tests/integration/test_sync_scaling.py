@@ -18,7 +18,8 @@ from freshet.cdc.demo import module_doc_rows
 from freshet.embedder import Embedder
 from freshet.settings import PROJECT_ROOT, Settings
 from freshet.sync.chunking import TokenChunker
-from tests.integration.conftest import WorkerThread, wait_for
+from tests.conftest import wait_for
+from tests.integration.conftest import WorkerThread
 from tests.integration.sync_support import (
     caught_up,
     chunk_texts,

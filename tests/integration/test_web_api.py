@@ -22,6 +22,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from psycopg.types.json import Jsonb
 
+from freshet.answering.prompting import SYSTEM_PROMPT, data_block_of
 from freshet.cdc.demo import article_rows, module_doc_rows
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.sandbox import free_port
@@ -31,7 +32,6 @@ from freshet.embedder import TransformersEmbedder
 from freshet.settings import Settings
 from freshet.sync.chunking import TokenChunker
 from freshet.web import close_app, create_app
-from freshet.web.prompting import SYSTEM_PROMPT, data_block_of
 
 pytestmark = pytest.mark.integration
 

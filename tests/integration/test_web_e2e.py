@@ -1,5 +1,6 @@
 """The web UI end to end in headless Chromium: a row committed in the source database is
-answered and cited on the Ask page, and its update is cited within seconds of the commit.
+answered and cited on the Ask page, and its update is cited within seconds of the commit; the
+Status page tells a first-time user which demo token to paste; a search link runs its search.
 
 Drives the Debian `chromium` + `chromium-driver` (installed by `.ci/run`) through selenium,
 never letting selenium manager download anything. Screenshots go to `test-artifacts/`.
@@ -15,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from flask import Flask
@@ -26,9 +28,11 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from freshet.cdc.demo import ModuleDoc, module_doc_rows
 from freshet.settings import Settings
 from freshet.web import close_app, create_app
-from tests.integration.conftest import WorkerThread, wait_for
+from tests.conftest import wait_for
+from tests.integration.conftest import WorkerThread
 from tests.integration.sync_support import caught_up, chunk_texts, index, source
 
 pytestmark = pytest.mark.integration
@@ -37,6 +41,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 ARTICLES = "app.articles"
+MODULE_DOCS = "app.module_docs"
 StartWorker = Callable[..., WorkerThread]
 
 
@@ -210,3 +215,103 @@ def test_ask_page_cites_a_committed_row_and_its_update(
             assert browser.find_element(By.ID, "doc-error").text == ""
         finally:
             src.execute("DELETE FROM app.articles WHERE id = %s", (key,))
+
+
+def test_status_page_without_a_token_says_which_demo_token_to_paste(
+    web_server: WebServer, browser: WebDriver
+) -> None:
+    browser.get(web_server.url + "/status")
+    assert "Status" in browser.title
+    hint = browser.find_element(By.ID, "status-hint")
+    # Without a token the admin status API refuses; the hint stays, naming the demo token.
+    WebDriverWait(browser, 15).until(
+        lambda d: d.find_element(By.ID, "status-error").text.startswith("403")
+    )
+    assert hint.is_displayed()
+    assert "demo-admin" in hint.text and "API token" in hint.text, hint.text
+    screenshot(browser, "web-e2e-status-hint.png")
+
+    # Doing what it says loads the status at once, and the hint steps aside.
+    box = browser.find_element(By.ID, "token")
+    box.send_keys("demo-admin")
+    box.send_keys(Keys.ENTER)
+    WebDriverWait(browser, 30).until(
+        lambda d: "postgres" in d.find_element(By.CSS_SELECTOR, "#components tbody").text
+    )
+    WebDriverWait(browser, 5).until(lambda d: not hint.is_displayed())
+    assert browser.find_element(By.ID, "status-error").text == ""
+    WebDriverWait(browser, 15).until(
+        lambda d: "demo-admin (admin)" in d.find_element(By.ID, "whoami").text
+    )
+
+
+def demo_module_in_index(settings: Settings) -> ModuleDoc:
+    """A public demo module docstring that the index holds (named by a single word)."""
+    with index(settings) as idx:
+        for row in module_doc_rows():
+            public = not row.access_groups and "." not in row.name
+            if public and chunk_texts(idx, MODULE_DOCS, row.name):
+                return row
+    pytest.fail("no public demo module docstring is in the index")
+
+
+def search_results(driver: WebDriver) -> list[str]:
+    """Wait for the search to finish; the result links' hrefs (fails on a search error)."""
+
+    def finished(d: WebDriver) -> bool:
+        busy = d.find_element(By.ID, "results").get_attribute("aria-busy")
+        return busy == "false" and bool(
+            d.find_elements(By.CSS_SELECTOR, "#results li a")
+            or d.find_element(By.ID, "search-error").text
+        )
+
+    WebDriverWait(driver, 30, poll_frequency=0.05).until(finished)
+    error = driver.find_element(By.ID, "search-error").text
+    assert not error, error
+    return [
+        a.get_dom_attribute("href") or ""
+        for a in driver.find_elements(By.CSS_SELECTOR, "#results li a")
+    ]
+
+
+def test_search_link_runs_its_search_and_the_form_keeps_the_link(
+    running_stack: Settings,
+    start_worker: StartWorker,
+    web_server: WebServer,
+    browser: WebDriver,
+) -> None:
+    caught_up(start_worker())
+    doc = demo_module_in_index(running_stack)
+    found = f"/documents/{MODULE_DOCS}/{doc.name}#chunk-"
+
+    # Opening the link fills the form and searches: nothing is typed.
+    browser.get(web_server.url + "/search?" + urlencode({"q": doc.name, "mode": "text"}))
+    assert "Search" in browser.title
+    assert browser.find_element(By.ID, "q").get_attribute("value") == doc.name
+    mode = browser.find_element(By.ID, "mode")
+    assert mode.get_attribute("value") == "text"
+    hrefs = search_results(browser)
+    screenshot(browser, "web-e2e-search-link.png")
+    assert any(h.startswith(found) for h in hrefs), hrefs
+
+    # A search run from the form puts its own link in the address bar...
+    query = f"{doc.name} {doc.summary}"
+    box = browser.find_element(By.ID, "q")
+    box.clear()
+    box.send_keys(query)
+    box.send_keys(Keys.ENTER)
+    WebDriverWait(browser, 15).until(
+        lambda d: parse_qs(urlsplit(d.current_url).query).get("q") == [query]
+    )
+    hrefs = search_results(browser)
+    assert any(h.startswith(found) for h in hrefs), hrefs
+    link = browser.current_url
+    params = parse_qs(urlsplit(link).query)
+    assert urlsplit(link).path == "/search"
+    assert params["q"] == [query] and params["mode"] == ["text"], params
+
+    # ...and that link, opened afresh, runs the same search again.
+    browser.get(link)
+    assert browser.find_element(By.ID, "q").get_attribute("value") == query
+    assert browser.find_element(By.ID, "mode").get_attribute("value") == "text"
+    assert any(h.startswith(found) for h in search_results(browser))

@@ -12,12 +12,14 @@ import pytest
 from flask.testing import FlaskClient
 from kafka import KafkaProducer
 
+from freshet.answering.messages import APPROVED, DEAD_LETTERS, REJECTED, REQUESTS
 from freshet.cdc.services import LocalInference, LocalValidator
 from freshet.settings import PROJECT_ROOT, Settings
 from freshet.web import close_app, create_app
-from freshet.workflow.messages import APPROVED, DEAD_LETTERS, REJECTED, REQUESTS
-from tests.integration.conftest import WorkerThread, freshet, topic_from_start, wait_for
+from tests.conftest import freshet, wait_for
+from tests.integration.conftest import WorkerThread
 from tests.integration.sync_support import caught_up, source
+from tests.support import topic_from_start
 
 pytestmark = pytest.mark.integration
 

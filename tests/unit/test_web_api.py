@@ -11,14 +11,14 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from freshet.answering.answers import WITHHELD
+from freshet.answering.llm.base import Answerer, LLMError
+from freshet.answering.llm.extractive import ExtractiveAnswerer, LexicalScorer
+from freshet.answering.messages import AnswerRequest
+from freshet.answering.retrieval import Passage
 from freshet.settings import Settings
 from freshet.web import create_app
-from freshet.web.answers import WITHHELD
-from freshet.web.llm.base import Answerer, LLMError
-from freshet.web.llm.extractive import ExtractiveAnswerer, LexicalScorer
 from freshet.web.publisher import QueueUnavailable, RequestPublisher
-from freshet.web.retrieval import Passage
-from freshet.workflow.messages import AnswerRequest
 from tests.unit.web_fakes import FakeRetriever, passage
 
 PASSAGES = [

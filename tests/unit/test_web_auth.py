@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from freshet.answering.users import ANONYMOUS, User
 from freshet.web import DEMO_API_TOKENS
-from freshet.web.auth import ANONYMOUS, TokenError, User, authenticate, bearer_token, parse_tokens
+from freshet.web.auth import TokenError, authenticate, bearer_token, parse_tokens
 
 
 def test_demo_tokens_parse_into_users() -> None:

@@ -10,9 +10,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from freshet.web.answers import InMemoryAnswerStore, StoredAnswer, get_store
-from freshet.web.auth import ANONYMOUS
-from freshet.web.capability import SECRET_HEADER, SESSION_COOKIE, Keys, digest, new_key
+from freshet.answering.answers import InMemoryAnswerStore, StoredAnswer
+from freshet.answering.capability import SECRET_HEADER, SESSION_COOKIE, Keys, digest, new_key
+from freshet.answering.users import ANONYMOUS
+from freshet.web.answers import get_store
 from tests.unit.test_web_api import ADMIN, STAFF, SUPPORT, error_of, events, make_app
 
 QUESTION = {"question": "What are connector tasks in Kafka?"}

@@ -7,15 +7,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from freshet.embedder import TransformersEmbedder
-from freshet.web.llm.base import EMPTY_ANSWER, cited_numbers, make_answer
-from freshet.web.llm.extractive import (
+from freshet.answering.llm.base import EMPTY_ANSWER, cited_numbers, make_answer
+from freshet.answering.llm.extractive import (
     NOTHING_RELEVANT,
     EmbeddingScorer,
     ExtractiveAnswerer,
     LexicalScorer,
     split_sentences,
 )
+from freshet.embedder import TransformersEmbedder
 from tests.unit.web_fakes import passage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

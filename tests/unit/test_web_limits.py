@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from flask import Flask, request
 
+from freshet.answering.users import ANONYMOUS, User
 from freshet.settings import SettingsError
-from freshet.web.auth import ANONYMOUS, User
 from freshet.web.limits import (
     Concurrency,
     Limit,

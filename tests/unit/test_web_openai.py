@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from freshet.web.llm import LLMError, make_answerer
-from freshet.web.llm.openai import OpenAIAnswerer, backoff_delay, parse_sse
+from freshet.answering.llm import LLMError, make_answerer
+from freshet.answering.llm.openai import OpenAIAnswerer, backoff_delay, parse_sse
 
 
 def test_parse_sse_yields_content_until_done() -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -12,8 +10,7 @@ import numpy as np
 import pytest
 from psycopg import sql
 
-from freshet.web.auth import User
-from freshet.web.retrieval import (
+from freshet.answering.retrieval import (
     EmbedThread,
     Filters,
     acl_condition,
@@ -23,6 +20,8 @@ from freshet.web.retrieval import (
     rrf,
     where_clause,
 )
+from freshet.answering.users import User
+from tests.conftest import wait_for
 from tests.unit.web_fakes import passage
 
 
@@ -124,17 +123,8 @@ def test_a_query_waits_for_one_slice_of_an_answers_batch_not_all_of_it() -> None
         assert embedder.started.wait(10)  # the first slice is running
         query = pool.submit(embed, "the query")
         # Let the running slice finish only once the query is queued beside the other two.
-        assert wait_for(lambda: embed._jobs.qsize() == 3, 10)
+        assert wait_for(lambda: embed._jobs.qsize() == 3, 10, interval=0.01)
         embedder.release.set()
         assert query.result(10).shape == (3,) and batch.result(10).shape == (12, 3)
     sizes = [len(call) for call in embedder.calls]
     assert sizes == [4, 1, 4, 4], sizes  # the query went before the batch's other slices
-
-
-def wait_for(check: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.01)
-    return False

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from freshet.web import timing
-from freshet.web.auth import User
-from freshet.web.retrieval import NO_FILTERS, Filters, Mode, Passage
+from freshet.answering import timing
+from freshet.answering.retrieval import NO_FILTERS, Filters, Mode, Passage
+from freshet.answering.users import User
 from tests.unit.test_web_api import PASSAGES, make_app
 from tests.unit.web_fakes import FakeRetriever
 

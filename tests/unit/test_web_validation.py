@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from freshet.answering.answers import judge
+from freshet.answering.llm.base import added_markers, make_answer
+from freshet.answering.rules import NO_RULES, Judged, RulesError, load_rules, parse_rules
+from freshet.answering.users import User
 from freshet.settings import PROJECT_ROOT
-from freshet.web.answers import judge
-from freshet.web.auth import User
-from freshet.web.llm.base import added_markers, make_answer
-from freshet.web.validation import NO_RULES, Judged, RulesError, load_rules, parse_rules
 from tests.unit.test_web_api import STAFF, events, make_app
 from tests.unit.web_fakes import FakeRetriever, passage
 

@@ -8,14 +8,10 @@ from typing import Any
 
 import pytest
 
-from freshet.web.answers import WITHHELD, InMemoryAnswerStore
-from freshet.web.auth import User
-from freshet.web.llm.base import Answerer, LLMError
-from freshet.web.llm.extractive import ExtractiveAnswerer, LexicalScorer
-from freshet.web.retrieval import Filters
-from freshet.web.validation import NO_RULES, parse_rules
-from freshet.workflow.inference import Inference
-from freshet.workflow.messages import (
+from freshet.answering.answers import WITHHELD, InMemoryAnswerStore
+from freshet.answering.llm.base import Answerer, LLMError
+from freshet.answering.llm.extractive import ExtractiveAnswerer, LexicalScorer
+from freshet.answering.messages import (
     APPROVED,
     DEAD_LETTERS,
     RAW_ANSWERS,
@@ -23,6 +19,10 @@ from freshet.workflow.messages import (
     AnswerRequest,
     MessageError,
 )
+from freshet.answering.retrieval import Filters
+from freshet.answering.rules import NO_RULES, parse_rules
+from freshet.answering.users import User
+from freshet.workflow.inference import Inference
 from freshet.workflow.step import Step
 from freshet.workflow.validator import Validator
 from tests.unit.web_fakes import FakeRetriever, passage

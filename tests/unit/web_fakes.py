@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from freshet.web.auth import User
-from freshet.web.retrieval import NO_FILTERS, Document, Filters, Mode, Passage, Retriever
+from freshet.answering.retrieval import NO_FILTERS, Document, Filters, Mode, Passage, Retriever
+from freshet.answering.users import User
 
 
 def passage(

@@ -27,7 +27,9 @@ async function apiJson(path, options) {
   try { body = await response.json(); } catch (e) { body = null; }
   if (!response.ok) {
     const message = body && body.error ? body.error.message : response.statusText;
-    throw new Error(response.status + ": " + message);
+    const error = new Error(response.status + ": " + message);
+    error.status = response.status;
+    throw error;
   }
   return body;
 }
@@ -62,6 +64,7 @@ function setupToken() {
     const value = input.value.trim();
     if (value) localStorage.setItem(TOKEN_KEY, value); else localStorage.removeItem(TOKEN_KEY);
     showWho();
+    document.dispatchEvent(new CustomEvent("freshet:token"));
   });
   showWho();
 }
@@ -173,34 +176,51 @@ function setupAsk() {
 }
 
 /* --- search ----------------------------------------------------------------------------- */
+/* The form's search as query parameters: the same for the API and for the page's own link
+   (/search?q=...&mode=..., which the server renders back into the form). */
+function searchParams() {
+  const params = new URLSearchParams({
+    q: document.getElementById("q").value,
+    mode: document.getElementById("mode").value,
+  });
+  const table = document.getElementById("table").value;
+  if (table) params.set("table", table);
+  params.set("k", document.getElementById("k").value);
+  if (document.getElementById("dedupe").checked) params.set("dedupe", "true");
+  return params;
+}
+
+async function runSearch() {
+  const params = searchParams();
+  // The address bar holds this search, so the link can be shared (or reloaded).
+  history.replaceState(null, "", location.pathname + "?" + params.toString());
+  const list = document.getElementById("results");
+  const error = document.getElementById("search-error");
+  list.replaceChildren(); error.textContent = "";
+  list.setAttribute("aria-busy", "true");
+  try {
+    const body = await apiJson("/api/v1/search?" + params.toString());
+    if (!body.results.length) error.textContent = "No results you may see.";
+    for (const r of body.results) {
+      const item = el("li");
+      item.append(el("a", r.source_table + " / " + r.doc_key + (r.title ? " — " + r.title : ""),
+        { href: documentUrl(r.source_table, r.doc_key) + "#chunk-" + r.chunk_id }));
+      item.append(el("span", " score " + r.score.toFixed(4) + ", committed " + formatTime(r.source_ts), { class: "meta" }));
+      item.append(el("p", r.text.length > 400 ? r.text.slice(0, 400) + "…" : r.text));
+      list.append(item);
+    }
+  } catch (e) { error.textContent = e.message; }
+  finally { list.setAttribute("aria-busy", "false"); }
+}
+
 function setupSearch() {
   const form = document.getElementById("search-form");
-  form.addEventListener("submit", async (ev) => {
+  form.addEventListener("submit", (ev) => {
     ev.preventDefault();
-    const params = new URLSearchParams({
-      q: document.getElementById("q").value,
-      k: document.getElementById("k").value,
-      mode: document.getElementById("mode").value,
-      dedupe: document.getElementById("dedupe").checked ? "true" : "false",
-    });
-    const table = document.getElementById("table").value;
-    if (table) params.set("table", table);
-    const list = document.getElementById("results");
-    const error = document.getElementById("search-error");
-    list.replaceChildren(); error.textContent = "";
-    try {
-      const body = await apiJson("/api/v1/search?" + params.toString());
-      if (!body.results.length) error.textContent = "No results you may see.";
-      for (const r of body.results) {
-        const item = el("li");
-        item.append(el("a", r.source_table + " / " + r.doc_key + (r.title ? " — " + r.title : ""),
-          { href: documentUrl(r.source_table, r.doc_key) + "#chunk-" + r.chunk_id }));
-        item.append(el("span", " score " + r.score.toFixed(4) + ", committed " + formatTime(r.source_ts), { class: "meta" }));
-        item.append(el("p", r.text.length > 400 ? r.text.slice(0, 400) + "…" : r.text));
-        list.append(item);
-      }
-    } catch (e) { error.textContent = e.message; }
+    runSearch();
   });
+  // Opened with ?q=...: the server filled the form; run that search without typing.
+  if (form.dataset.run === "true" && document.getElementById("q").value.trim()) runSearch();
 }
 
 /* --- document --------------------------------------------------------------------------- */
@@ -235,6 +255,7 @@ function row(cells) {
 
 async function loadStatus() {
   const error = document.getElementById("status-error");
+  const hint = document.getElementById("status-hint");
   error.textContent = "";
   try {
     const s = await apiJson("/api/v1/status");
@@ -274,7 +295,13 @@ async function loadStatus() {
     document.querySelector("#workers tbody").replaceChildren(
       ...(s.workers || []).map((w) => row([w.worker_id, w.state, Math.round(w.heartbeat_age_s),
         w.events_applied, Number(w.events_per_sec).toFixed(1), w.last_error || ""])));
-  } catch (e) { error.textContent = e.message; }
+    if (hint) hint.hidden = true;  // the token works: where to find one is no longer news
+  } catch (e) {
+    error.textContent = e.message;
+    // Refused for want of an admin token: say again where one comes from (any other failure,
+    // such as a database that is down, is not about the token).
+    if (hint && (e.status === 401 || e.status === 403)) hint.hidden = false;
+  }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -285,6 +312,7 @@ document.addEventListener("DOMContentLoaded", () => {
   else if (page === "document") loadDocument();
   else if (page === "status") {
     document.getElementById("status-refresh").addEventListener("click", loadStatus);
+    document.addEventListener("freshet:token", loadStatus);  // a pasted token applies at once
     loadStatus();
     setInterval(loadStatus, 10000);
   }

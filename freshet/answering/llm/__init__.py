@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from freshet.web.llm.base import Answer, Answerer, Citation, LLMError
+from freshet.answering.llm.base import Answer, Answerer, Citation, LLMError
 
 logger = logging.getLogger(__name__)
 
@@ -20,12 +20,16 @@ def make_answerer(
 ) -> Answerer:
     """The answerer named by ``backend``, configured from the app config."""
     if backend == "extractive":
-        from freshet.web.llm.extractive import EmbeddingScorer, ExtractiveAnswerer, LexicalScorer
+        from freshet.answering.llm.extractive import (
+            EmbeddingScorer,
+            ExtractiveAnswerer,
+            LexicalScorer,
+        )
 
         scorer = EmbeddingScorer(embed_many) if embed_many is not None else LexicalScorer()
         return ExtractiveAnswerer(scorer, min_score=float(config["EXTRACTIVE_MIN_SCORE"]))
     if backend == "openai":
-        from freshet.web.llm.openai import OpenAIAnswerer
+        from freshet.answering.llm.openai import OpenAIAnswerer
 
         return OpenAIAnswerer(
             base_url=str(config["OPENAI_BASE_URL"]),
@@ -36,7 +40,7 @@ def make_answerer(
             max_tokens=int(config["LLM_MAX_TOKENS"]),
         )
     if backend == "transformers":
-        from freshet.web.llm.transformers_lm import TransformersAnswerer
+        from freshet.answering.llm.transformers_lm import TransformersAnswerer
 
         return TransformersAnswerer(
             str(config.get("LLM_MODEL") or ""), max_new_tokens=int(config["LLM_MAX_TOKENS"])

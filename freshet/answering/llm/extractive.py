@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from freshet.web.llm.base import Answer, Answerer, make_answer
-from freshet.web.retrieval import Passage
+from freshet.answering.llm.base import Answer, Answerer, make_answer
+from freshet.answering.retrieval import Passage
 
 logger = logging.getLogger(__name__)
 

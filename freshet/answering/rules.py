@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from freshet.web.llm.base import markers
+from freshet.answering.llm.base import markers
+from freshet.errors import FreshetError
 
 
-class RulesError(ValueError):
+class RulesError(FreshetError, ValueError):
     """The rules file cannot be read or holds a rule that cannot be applied."""
 
 

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from freshet.web.retrieval import Passage
+from freshet.answering.retrieval import Passage
 
 logger = logging.getLogger(__name__)
 

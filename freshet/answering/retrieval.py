@@ -26,9 +26,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from freshet.answering import timing
+from freshet.answering.users import User
 from freshet.embedder import Embedder
-from freshet.web import timing
-from freshet.web.auth import User
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from freshet.web.retrieval import Passage
+from freshet.answering.retrieval import Passage
+from freshet.errors import FreshetError
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ _CITE = re.compile(r"\[(\d{1,3})\]")
 EMPTY_ANSWER = "The language model returned no text for this question; nothing is cited."
 
 
-class LLMError(RuntimeError):
+class LLMError(FreshetError, RuntimeError):
     """The answer backend failed or is misconfigured; the message says what to fix."""
 
 

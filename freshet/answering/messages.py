@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from freshet.web.auth import User
-from freshet.web.retrieval import Filters
+from freshet.answering.retrieval import Filters
+from freshet.answering.users import User
 
 REQUESTS = "rag.requests"
 RAW_ANSWERS = "rag.answers.raw"

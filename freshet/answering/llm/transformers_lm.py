@@ -12,9 +12,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from freshet.web.llm.base import Answerer, LLMError
-from freshet.web.prompting import Prompt, build_prompt
-from freshet.web.retrieval import Passage
+from freshet.answering.llm.base import Answerer, LLMError
+from freshet.answering.prompting import Prompt, build_prompt
+from freshet.answering.retrieval import Passage
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import requests
 
-from freshet.web.llm.base import Answer, Answerer, LLMError
-from freshet.web.prompting import build_prompt
-from freshet.web.retrieval import Passage
+from freshet.answering.llm.base import Answer, Answerer, LLMError
+from freshet.answering.prompting import build_prompt
+from freshet.answering.retrieval import Passage
 
 # A generator of our own: jitter drawn from worker threads leaves the global `random`
 # state alone (other code, and tests, may depend on it).

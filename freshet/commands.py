@@ -1,0 +1,73 @@
+"""The core's subcommand (`freshet embed`) and what every stage's commands share.
+
+Each stage adds its own subcommands to the `freshet` parser through a ``register(subparsers)``
+of its ``commands`` module (freshet.cdc.commands, freshet.sync.commands,
+freshet.workflow.commands, freshet.web.commands, and this one); ``freshet.cli`` only joins them.
+A subcommand's parser sets ``handler``: a function of the Settings and the parsed arguments that
+returns the exit code. A handler imports its stage's heavy modules (torch, transformers, Flask,
+Kafka clients, psycopg pools) itself, so that `freshet --help` or `freshet down` loads none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    from freshet.settings import Settings
+
+#: What ``register`` receives: the `freshet` parser's subcommands.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+#: A subcommand: the Settings (built once by freshet.cli) and the arguments in, exit code out.
+Handler: TypeAlias = "Callable[[Settings, argparse.Namespace], int]"
+
+
+def say(message: str) -> None:
+    """One line of the command's progress on stdout: ``freshet: <message>``."""
+    print(f"freshet: {message}", flush=True)
+
+
+def install_stop_handlers() -> threading.Event:
+    """First SIGINT/SIGTERM asks for a graceful stop; a second Ctrl+C exits at once."""
+    stop = threading.Event()
+    first: list[float] = []
+
+    def handle(signum: int, frame: object) -> None:
+        # Tools like `timeout` deliver one signal twice within microseconds; a person's second
+        # Ctrl+C comes later.
+        if stop.is_set() and signum == signal.SIGINT and time.monotonic() - first[0] > 0.5:
+            print("freshet: second interrupt, exiting now", file=sys.stderr)
+            os._exit(130)
+        if not stop.is_set():
+            first.append(time.monotonic())
+            print(
+                "freshet: stopping after the current batch (Ctrl+C again to exit now)",
+                file=sys.stderr,
+            )
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
+
+
+def cmd_embed(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the query vector of a text as a pgvector literal, for psql."""
+    from freshet.embedder import embedder_from_settings, vector_literal
+
+    vector = embedder_from_settings(settings).embed([args.text])[0]
+    print(f"'{vector_literal(vector)}'::vector" if args.sql else vector_literal(vector))
+    return 0
+
+
+def register(subparsers: Subparsers) -> None:
+    embed = subparsers.add_parser("embed", help="print a text's embedding as a pgvector literal")
+    embed.add_argument("text")
+    embed.add_argument("--sql", action="store_true", help="quote it and cast to vector")
+    embed.set_defaults(handler=cmd_embed)

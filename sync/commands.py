@@ -1,0 +1,126 @@
+"""The sync stage's subcommands: `freshet verify | sync | dlq`.
+
+The handlers import the worker (torch, transformers, the Kafka client) only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+
+from freshet.commands import Subparsers, install_stop_handlers, say
+from freshet.settings import Settings
+
+
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    """Compare the source with the index; with --repair, fix differences through Debezium."""
+    from freshet.sync.verify_cli import run_verify
+
+    return run_verify(settings, args)
+
+
+def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
+    """One sync worker in the foreground, until SIGINT/SIGTERM."""
+    from freshet.sync.metrics import serve
+    from freshet.sync.worker import build_worker, progress_printer
+
+    if args.metrics_port is not None:
+        settings = settings.with_overrides(metrics_port=args.metrics_port)
+    stop = install_stop_handlers()
+    worker = build_worker(settings)
+    worker.progress = progress_printer()
+    # The model and libraries are loaded for good: keep the collector from rescanning their
+    # objects. A full collection over them takes ~190 ms here, a latency spike for a change.
+    gc.collect()
+    gc.freeze()
+    server = None
+    if settings.metrics_port:
+        try:
+            server = serve(worker.metrics, settings.metrics_port)
+            say(f"metrics on http://127.0.0.1:{settings.metrics_port}/metrics")
+        except OSError as exc:
+            say(f"metrics endpoint not started: port {settings.metrics_port}: {exc}")
+    try:
+        worker.run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()
+    return 0
+
+
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from freshet.db import connect, database_url
+    from freshet.sync import deadletters
+
+    with connect(database_url(settings), autocommit=True, vector=True) as conn:
+        if args.action == "list":
+            letters = deadletters.list_dead_letters(
+                conn, include_resolved=args.all, limit=args.limit
+            )
+            if args.json:
+                print(json.dumps([d.as_json() for d in letters], indent=2))
+                return 0
+            if not letters:
+                say("no dead letters")
+            for d in letters:
+                state = "resolved" if d.resolved_at else f"replays={d.replay_count}"
+                print(f"{d.id:>6}  {d.topic}[{d.partition}]@{d.offset}  {d.stage:<6} {state}")
+                print(f"        {d.error_type}: {d.reason}")
+            return 0
+        from freshet.sync.changes import Router
+        from freshet.sync.mapping import Mappings
+        from freshet.sync.replay import kafka_fetch, replay
+        from freshet.sync.worker import build_worker
+
+        worker = build_worker(settings)
+        router = Router(Mappings.load(settings.mappings_path), settings.topic_prefix)
+        fetch = kafka_fetch(settings.bootstrap_servers)
+        outcomes = replay(conn, router, worker.writer, args.ids or None, fetch)
+        for outcome in outcomes:
+            verdict = "resolved" if outcome.resolved else f"still failing: {outcome.reason}"
+            print(f"{outcome.id:>6}  {verdict}")
+        if not outcomes:
+            say("nothing to replay")
+        return 0 if all(o.resolved for o in outcomes) else 1
+
+
+def register(subparsers: Subparsers) -> None:
+    verify = subparsers.add_parser(
+        "verify", help="compare every captured row with the index; --repair fixes differences"
+    )
+    verify.add_argument(
+        "--table", action="append", metavar="TABLE", help="only this table (repeatable)"
+    )
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="re-snapshot differing rows through Debezium, remove orphans (guarded by version)",
+    )
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.add_argument(
+        "--settle",
+        type=float,
+        default=30.0,
+        help="seconds to re-check differences while changes in flight land (default 30)",
+    )
+    verify.add_argument(
+        "--wait",
+        type=float,
+        default=300.0,
+        help="with --repair: seconds to wait for the repaired rows to arrive (default 300)",
+    )
+    verify.set_defaults(handler=cmd_verify)
+    sync = subparsers.add_parser("sync", help="run one sync worker in the foreground")
+    sync.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: off)")
+    sync.add_argument("--tag", default="", help=argparse.SUPPRESS)  # names launcher-run workers
+    sync.set_defaults(handler=cmd_sync)
+    dlq = subparsers.add_parser("dlq", help="list or replay dead letters")
+    dlq.set_defaults(handler=cmd_dlq)
+    dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dlq_list = dlq_sub.add_parser("list", help="dead letters not yet resolved")
+    dlq_list.add_argument("--all", action="store_true", help="include resolved ones")
+    dlq_list.add_argument("--limit", type=int, default=100)
+    dlq_list.add_argument("--json", action="store_true")
+    dlq_replay = dlq_sub.add_parser("replay", help="re-run dead letters through the current code")
+    dlq_replay.add_argument("ids", nargs="*", type=int, metavar="ID", help="default: all")
