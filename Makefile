@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 JARS   ?= $(CURDIR)/.freshet/jars
 MVN    ?= mvn
 
-.PHONY: demo test unit integration faults test-faults lint up down status venv jars system clean
+.PHONY: demo test unit integration faults test-faults lint check-wheel up down status venv jars system clean
 
 demo: venv jars
 	$(BIN)/freshet demo
@@ -28,6 +28,10 @@ test-faults faults: venv jars
 
 system:
 	scripts/system-deps
+
+# Build the wheel, install it into a clean virtualenv, run --help, migrate and the web UI (CI).
+check-wheel: system
+	scripts/check-wheel
 
 lint: venv
 	$(BIN)/ruff check .

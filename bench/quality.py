@@ -109,7 +109,7 @@ def tune_fusion(
                 qid: [
                     doc
                     for doc, _ in rrf(
-                        [lists["dense"][qid], lists["text"][qid]], [1.0, weight], rrf_k
+                        [lists["dense"][qid], lists["text"][qid]], [1.0, weight], k=rrf_k
                     )
                 ]
                 for qid in relevant

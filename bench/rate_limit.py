@@ -51,7 +51,6 @@ from freshet.db import connect, database_url
 from freshet.embedder import TransformersEmbedder
 from freshet.settings import PROJECT_ROOT, Settings
 from freshet.sync.chunking import TokenChunker
-from freshet.web import DEFAULTS
 
 FLOOD_TOKEN = "demo-public"
 USER_TOKEN = "demo-staff"
@@ -350,14 +349,16 @@ def main() -> None:
         f" of another user per phase, {os.cpu_count()} CPUs",
         rows,
     )
-    limits = {k: DEFAULTS[k] for k in DEFAULTS if k.startswith(("RATE_", "SEARCH_", "ASK_"))}
+    # The limits the web processes ran with: the benchmark's Settings (its environment).
+    config = bench.settings.app_config()
+    limits = {k: config[k] for k in config if k.startswith(("RATE_", "SEARCH_", "ASK_"))}
     write_results(
         "rate_limit",
         {
             "flood_clients": FLOOD_CLIENTS,
             "searches_per_phase": args.searches,
             "search_period_s": SEARCH_PERIOD_S,
-            "limits": {**limits, "MAX_CONCURRENT_ASKS": DEFAULTS["MAX_CONCURRENT_ASKS"]},
+            "limits": {**limits, "MAX_CONCURRENT_ASKS": config["MAX_CONCURRENT_ASKS"]},
             "phases": {p.name: p.summary() for p in phases},
             "p50_ratio": ratio_p50,
             "p99_ratio": ratio_p99,

@@ -39,6 +39,23 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    """Upgrade schema `rag` to the newest revision: DATABASE_URL, else the embedded PostgreSQL
+    (started first when it is not running; `freshet down` stops it)."""
+    from freshet.cdc import stack
+    from freshet.cdc.postgres import EmbeddedPostgres
+    from freshet.db import database_url, redact
+
+    if settings.embedded_postgres:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        if EmbeddedPostgres(settings).start():
+            say(f"PostgreSQL: started (embedded, 127.0.0.1:{settings.pg_port})")
+    url = database_url(settings)
+    stack.migrate(url)
+    say(f"migrations: schema rag is at the newest revision ({redact(url)})")
+    return 0
+
+
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from freshet.cdc import stack
 
@@ -121,6 +138,9 @@ def register(subparsers: Subparsers) -> None:
         "up", help="start PostgreSQL, Kafka, Connect, migrate, register connectors"
     ).set_defaults(handler=cmd_up)
     subparsers.add_parser("down", help="stop what `up` started").set_defaults(handler=cmd_down)
+    subparsers.add_parser(
+        "migrate", help="upgrade schema rag (DATABASE_URL, or the embedded PostgreSQL)"
+    ).set_defaults(handler=cmd_migrate)
     status = subparsers.add_parser("status", help="components, connector and task state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status)

@@ -100,7 +100,7 @@ def worker_rows(conn: Any, within_s: float | None = None) -> list[dict[str, Any]
     """rag.workers, a dict per worker (``within_s``: only those with a heartbeat that recent)."""
     if not has_table(conn, "rag.workers"):
         return []
-    where = sql.SQL("")
+    where: sql.Composable = sql.SQL("")
     if within_s is not None:
         where = sql.SQL("WHERE heartbeat_at > now() - {} * interval '1 second'").format(
             sql.Literal(within_s)

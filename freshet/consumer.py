@@ -6,10 +6,11 @@ per partition, the offset its records are done up to), and its specifics: how it
 built, what it subscribes to, what it holds back from committing (the sync worker's large lane),
 its rebalance listener, its bookkeeping after each batch. The runtime owns everything between
 Kafka and the handler: connecting, subscribing, polling, producing, flushing, committing, the
-backoff (freshet/retry.py), a graceful stop, and closing. `ConsumerRuntime.run` states the
-delivery contract step by step. `PerRecord` is a handler over a record-at-a-time function
-(the workflow's steps): it retries a failing record and makes a dead letter of one that keeps
-failing.
+backoff (freshet/retry.py), a graceful stop (the ``stop`` Event, which the `freshet` commands
+set on SIGINT/SIGTERM: freshet/commands.py, install_stop_handlers), and closing.
+`ConsumerRuntime.run` states the delivery contract step by step. `PerRecord` is a handler over a
+record-at-a-time function (the workflow's steps): it retries a failing record and makes a dead
+letter of one that keeps failing.
 
 Dead-letter envelope (format 1)
 -------------------------------
@@ -50,9 +51,6 @@ import base64
 import hashlib
 import json
 import logging
-import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -530,7 +528,9 @@ class ConsumerRuntime:
         except CommitFailedError as exc:
             # The group rebalanced meanwhile: the partitions' new owner re-reads these records,
             # and handling them again changes nothing.
-            logger.warning("%soffsets not committed, the group rebalanced: %s", self.log_prefix, exc)
+            logger.warning(
+                "%soffsets not committed, the group rebalanced: %s", self.log_prefix, exc
+            )
             return
         for tp, meta in offsets.items():
             self._committed[tp] = meta.offset
@@ -671,30 +671,3 @@ class PerRecord:
             reason=reason,
             attempts=attempts,
         )
-
-
-# --- stopping -------------------------------------------------------------------------------
-def stop_on_signals() -> threading.Event:
-    """An Event set by the first SIGINT/SIGTERM (a graceful stop: the runtime finishes the batch
-    in hand and leaves its group); a second Ctrl+C exits at once."""
-    stop = threading.Event()
-    first: list[float] = []
-
-    def handle(signum: int, frame: object) -> None:
-        # Tools like `timeout` deliver one signal twice within microseconds; a person's second
-        # Ctrl+C comes later.
-        if stop.is_set() and signum == signal.SIGINT and time.monotonic() - first[0] > 0.5:
-            print("freshet: second interrupt, exiting now", file=sys.stderr)
-            os._exit(130)
-        if not stop.is_set():
-            first.append(time.monotonic())
-            print(
-                "freshet: stopping after the current batch (Ctrl+C again to exit now)",
-                file=sys.stderr,
-            )
-        stop.set()
-
-    signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGTERM, handle)
-    return stop
-

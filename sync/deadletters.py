@@ -1,12 +1,11 @@
-"""Dead letters: events that cannot be applied go to the table rag.dead_letters (in the batch's
-transaction) and to the Kafka topic freshet.sync.dlq (before offsets are committed), with the
-reason and the original record, so they can be inspected and replayed."""
+"""Dead letters of the sync worker: events that cannot be applied go to the table
+rag.dead_letters (in the batch's transaction) and to the Kafka topic freshet.sync.dlq (before
+offsets are committed), with the reason and the original record, so they can be inspected and
+replayed. The topic's messages are the consumer runtime's dead-letter envelope
+(freshet/consumer.py), the same format as every stage's."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,63 +13,19 @@ from typing import Any
 
 import psycopg
 
+from freshet.consumer import MAX_REASON, MAX_STORED_KEY, clean_text, envelope, storable
+from freshet.consumer import stored_bytes as _bytes
 from freshet.retry import transient_db_error
 from freshet.sync.changes import Rejected
 
 logger = logging.getLogger(__name__)
 
 DLQ_TOPIC = "freshet.sync.dlq"
-# The most of a record's key and value kept in a dead letter (table and topic); a longer one is
-# cut, with its size and SHA-256 recorded, and `freshet dlq replay` reads the whole record back
-# from its topic. Both stay far below Kafka's default 1 MiB message limit even as base64.
+# The most of a record's value kept in rag.dead_letters (its key: MAX_STORED_KEY, 8 KiB); a
+# longer one is cut, with its size and SHA-256 recorded, and `freshet dlq replay` reads the whole
+# record back from its topic. Far below Kafka's default 1 MiB message limit even as base64. The
+# dead-letter topic's copy is smaller (freshet/consumer.py, MAX_MESSAGE_VALUE: 96 KiB).
 MAX_STORED_VALUE = 256 * 1024
-MAX_STORED_KEY = 8 * 1024
-MAX_REASON = 4000
-# The dead-letter topic's copy is smaller: JSON escapes a control character into 6 bytes, so
-# 96 KiB of record stays under 600 KB whatever it holds.
-MAX_MESSAGE_VALUE = 96 * 1024
-
-
-@dataclass(frozen=True)
-class Stored:
-    """A record's bytes as they can be stored in a text column and a JSON message."""
-
-    text: str | None
-    size: int | None
-    sha256: str | None
-    truncated: bool
-
-
-def storable(raw: bytes | None, limit: int) -> Stored:
-    """UTF-8 text when the bytes are UTF-8 without NUL, else base64 with a marker; at most
-    ``limit`` bytes of the original are kept."""
-    if raw is None:
-        return Stored(None, None, None, False)
-    raw = bytes(raw)
-    cut = raw[:limit]
-    try:
-        text = cut.decode("utf-8")
-        if "\x00" in text or text.startswith("base64:"):
-            raise ValueError("not storable as text")
-    except ValueError:  # UnicodeDecodeError is a ValueError
-        text = "base64:" + base64.b64encode(cut).decode("ascii")
-    return Stored(text, len(raw), hashlib.sha256(raw).hexdigest(), len(raw) > limit)
-
-
-def clean_text(text: str | None, limit: int) -> str | None:
-    """Text that PostgreSQL and JSON encoders accept: no NUL, no lone surrogate, bounded."""
-    if text is None:
-        return None
-    text = text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
-
-
-def _bytes(text: str | None) -> bytes | None:
-    if text is None:
-        return None
-    if text.startswith("base64:"):
-        return base64.b64decode(text[len("base64:") :])
-    return text.encode("utf-8")
 
 
 def _row(r: Rejected) -> tuple[Any, ...]:
@@ -143,29 +98,22 @@ def store(conn: psycopg.Connection, rejected: Sequence[Rejected]) -> None:
 
 
 def dlq_message(r: Rejected) -> tuple[bytes | None, bytes]:
-    """Key and value of the dead-letter topic record for a rejected event (always well under
-    the default 1 MiB message limit: a long key is replaced by its digest)."""
-    row = _row(r)
-    cut = storable(r.value, MAX_MESSAGE_VALUE)
-    value = {
-        "topic": row[0],
-        "partition": row[1],
-        "offset": row[2],
-        "table": row[11],
-        "doc_key": row[12],
-        "stage": row[5],
-        "error_type": row[6],
-        "reason": row[7],
-        "record_key": row[3],
-        "record_value": cut.text,
-        "record_size": row[8],
-        "record_sha256": row[9],
-        "truncated": row[10] or cut.truncated,
-    }
-    key = r.key
-    if key is not None and len(key) > MAX_STORED_KEY:
-        key = hashlib.sha256(key).hexdigest().encode()
-    return key, json.dumps(value).encode()
+    """Key and value of the dead-letter topic record for a rejected event: the runtime's
+    envelope (always well under the default 1 MiB message limit: a long key is replaced by its
+    digest)."""
+    return envelope(
+        consumer="sync",
+        stage=r.stage,
+        topic=r.position.topic,
+        partition=r.position.partition,
+        offset=r.position.offset,
+        key=r.key,
+        value=r.value,
+        error_type=r.error_type,
+        reason=r.reason,
+        table=r.table,
+        doc_key=r.doc_key,
+    )
 
 
 @dataclass(frozen=True)

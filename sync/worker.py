@@ -1,15 +1,19 @@
 """`freshet sync`: one member of the consumer group `rag-sync`.
 
-Delivery contract, per polled batch (at-least-once delivery + idempotent writes = each change
+The Kafka side (poll, produce, flush, commit, backoff, stop) is the consumer runtime's
+(freshet/consumer.py, `ConsumerRuntime.run` states the contract); this worker is its handler
+and its specifics. Per polled batch (at-least-once delivery + idempotent writes = each change
 applied exactly once in effect):
   1. route the records (decode, map); a record that cannot be read becomes a dead letter,
      whatever the reason (nothing a record contains can stop its partition);
   2. one database transaction: apply every change (sync/writer.py) and insert the batch's dead
      letters into rag.dead_letters; commit. A large record goes to the large lane instead
      (sync/lane.py), with every later change of its document;
-  3. produce the dead letters to the topic freshet.sync.dlq and flush the producer;
-  4. commit the batch's Kafka offsets, in each partition only up to its first record still in
-     the large lane (the rest are committed once the lane has applied them).
+  3. the runtime produces the dead letters to the topic freshet.sync.dlq (the runtime's
+     dead-letter envelope) and flushes the producer;
+  4. the runtime commits the batch's Kafka offsets, in each partition only up to its first
+     record still in the large lane (`hold`; the rest are committed once the lane has applied
+     them, between batches).
 A crash between 2 and 4 redelivers the batch, which the version check turns into no-ops. Offsets
 are only ever committed in step 4, after the data they cover is committed, so a rebalance (which
 runs inside poll, between batches) has nothing uncommitted to lose. Every call to Kafka or
@@ -35,10 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError
-from kafka.structs import OffsetAndMetadata
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
+from freshet.consumer import DLQ_SUFFIX, KAFKA_ERRORS, ConsumerRuntime, Handled, Output
 from freshet.db import connect, database_url, source_database_url
 from freshet.embedder import Embedder
 from freshet.retry import Backoff, Stopped, retry, transient_db_error
@@ -56,13 +59,14 @@ from freshet.sync.writer import ApplyStats, Writer, dead_letter
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 2.0
-KAFKA_ERRORS = (KafkaError, OSError)
 
 
 def topic_pattern(prefix: str) -> str:
-    """Every captured table's topic, not Debezium's control tables, heartbeats, or the worker's
-    own dead-letter topic."""
-    return rf"^{re.escape(prefix)}\.(?!freshet_cdc\.|sync\.dlq$)[^.]+\.[^.]+$"
+    """Every captured table's topic (PREFIX.schema.table), not Debezium's control tables and
+    heartbeats, and never a dead-letter topic: no topic whose name ends in `.dlq` (the sync
+    worker's freshet.sync.dlq, the workflow's rag.workflow.dlq, whatever the prefix)."""
+    last = re.escape(DLQ_SUFFIX.lstrip("."))
+    return rf"^{re.escape(prefix)}\.(?!freshet_cdc\.)[^.]+\.(?!{last}$)[^.]+$"
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -70,9 +74,9 @@ class _Rebalance(ConsumerRebalanceListener):
         self.worker = worker
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # Batches are committed before poll() returns control here; what the large lane still
-        # holds is not committed, so the partition's next owner applies it again (a no-op if
-        # the lane got there first).
+        # Batches are committed before poll() returns control here (the runtime has forgotten
+        # the partitions' offsets already); what the large lane still holds is not committed,
+        # so the partition's next owner applies it again (a no-op if the lane got there first).
         logger.info("partitions revoked: %s", _names(revoked))
         self.worker.on_revoked(list(revoked))
 
@@ -104,15 +108,31 @@ class SyncWorker:
         self.metrics = SyncMetrics(self.worker_id)
         self.lane: LargeLane | None = None
         self._conn: psycopg.Connection | None = None
-        self._consumer: KafkaConsumer | None = None
-        self._producer: KafkaProducer | None = None
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
         self._backlog: int | None = None
         self._done = 0
-        # Per partition: the offset after the last record routed, and the last committed.
-        self._next: dict[TopicPartition, int] = {}
-        self._committed: dict[TopicPartition, int] = {}
+        s = self.settings
+        # Poll, produce, flush, commit: the runtime, with this worker as its handler.
+        self.runtime = ConsumerRuntime(
+            name="sync",
+            bootstrap_servers=s.bootstrap_servers,
+            dead_letter_topic=deadletters.DLQ_TOPIC,
+            new_consumer=self._new_consumer,
+            handler=self._handle,
+            pattern=topic_pattern(s.topic_prefix),
+            poll_ms=200,
+            max_records=s.sync_batch,
+            hold=self._held,
+            listener=_Rebalance(self),
+            after=self._account,
+            between=self._between,
+            refused_note="; it is kept in rag.dead_letters",
+        )
+
+    @property
+    def _consumer(self) -> KafkaConsumer | None:
+        return self.runtime.consumer
 
     # --- lifecycle -------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -120,23 +140,19 @@ class SyncWorker:
         s = self.settings
         try:
             self._conn = self._connect(stop)
-            self._consumer = retry(
-                self._new_consumer, what="connecting to Kafka", stop=stop, transient=KAFKA_ERRORS
-            )
+            self.runtime.connect(stop)
             self._start_lane(stop)
             logger.info("sync worker %s joined group %s", self.worker_id, s.sync_group)
-            while not stop.is_set():
-                polled = retry(
-                    lambda: self._consumer.poll(timeout_ms=200, max_records=s.sync_batch),  # type: ignore[union-attr]
-                    what="polling Kafka",
-                    stop=stop,
-                    transient=KAFKA_ERRORS,
-                )
-                records = [r for tp in sorted(polled) for r in polled[tp]]
-                if records:
-                    self.process(records, stop)
-                self._finish_lane_work(stop)
-                self._heartbeat("running")
+            for table in self.router.mappings.tables:
+                if table.endswith(DLQ_SUFFIX):
+                    logger.error(
+                        "table %s is mapped but never read: a topic ending in %s is a dead-letter"
+                        " topic, which no worker subscribes to; rename the table",
+                        table,
+                        DLQ_SUFFIX,
+                    )
+            # Poll, process (self._handle, then dead letters and offsets), self._between.
+            self.runtime.run(stop)
         except Stopped:
             logger.info("sync worker %s: stopping while waiting for a service", self.worker_id)
         except BaseException as exc:
@@ -150,8 +166,9 @@ class SyncWorker:
             logger.info("sync worker %s stopped", self.worker_id)
 
     def _new_consumer(self) -> KafkaConsumer:
+        """The group member's consumer; the runtime subscribes it to `topic_pattern`."""
         s = self.settings
-        consumer = KafkaConsumer(
+        return KafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
             group_id=s.sync_group,
             client_id=self.worker_id,
@@ -169,8 +186,6 @@ class SyncWorker:
             max_partition_fetch_bytes=s.max_event_bytes + (1 << 20),
             fetch_max_bytes=max(52_428_800, s.max_event_bytes + (1 << 20)),
         )
-        consumer.subscribe(pattern=topic_pattern(s.topic_prefix), listener=_Rebalance(self))
-        return consumer
 
     def _start_lane(self, stop: threading.Event) -> None:
         if self.settings.sync_large_event_bytes <= 0 or not hasattr(self.chunker, "tokenizer"):
@@ -193,11 +208,8 @@ class SyncWorker:
     def _close(self) -> None:
         if self.lane is not None:
             self.lane.join(timeout=10)
-        closers: list[Callable[[], object]] = [self.source.close]
-        if self._consumer is not None:
-            closers.append(self._consumer.close)  # leaves the group: its partitions move at once
-        if self._producer is not None:
-            closers.append(lambda: self._producer.close(timeout=5))  # type: ignore[union-attr]
+        # The runtime's consumer leaves the group: its partitions move at once.
+        closers: list[Callable[[], object]] = [self.source.close, self.runtime.close]
         if self._conn is not None:
             closers.append(self._conn.close)
         for close in closers:
@@ -216,13 +228,6 @@ class SyncWorker:
             backoff=Backoff(initial=0.5),
         )
 
-    def _producer_or_new(self) -> KafkaProducer:
-        if self._producer is None:
-            self._producer = KafkaProducer(
-                bootstrap_servers=self.settings.bootstrap_servers, acks="all", max_block_ms=10_000
-            )
-        return self._producer
-
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
         """Size the backlog once, for the initial-snapshot progress bar."""
         if self._backlog is not None or not assigned or self._consumer is None:
@@ -239,16 +244,17 @@ class SyncWorker:
 
     def on_revoked(self, revoked: list[TopicPartition]) -> None:
         self.metrics.set_assignment([])
-        for tp in revoked:
-            self._next.pop(tp, None)
-            self._committed.pop(tp, None)
         if self.lane is not None:
             self.lane.drop((tp.topic, tp.partition) for tp in revoked)
 
     # --- one batch -------------------------------------------------------------------
     def process(self, records: Sequence[KafkaRecord], stop: threading.Event | None = None) -> None:
-        stop = stop or self._stop
-        started = time.perf_counter()
+        """One batch through the runtime: `_handle`, its dead letters produced and flushed,
+        its offsets committed (when the worker is connected), then `_account`."""
+        self.runtime.process(records, stop or self._stop)
+
+    def _handle(self, records: Sequence[KafkaRecord], stop: threading.Event) -> Handled:
+        """The runtime's handler: route, apply in one transaction, defer large records."""
         routed = self.router.route(records)
         changes = self._keep_or_defer(routed.changes)
         stats = self._apply_with_retry(changes, routed.rejected, stop)
@@ -257,11 +263,11 @@ class SyncWorker:
             self.lane.submit(change)
         dead = routed.rejected + stats.dead
         self._observe(stats)
-        self._publish(dead, stop)
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            self._next[tp] = max(self._next.get(tp, 0), r.offset + 1)
-        self._commit_ready(stop)
+        return Handled.all_of(records, _letters(dead), detail=(routed, stats))
+
+    def _account(self, records: Sequence[KafkaRecord], handled: Handled, started: float) -> None:
+        """After the batch is committed: its figures, and the backlog's progress."""
+        routed, stats = handled.detail
         self.metrics.add(
             events=len(records),
             ignored=routed.ignored,
@@ -274,6 +280,15 @@ class SyncWorker:
         self._done += len(records)
         if self.progress is not None and self._backlog:
             self.progress(min(self._done, self._backlog), self._backlog)
+
+    def _between(self, stop: threading.Event) -> None:
+        """After every poll: what the large lane finished, and the heartbeat."""
+        self._finish_lane_work(stop)
+        self._heartbeat("running")
+
+    def _held(self, tp: TopicPartition) -> int | None:
+        """The first offset of the partition the large lane still holds (not committed)."""
+        return self.lane.first_pending(tp.topic, tp.partition) if self.lane else None
 
     def _keep_or_defer(self, changes: list[Change]) -> list[Change]:
         """The changes for the main loop now; large records, and every later change of a
@@ -322,11 +337,12 @@ class SyncWorker:
         if self.lane is None:
             return
         done = self.lane.completed()
+        letters: list[Output] = []
         for item in done:
             self._observe(item.stats)
-            self._publish(item.stats.dead, stop)
+            letters.extend(_letters(item.stats.dead))
         if done:
-            self._commit_ready(stop)
+            self.runtime.complete(Handled(letters), stop)
 
     @staticmethod
     def _log_batch(
@@ -407,66 +423,6 @@ class SyncWorker:
             fatal=lambda exc: not transient_db_error(exc),
         )
 
-    def _publish(self, dead: list[Rejected], stop: threading.Event) -> None:
-        """Dead letters to the DLQ topic; a letter the broker refuses for good (its copy in
-        rag.dead_letters stays) is logged, a broker outage is waited out."""
-        pending = [deadletters.dlq_message(letter) for letter in dead]
-
-        def attempt() -> None:
-            producer = self._producer_or_new()
-            sent = [
-                (m, producer.send(deadletters.DLQ_TOPIC, key=m[0], value=m[1])) for m in pending
-            ]
-            producer.flush(timeout=30)
-            failed = []
-            for message, future in sent:
-                try:
-                    future.get(timeout=0)
-                except KafkaError as exc:
-                    if getattr(exc, "retriable", False) or isinstance(exc, KafkaTimeoutError):
-                        failed.append(message)
-                    else:
-                        logger.error(
-                            "dead letter not published to %s (%s); it is kept in rag.dead_letters",
-                            deadletters.DLQ_TOPIC,
-                            exc,
-                        )
-            pending[:] = failed
-            if failed:
-                raise KafkaTimeoutError(f"{len(failed)} dead letters not yet delivered")
-
-        if pending:
-            retry(attempt, what="publishing dead letters", stop=stop, transient=KAFKA_ERRORS)
-
-    def _commit_ready(self, stop: threading.Event) -> None:
-        """Commit, per partition, every offset the index now covers."""
-        if self._consumer is None:
-            return
-        offsets = {}
-        for tp, next_offset in self._next.items():
-            held = self.lane.first_pending(tp.topic, tp.partition) if self.lane else None
-            target = next_offset if held is None else min(next_offset, held)
-            if target > self._committed.get(tp, -1):
-                offsets[tp] = OffsetAndMetadata(target, "", -1)
-        if not offsets:
-            return
-        consumer = self._consumer
-        try:
-            retry(
-                lambda: consumer.commit(offsets, timeout_ms=10_000),
-                what="committing offsets",
-                stop=stop,
-                transient=KAFKA_ERRORS,
-                fatal=lambda exc: isinstance(exc, CommitFailedError),
-            )
-        except CommitFailedError as exc:
-            # The group rebalanced meanwhile: the partitions' new owner re-reads these records
-            # and the version check makes them no-ops.
-            logger.warning("offsets not committed, the group rebalanced: %s", exc)
-            return
-        for tp, meta in offsets.items():
-            self._committed[tp] = meta.offset
-
     # --- visibility ------------------------------------------------------------------
     def _measure_lag(self, assigned: list[TopicPartition]) -> None:
         """Records behind the end of each assigned partition; while Kafka cannot answer, the
@@ -478,7 +434,7 @@ class SyncWorker:
             lag = {}
             for tp in assigned:
                 # Records the large lane still holds are not applied yet: count from the first.
-                held = self.lane.first_pending(tp.topic, tp.partition) if self.lane else None
+                held = self._held(tp)
                 applied = consumer.position(tp, 2000) if held is None else held
                 lag[f"{tp.topic}[{tp.partition}]"] = max(0, ends[tp] - applied)
             self.metrics.lag = lag
@@ -542,6 +498,13 @@ class SyncWorker:
             )
         except Exception as exc:  # noqa: BLE001 - a heartbeat never kills the worker
             logger.warning("heartbeat failed: %s", exc)
+
+
+def _letters(dead: Sequence[Rejected]) -> list[Output]:
+    """The dead-letter topic's messages for rejected records (the runtime's envelope)."""
+    return [
+        Output(deadletters.DLQ_TOPIC, *deadletters.dlq_message(r), dead_letter=True) for r in dead
+    ]
 
 
 def _own_tokenizer(chunker: Chunker) -> Chunker:

@@ -33,6 +33,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
+from freshet.cdc.events import RecordPosition
 from freshet.embedder import Embedder
 from freshet.retry import transient_db_error
 from freshet.sync import problems
@@ -121,6 +122,33 @@ def _lock_key(table: str) -> str:
     return "freshet.truncate:" + table
 
 
+# --- the version decisions, pure ------------------------------------------------------------
+def newest_truncates(changes: Sequence[Change]) -> dict[str, int]:
+    """The newest TRUNCATE LSN of each table that the batch truncates."""
+    truncates: dict[str, int] = {}
+    for c in changes:
+        if c.kind is Kind.TRUNCATE and c.lsn is not None:
+            truncates[c.table] = max(truncates.get(c.table, -1), c.lsn)
+    return truncates
+
+
+def is_stale(version: tuple[int, int], stored: tuple[int, int], truncated_at: int) -> bool:
+    """A change that is not newer than the stored version, or older than its table's newest
+    TRUNCATE, changes nothing (replays, rebalances, redelivery)."""
+    return version <= stored or version[0] < truncated_at
+
+
+def tombstone_acts(
+    position: RecordPosition, last: tuple[str | None, int | None, int] | None, deleted: bool
+) -> bool:
+    """A tombstone deletes only a document that is not deleted yet, and only when it comes
+    after (by offset, on the same topic partition) what set the stored state."""
+    newer = last is None or (
+        (position.topic, position.partition) == last[:2] and (position.offset or 0) > last[2]
+    )
+    return newer and not deleted
+
+
 @dataclass
 class Writer:
     embedder: Embedder
@@ -180,10 +208,7 @@ class Writer:
 
         A TRUNCATE takes its table's advisory lock exclusively, every other batch shares it, so
         no batch that read the old watermark can commit an older row after the TRUNCATE."""
-        truncates: dict[str, int] = {}
-        for c in changes:
-            if c.kind is Kind.TRUNCATE and c.lsn is not None:
-                truncates[c.table] = max(truncates.get(c.table, -1), c.lsn)
+        truncates = newest_truncates(changes)
         tables = sorted({c.table for c in changes})
         for table in tables:
             conn.execute(
@@ -277,17 +302,13 @@ class Writer:
                 pos = change.position
                 if change.kind is Kind.TOMBSTONE:
                     stats.tombstones += 1
-                    newer = last_position is None or (
-                        (pos.topic, pos.partition) == last_position[:2]
-                        and (pos.offset or 0) > last_position[2]
-                    )
-                    if newer and not deleted:
+                    if tombstone_acts(pos, last_position, deleted):
                         if intent is not None:
                             stats.superseded += 1
                         intent = _Intent(key, change, delete=True)
                         deleted, row = True, None
                     continue
-                if change.version <= version or change.version[0] < truncated_at:
+                if is_stale(change.version, version, truncated_at):
                     stats.stale += 1
                     continue
                 if intent is not None:

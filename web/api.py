@@ -25,7 +25,7 @@ from freshet.answering.llm.base import citation
 from freshet.answering.messages import AnswerRequest
 from freshet.answering.retrieval import MODES, Filters
 from freshet.answering.users import ANONYMOUS, User
-from freshet.web import app_settings, config_value, inputs, limits
+from freshet.web import app_settings, inputs, limits
 from freshet.web.answers import get_rules, get_store
 from freshet.web.auth import current_user, require_admin
 from freshet.web.errors import ApiError
@@ -50,7 +50,7 @@ def _server_timing(response: Response) -> Response:
     """Where the request's time went (embed, sql, text-sql, app: all of it), as Server-Timing."""
     spans = timing.end()
     started = g.get("freshet_started")
-    if started is not None and current_app.config.get("SERVER_TIMING", True):
+    if started is not None and current_app.config["SERVER_TIMING"]:
         spans["app"] = (time.perf_counter() - started) * 1000
         response.headers["Server-Timing"] = timing.header(spans)
     return response
@@ -58,8 +58,6 @@ def _server_timing(response: Response) -> Response:
 
 MAX_QUERY_CHARS = 1000
 MAX_QUESTION_CHARS = 2000
-MAX_K = 100
-MAX_ASK_K = 20
 MAX_TABLES = 50
 MAX_TABLE_CHARS = 200
 MAX_METADATA_CHARS = 4096
@@ -71,8 +69,9 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 
 # --- validation ---------------------------------------------------------------------------
-def parse_k(raw: Any, default: int, maximum: int = MAX_K) -> int:
-    """k as an int in 1..maximum; anything else is a 400 naming the allowed range."""
+def parse_k(raw: Any, default: int, maximum: int) -> int:
+    """k as an int in 1..maximum; anything else is a 400 naming the allowed range. The default
+    and the maximum are settings (FRESHET_DEFAULT_K, FRESHET_MAX_SEARCH_K, FRESHET_MAX_ASK_K)."""
     if raw is None or raw == "":
         return default
     if isinstance(raw, bool):
@@ -198,7 +197,8 @@ def search() -> Any:
     user = current_user()
     args = request.args
     query = parse_text(args.get("q"), "q", MAX_QUERY_CHARS)
-    k = parse_k(args.get("k"), int(current_app.config["DEFAULT_K"]))
+    config = current_app.config
+    k = parse_k(args.get("k"), int(config["DEFAULT_K"]), int(config["MAX_SEARCH_K"]))
     mode = args.get("mode") or "hybrid"
     if mode not in MODES:
         raise ApiError(f"mode must be one of {', '.join(MODES)}", 400, {"field": "mode"})
@@ -270,7 +270,8 @@ def ask() -> Any:
     user = current_user()
     body = json_body()
     question = parse_text(body.get("question"), "question", MAX_QUESTION_CHARS)
-    k = parse_k(body.get("k"), int(current_app.config["DEFAULT_K"]), MAX_ASK_K)
+    config = current_app.config
+    k = parse_k(body.get("k"), int(config["DEFAULT_K"]), int(config["MAX_ASK_K"]))
     filters = parse_filters(body.get("table"), body.get("metadata"))
     run_async = parse_bool(body.get("async"), "async")
     stream = _wants_stream(body)
@@ -441,10 +442,10 @@ def status() -> Any:
         logger.warning("status: no database pool: %s", exc)
         problem = str(exc)
     result = collect(pool, settings, float(current_app.config["CONNECT_TIMEOUT"]), problem)
-    result["llm_backend"] = config_value(current_app, "LLM_BACKEND")
+    result["llm_backend"] = settings.llm_backend
     return jsonify(result)
 
 
 @bp.get("/openapi.json")
 def openapi() -> Any:
-    return jsonify(openapi_document())
+    return jsonify(openapi_document(app_settings(current_app)))

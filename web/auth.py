@@ -18,6 +18,7 @@ from flask import Flask, current_app, g, request
 from werkzeug.datastructures import Headers
 
 from freshet.answering.users import ANONYMOUS, User
+from freshet.errors import FreshetError
 from freshet.web.errors import ApiError
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 
 
-class TokenError(ValueError):
+class TokenError(FreshetError, ValueError):
     """A token table entry or an Authorization header that cannot be used."""
 
 
@@ -137,7 +138,7 @@ def current_user() -> User:
         user = authenticate(
             request.headers.get("Authorization"),
             tokens,
-            bool(current_app.config.get("ALLOW_ANONYMOUS", True)),
+            bool(current_app.config["ALLOW_ANONYMOUS"]),
             public=public_tokens(tokens),
             local=is_local(request.remote_addr, request.headers),
         )

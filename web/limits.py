@@ -35,7 +35,7 @@ from flask import Flask, Response, current_app, g, request
 from psycopg_pool import ConnectionPool
 
 from freshet.answering.users import ANONYMOUS, User
-from freshet.settings import SettingsError
+from freshet.settings import RATE_LIMIT_BACKENDS, SettingsError
 from freshet.web.auth import (
     FORWARDING_HEADERS,
     TokenError,
@@ -49,7 +49,7 @@ from freshet.web.errors import ApiError
 logger = logging.getLogger(__name__)
 
 ROUTES = ("search", "ask")
-BACKENDS = ("postgres", "memory", "off")
+BACKENDS = RATE_LIMIT_BACKENDS
 _EXTENSION = "freshet.limits"
 
 
@@ -408,8 +408,8 @@ def too_many(message: str, reason: str, route: str, retry_after: float, limit: L
 
 
 def limits_from_config(config: Mapping[str, Any], pool: Callable[[], ConnectionPool]) -> Limits:
-    """The Limits the app config asks for (keys in web.DEFAULTS, documented in docs/web.md)."""
-    backend = str(config.get("RATE_LIMIT_BACKEND") or "off")
+    """The Limits the app config asks for (settings of freshet.settings, in docs/settings.md)."""
+    backend = str(config["RATE_LIMIT_BACKEND"])
     if backend not in BACKENDS:
         raise SettingsError(
             f"FRESHET_RATE_LIMIT_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}"
@@ -505,7 +505,7 @@ class Prefilter:
             user = authenticate(
                 environ.get("HTTP_AUTHORIZATION"),
                 tokens,
-                bool(self.app.config.get("ALLOW_ANONYMOUS", True)),
+                bool(self.app.config["ALLOW_ANONYMOUS"]),
                 public=public_tokens(tokens),
                 local=is_local(environ.get("REMOTE_ADDR"), forwarded),
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from freshet.settings import Settings
+
 _ERROR = {"$ref": "#/components/responses/Error"}
 _TOO_MANY = {"$ref": "#/components/responses/TooMany"}
 
@@ -145,7 +147,8 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "question": {**_NON_BLANK, "maxLength": 2000},
             # Optional fields: null means the same as leaving the field out.
-            "k": {"type": ["integer", "null"], "minimum": 1, "maximum": 20, "default": 5},
+            # maximum and default: the settings' (openapi_document).
+            "k": {"type": ["integer", "null"], "minimum": 1},
             "async": {
                 "type": ["boolean", "null"],
                 "default": False,
@@ -219,7 +222,7 @@ PATHS: dict[str, Any] = {
             "summary": "Chunks the caller may see, best first",
             "parameters": [
                 _query("q", {**_NON_BLANK, "maxLength": 1000}, "query text", required=True),
-                _query("k", {"type": "integer", "minimum": 1, "maximum": 100}, "results"),
+                _query("k", {"type": "integer", "minimum": 1}, "results"),
                 _query("mode", {"enum": ["dense", "text", "hybrid"]}, "default hybrid (RRF)"),
                 _query("table", _TABLE, "source table, repeatable", explode=True),
                 {
@@ -362,6 +365,16 @@ DOCUMENT: dict[str, Any] = {
 }
 
 
-def openapi_document() -> dict[str, Any]:
-    """A fresh copy, so a caller cannot change the served document."""
-    return copy.deepcopy(DOCUMENT)
+def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
+    """A fresh copy, so a caller cannot change the served document, with the bounds of ``k``
+    that ``settings`` set (FRESHET_DEFAULT_K, FRESHET_MAX_SEARCH_K, FRESHET_MAX_ASK_K; None:
+    the defaults)."""
+    settings = settings or Settings()
+    doc = copy.deepcopy(DOCUMENT)
+    ask_k = doc["components"]["schemas"]["AskRequest"]["properties"]["k"]
+    ask_k.update(maximum=settings.max_ask_k, default=settings.default_k)
+    [search_k] = [
+        p for p in doc["paths"]["/api/v1/search"]["get"]["parameters"] if p["name"] == "k"
+    ]
+    search_k["schema"].update(maximum=settings.max_search_k, default=settings.default_k)
+    return doc

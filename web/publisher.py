@@ -12,11 +12,12 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from freshet.answering.messages import REQUESTS, AnswerRequest
+from freshet.errors import FreshetError
 
 logger = logging.getLogger(__name__)
 
 
-class QueueUnavailable(RuntimeError):
+class QueueUnavailable(FreshetError, RuntimeError):
     """The request could not be handed to Kafka; the message says where and what to do."""
 
 

@@ -36,7 +36,7 @@ def _lazy(app: Flask, key: str, build: Callable[[], T]) -> T:
 
 
 def answering(app: Flask | None = None) -> Answering:
-    """The app's answering factory: its config, its pool, its (or an injected) embedder."""
+    """The app's answering factory: its Settings, its pool, its (or an injected) embedder."""
     app = app or _app()
 
     def build() -> Answering:
@@ -45,7 +45,6 @@ def answering(app: Flask | None = None) -> Answering:
 
         return Answering(
             app_settings(app),
-            dict(app.config),
             pool=lambda: get_pool(app),
             embedder=app.extensions.get("freshet.embedder"),
         )

@@ -26,15 +26,19 @@ KNOWN_TABLES = ("app.articles", "app.module_docs")
 #: The search form's modes, in the order offered, with their labels (the API's MODES).
 SEARCH_MODES = (("hybrid", "hybrid"), ("dense", "dense (vectors)"), ("text", "text (full-text)"))
 DEFAULT_MODE = "hybrid"  # the API's default too
+#: The search form's results when the address does not say (the form's own choice: a page of
+#: results to scan); at most FRESHET_MAX_SEARCH_K, the API's bound.
 DEFAULT_RESULTS = 10
-MAX_RESULTS = 100
 #: The demo token the status page points at (public: see freshet.web.DEMO_API_TOKENS).
 DEMO_ADMIN_TOKEN = "demo-admin"
 
 
 @bp.get("/")
 def ask_page() -> Any:
-    return render_template("ask.html", page="ask")
+    config = current_app.config
+    return render_template(
+        "ask.html", page="ask", default_k=config["DEFAULT_K"], max_k=config["MAX_ASK_K"]
+    )
 
 
 @bp.get("/search")
@@ -44,25 +48,32 @@ def search_page() -> Any:
     With a query the page runs it on load; a value that does not fit is ignored (the form's
     default), never an error page."""
     return render_template(
-        "search.html", page="search", tables=KNOWN_TABLES, modes=SEARCH_MODES, form=search_form()
+        "search.html",
+        page="search",
+        tables=KNOWN_TABLES,
+        modes=SEARCH_MODES,
+        form=search_form(),
+        max_k=current_app.config["MAX_SEARCH_K"],
     )
 
 
 def search_form() -> dict[str, Any]:
     """The search form's values from the request's query string."""
     args = request.args
+    largest = int(current_app.config["MAX_SEARCH_K"])
+    default = min(DEFAULT_RESULTS, largest)
     query = args.get("q", "").strip()
     mode = args.get("mode", "")
     table = args.get("table", "")
     try:
         k = int(args.get("k", ""))
     except ValueError:
-        k = DEFAULT_RESULTS
+        k = default
     return {
         "q": query,
         "mode": mode if mode in MODES else DEFAULT_MODE,
         "table": table if table in KNOWN_TABLES else "",
-        "k": k if 1 <= k <= MAX_RESULTS else DEFAULT_RESULTS,
+        "k": k if 1 <= k <= largest else default,
         "dedupe": args.get("dedupe", "").lower() in ("true", "1", "on", "yes"),
         "run": bool(query),
     }

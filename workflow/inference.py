@@ -14,20 +14,22 @@ from freshet.answering.factory import Answering
 from freshet.answering.llm import Answerer, LLMError
 from freshet.answering.messages import RAW_ANSWERS, AnswerRequest, dumps
 from freshet.answering.retrieval import Retriever
-from freshet.workflow.step import Output
+from freshet.consumer import Output
 
 
 class Inference:
-    def __init__(self, retriever: Retriever, answerer: Answerer) -> None:
+    def __init__(self, retriever: Retriever, answerer: Answerer, *, max_k: int) -> None:
+        """``max_k``: the largest k a request may ask for (FRESHET_MAX_ASK_K)."""
         self.retriever = retriever
         self.answerer = answerer
+        self.max_k = max_k
 
     @classmethod
     def from_answering(cls, answering: Answering) -> Inference:
-        return cls(answering.retriever(), answering.answerer())
+        return cls(answering.retriever(), answering.answerer(), max_k=answering.settings.max_ask_k)
 
     def __call__(self, record: Any) -> list[Output]:
-        request = AnswerRequest.decode(record.value)
+        request = AnswerRequest.decode(record.value, max_k=self.max_k)
         body: dict[str, Any] = {
             "id": request.id,
             "question": request.question,

@@ -20,7 +20,7 @@ from freshet.answering.messages import (
     user_of,
 )
 from freshet.answering.rules import RuleSet
-from freshet.workflow.step import Output
+from freshet.consumer import Output
 
 
 class Validator:

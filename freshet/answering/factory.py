@@ -1,7 +1,8 @@
 """One factory for the answering core: the objects a web process or a workflow step answers with.
 
-Built from the one Settings and the answering config (``freshet.answering.config``); each object
-is made on first use, so a process pays only for what it uses (a validator never loads a model).
+Built from the one Settings (retrieval, answer backend, answer store and rules are its fields);
+each object is made on first use, so a process pays only for what it uses (a validator never
+loads a model).
 The web app wraps one per app (``freshet.web.services``); ``freshet infer`` and ``freshet
 validate`` build one directly, with no Flask app.
 """
@@ -10,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from psycopg_pool import ConnectionPool
 
 from freshet.answering.answers import AnswerStore, InMemoryAnswerStore, PgAnswerStore
-from freshet.answering.config import DEFAULTS
 from freshet.answering.llm import Answerer, make_answerer
 from freshet.answering.retrieval import EmbedThread, PgRetriever, Retriever
 from freshet.answering.rules import RuleSet, load_rules
@@ -33,13 +33,11 @@ class Answering:
     def __init__(
         self,
         settings: Settings,
-        config: Mapping[str, Any] | None = None,
         *,
         pool: Callable[[], ConnectionPool] | None = None,
         embedder: Any = None,
     ) -> None:
         self.settings = settings
-        self.config: dict[str, Any] = {**DEFAULTS, **(config or {})}
         self._pool_factory = pool
         self._embedder = embedder
         self._objects: dict[str, Any] = {}
@@ -52,28 +50,12 @@ class Answering:
             value: T = self._objects[key]
             return value
 
-    # Configuration with a None default is filled from the Settings.
-    @property
-    def embedding_model(self) -> str:
-        return str(self.config.get("EMBEDDING_MODEL") or self.settings.embedding_model)
-
-    @property
-    def llm_backend(self) -> str:
-        return str(self.config.get("LLM_BACKEND") or self.settings.llm_backend)
-
     @property
     def database_url(self) -> str:
-        url = self.config.get("DATABASE_URL")
-        if url:
-            return str(url)
+        """DATABASE_URL, else the embedded PostgreSQL's URL."""
         from freshet.db import database_url
 
         return database_url(self.settings)
-
-    @property
-    def rules_path(self) -> str:
-        path = self.config.get("ANSWER_RULES")
-        return self.settings.answer_rules if path is None else str(path)
 
     def pool(self) -> ConnectionPool:
         if self._pool_factory is not None:
@@ -86,8 +68,8 @@ class Answering:
 
             pool = ConnectionPool(
                 self.database_url,
-                min_size=int(self.config["POOL_MIN_SIZE"]),
-                max_size=int(self.config["POOL_MAX_SIZE"]),
+                min_size=self.settings.pool_min_size,
+                max_size=self.settings.pool_max_size,
                 configure=register_vector,
                 kwargs={"connect_timeout": 5},
                 name="freshet-answering",
@@ -107,8 +89,7 @@ class Answering:
                 return EmbedThread(self._embedder)
             from freshet.embedder import embedder_from_settings
 
-            settings = self.settings.with_overrides(embedding_model=self.embedding_model)
-            return EmbedThread(lambda: embedder_from_settings(settings))
+            return EmbedThread(lambda: embedder_from_settings(self.settings))
 
         return self._once("embed", build)
 
@@ -118,18 +99,17 @@ class Answering:
             lambda: PgRetriever(
                 self.pool,
                 self.embed(),
-                ef_search=int(self.config["HNSW_EF_SEARCH"]),
-                public_documents=bool(self.config["PUBLIC_DOCUMENTS"]),
-                text_weight=float(self.config["HYBRID_TEXT_WEIGHT"]),
-                rrf_k=int(self.config["RRF_K"]),
+                ef_search=self.settings.hnsw_ef_search,
+                public_documents=self.settings.public_documents,
+                text_weight=self.settings.hybrid_text_weight,
+                rrf_k=self.settings.rrf_k,
             ),
         )
 
     def answerer(self) -> Answerer:
         def build() -> Answerer:
-            backend = self.llm_backend
-            embed_many = self.embed().many if backend == "extractive" else None
-            answerer = make_answerer(backend, self.config, embed_many)
+            extractive = self.settings.llm_backend == "extractive"
+            answerer = make_answerer(self.settings, self.embed().many if extractive else None)
             logger.info("answer backend: %s", answerer.name)
             return answerer
 
@@ -137,15 +117,15 @@ class Answering:
 
     def store(self) -> AnswerStore:
         def build() -> AnswerStore:
-            if self.config["ANSWER_STORE_BACKEND"] == "memory":
-                return InMemoryAnswerStore(int(self.config["ANSWER_STORE_SIZE"]))
+            if self.settings.answer_store_backend == "memory":
+                return InMemoryAnswerStore(self.settings.answer_store_size)
             return PgAnswerStore(self.pool)
 
         return self._once("store", build)
 
     def rules(self) -> RuleSet:
         def build() -> RuleSet:
-            rules = load_rules(self.rules_path)
+            rules = load_rules(self.settings.answer_rules)
             logger.info(
                 "answer rules: %d from %s (%s)", len(rules.rules), rules.source, rules.digest
             )

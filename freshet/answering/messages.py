@@ -6,7 +6,8 @@
                        or, when the answer backend failed, {id, question, user, error}
     rag.answers        the approved answer as GET /api/v1/answers/<id> returns it
     rag.answers.rejected  the rejected one, with its violations and the withheld text
-    rag.workflow.dlq   a message no step could read, with the reason and where it came from
+    rag.workflow.dlq   a message a step gave up on, in the consumer runtime's dead-letter
+                       envelope (freshet/consumer.py): where it came from, why, what it held
 
 The request carries the asker's identity so that the inference step retrieves only what they
 may see (design rule 8); the topics are internal to the deployment, like rag.* tables.
@@ -59,7 +60,9 @@ class AnswerRequest:
         )
 
     @classmethod
-    def decode(cls, raw: bytes | None) -> AnswerRequest:
+    def decode(cls, raw: bytes | None, *, max_k: int) -> AnswerRequest:
+        """The request in ``raw``; its k must be 1..``max_k``, the largest k a question may
+        ask for (FRESHET_MAX_ASK_K, which POST /ask enforces too)."""
         body = loads(raw)
         filters = body.get("filters") or {}
         if not isinstance(filters, dict):
@@ -72,8 +75,8 @@ class AnswerRequest:
             if metadata is not None and not isinstance(metadata, dict):
                 raise MessageError("filters.metadata must be an object")
             k = body["k"]
-            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 50:
-                raise MessageError("k must be an integer from 1 to 50")
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= max_k:
+                raise MessageError(f"k must be an integer from 1 to {max_k}")
             question = body["question"]
             if not isinstance(question, str) or not question.strip():
                 raise MessageError("question must be a non-empty string")

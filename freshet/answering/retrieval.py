@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["dense", "text", "hybrid"]
 MODES: tuple[str, ...] = ("dense", "text", "hybrid")
-RRF_K = 60
 T = TypeVar("T")
 MAX_CANDIDATES = 1000  # hnsw.ef_search cannot exceed 1000
 
@@ -151,10 +150,11 @@ class Retriever(ABC):
 def rrf(
     rankings: Sequence[Sequence[T]],
     weights: Sequence[float] | None = None,
-    k: int = RRF_K,
+    *,
+    k: int,
 ) -> list[tuple[T, float]]:
     """Weighted reciprocal rank fusion: score(id) = sum of weight / (k + rank), rank from 1;
-    every ranking weighs 1 unless ``weights`` says otherwise.
+    every ranking weighs 1 unless ``weights`` says otherwise. The app's k is FRESHET_RRF_K.
 
     Ties keep the order in which ids were first seen, so the result is deterministic.
     """
@@ -234,11 +234,13 @@ class PgRetriever(Retriever):
         pool: Callable[[], ConnectionPool],
         embed: Callable[[str], np.ndarray],
         *,
-        ef_search: int = 100,
-        public_documents: bool = True,
-        text_weight: float = 1.0,
-        rrf_k: int = RRF_K,
+        ef_search: int,
+        public_documents: bool,
+        text_weight: float,
+        rrf_k: int,
     ) -> None:
+        """The four are settings (FRESHET_HNSW_EF_SEARCH, FRESHET_PUBLIC_DOCUMENTS,
+        FRESHET_HYBRID_TEXT_WEIGHT, FRESHET_RRF_K): the Answering factory passes them."""
         self._pool = pool
         self._embed = embed
         self.ef_search = ef_search
@@ -395,8 +397,8 @@ class PgRetriever(Retriever):
 def fuse(
     dense: Sequence[Passage],
     text: Sequence[Passage],
-    text_weight: float = 1.0,
-    k: int = RRF_K,
+    text_weight: float,
+    k: int,
 ) -> list[Passage]:
     """Weighted RRF of the dense and text lists; each passage keeps both of its raw scores."""
     by_id: dict[int, Passage] = {}
@@ -405,7 +407,7 @@ def fuse(
     for p in text:
         known = by_id.get(p.chunk_id)
         by_id[p.chunk_id] = replace(known, text_rank=p.text_rank) if known else p
-    fused = rrf([[p.chunk_id for p in dense], [p.chunk_id for p in text]], [1.0, text_weight], k)
+    fused = rrf([[p.chunk_id for p in dense], [p.chunk_id for p in text]], [1.0, text_weight], k=k)
     return [replace(by_id[i], score=score) for i, score in fused]
 
 

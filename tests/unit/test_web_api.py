@@ -72,14 +72,18 @@ def test_health(client: FlaskClient) -> None:
     assert client.get("/api/v1/health").get_json() == {"status": "ok"}
 
 
-def test_factory_reads_prefixed_environment(
+def test_factory_reads_prefixed_environment_through_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """FRESHET_* variables reach the app config through Settings.from_env, and only so."""
     monkeypatch.setenv("FRESHET_HNSW_EF_SEARCH", "250")
     monkeypatch.setenv("FRESHET_PUBLIC_DOCUMENTS", "false")
-    app = make_app(tmp_path)
+    monkeypatch.setenv("FRESHET_HOME", str(tmp_path))
+    app = make_app(tmp_path, SETTINGS=Settings.from_env())
     assert app.config["HNSW_EF_SEARCH"] == 250 and app.config["PUBLIC_DOCUMENTS"] is False
     assert make_app(tmp_path, HNSW_EF_SEARCH=7).config["HNSW_EF_SEARCH"] == 7
+    # Settings built from another environment: this process's variables change nothing.
+    assert make_app(tmp_path).config["HNSW_EF_SEARCH"] == Settings().hnsw_ef_search
 
 
 def test_tokens_file_replaces_demo_tokens(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from freshet.answering.llm import LLMError, make_answerer
 from freshet.answering.llm.openai import OpenAIAnswerer, backoff_delay, parse_sse
+from freshet.settings import Settings
 
 
 def test_parse_sse_yields_content_until_done() -> None:
@@ -39,17 +40,24 @@ def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
 
 def test_configuration_errors_are_clear() -> None:
     with pytest.raises(LLMError, match="LLM_MODEL"):
-        OpenAIAnswerer("http://127.0.0.1:1/v1", model="")
+        OpenAIAnswerer("http://127.0.0.1:1/v1", model="", timeout=1, max_retries=0, max_tokens=8)
     with pytest.raises(LLMError, match="not one of"):
-        make_answerer("gpt", {})
+        make_answerer(Settings(llm_backend="gpt"))
     with pytest.raises(LLMError, match="local model"):
-        make_answerer("transformers", {"LLM_MODEL": "/no/such/dir", "LLM_MAX_TOKENS": 8})
+        make_answerer(
+            Settings(llm_backend="transformers", llm_model="/no/such/dir", llm_max_tokens=8)
+        )
 
 
 def test_unreachable_endpoint_fails_after_retries() -> None:
     sleeps: list[float] = []
     answerer = OpenAIAnswerer(
-        "http://127.0.0.1:9/v1", model="m", max_retries=2, sleep=sleeps.append, timeout=1
+        "http://127.0.0.1:9/v1",
+        model="m",
+        max_retries=2,
+        sleep=sleeps.append,
+        timeout=1,
+        max_tokens=8,
     )
     with pytest.raises(LLMError, match="failed 3 times"):
         answerer.answer("q", [])

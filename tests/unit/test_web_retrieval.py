@@ -30,21 +30,21 @@ def render(composable: sql.Composable) -> str:
 
 
 def test_rrf_sums_reciprocal_ranks_with_k_60() -> None:
-    fused = dict(rrf([[1, 2, 3], [3, 1]]))
+    fused = dict(rrf([[1, 2, 3], [3, 1]], k=60))
     assert fused[1] == 1 / 61 + 1 / 62
     assert fused[3] == 1 / 63 + 1 / 61
     assert fused[2] == 1 / 62
 
 
 def test_rrf_prefers_items_found_by_both_lists() -> None:
-    order = [item for item, _ in rrf([[10, 20, 30], [30, 40, 50]])]
+    order = [item for item, _ in rrf([[10, 20, 30], [30, 40, 50]], k=60)]
     assert order[0] == 30  # rank 3 + rank 1 beats rank 1 alone
     assert order[1:4] == [10, 20, 40]  # 20 and 40 tie at 1/62: first-seen order
 
 
 def test_rrf_ties_are_deterministic() -> None:
-    assert rrf([[1], [2]]) == rrf([[1], [2]])
-    assert [i for i, _ in rrf([[1], [2]])] == [1, 2]
+    assert rrf([[1], [2]], k=60) == rrf([[1], [2]], k=60)
+    assert [i for i, _ in rrf([[1], [2]], k=60)] == [1, 2]
 
 
 def test_fuse_keeps_both_raw_scores_and_sets_rrf_score() -> None:
@@ -52,7 +52,7 @@ def test_fuse_keeps_both_raw_scores_and_sets_rrf_score() -> None:
     b = replace(passage(2, "b"), distance=0.3, score=0.7)
     b_text = replace(passage(2, "b"), text_rank=0.5, score=0.5)
     c_text = replace(passage(3, "c"), text_rank=0.4, score=0.4)
-    fused = fuse([a, b], [b_text, c_text])
+    fused = fuse([a, b], [b_text, c_text], text_weight=1.0, k=60)
     assert [p.chunk_id for p in fused] == [2, 1, 3]
     assert fused[0].distance == 0.3 and fused[0].text_rank == 0.5
     assert fused[0].score == 1 / 62 + 1 / 61
@@ -94,9 +94,9 @@ def test_weighted_rrf_scales_each_list() -> None:
     assert fused[2] == pytest.approx(1 / 12 + 0.5 / 11)
     assert fused[3] == pytest.approx(0.5 / 12)
     # Weight 0 leaves the first list's order and adds the other list's items after it.
-    assert [i for i, _ in rrf([[5, 6], [7, 5]], [1.0, 0.0])] == [5, 6, 7]
+    assert [i for i, _ in rrf([[5, 6], [7, 5]], [1.0, 0.0], k=10)] == [5, 6, 7]
     with pytest.raises(ValueError, match="one weight per ranking"):
-        rrf([[1]], [1.0, 2.0])
+        rrf([[1]], [1.0, 2.0], k=10)
 
 
 class GatedEmbedder:

@@ -22,6 +22,7 @@ from freshet.answering.messages import (
 from freshet.answering.retrieval import Filters
 from freshet.answering.rules import NO_RULES, parse_rules
 from freshet.answering.users import User
+from freshet.settings import Settings
 from freshet.workflow.inference import Inference
 from freshet.workflow.step import Step
 from freshet.workflow.validator import Validator
@@ -32,6 +33,7 @@ PASSAGES = [
     passage(2, "Staff only: the Kafka Connect workers restart on Sundays.", groups=("staff",)),
 ]
 STAFF = User("ann", ("staff",))
+MAX_K = Settings().max_ask_k
 
 
 @dataclass
@@ -51,7 +53,7 @@ def request(user: User = STAFF, **changes: Any) -> AnswerRequest:
 
 def test_a_request_survives_its_round_trip() -> None:
     original = request()
-    assert AnswerRequest.decode(original.encode()) == original
+    assert AnswerRequest.decode(original.encode(), max_k=MAX_K) == original
 
 
 @pytest.mark.parametrize(
@@ -68,11 +70,20 @@ def test_a_request_survives_its_round_trip() -> None:
 )
 def test_an_unreadable_request_says_why(value: bytes | None, reason: str) -> None:
     with pytest.raises(MessageError, match=reason):
-        AnswerRequest.decode(value)
+        AnswerRequest.decode(value, max_k=MAX_K)
+
+
+def test_a_request_for_more_than_the_largest_ask_k_is_refused() -> None:
+    """The async path takes the synchronous /ask's bound, FRESHET_MAX_ASK_K (default 20)."""
+    assert AnswerRequest.decode(request(k=MAX_K).encode(), max_k=MAX_K).k == MAX_K
+    with pytest.raises(MessageError, match=f"k must be an integer from 1 to {MAX_K}"):
+        AnswerRequest.decode(request(k=MAX_K + 1).encode(), max_k=MAX_K)
 
 
 def inference(answerer: Answerer | None = None) -> Inference:
-    return Inference(FakeRetriever(PASSAGES), answerer or ExtractiveAnswerer(LexicalScorer()))
+    return Inference(
+        FakeRetriever(PASSAGES), answerer or ExtractiveAnswerer(LexicalScorer()), max_k=MAX_K
+    )
 
 
 def test_inference_answers_as_the_asker_from_what_they_may_see() -> None:
@@ -173,16 +184,24 @@ class FakeConsumer:
     def seek(self, partition: Any, offset: int) -> None:
         self.seeks.append(offset)
 
-    def commit(self, offsets: dict[Any, Any]) -> None:
+    def commit(self, offsets: dict[Any, Any], timeout_ms: int | None = None) -> None:
         self.commits.append(offsets)
+
+
+class Sent:
+    """A send the broker took."""
+
+    def get(self, timeout: float | None = None) -> None:
+        return None
 
 
 class FakeProducer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
 
-    def send(self, topic: str, key: bytes | None = None, value: bytes = b"") -> None:
+    def send(self, topic: str, key: bytes | None = None, value: bytes = b"") -> Sent:
         self.sent.append((topic, value))
+        return Sent()
 
     def flush(self, timeout: float | None = None) -> None:
         pass
@@ -191,18 +210,18 @@ class FakeProducer:
 def test_a_record_that_keeps_failing_becomes_a_dead_letter_and_the_partition_moves_on() -> None:
     import threading
 
+    from freshet.retry import Backoff
     from freshet.workflow import step as step_module
 
     def broken(record: Any) -> list[Any]:
         raise ValueError("the handler cannot take this record")
 
-    step = Step("inference", "rag.requests", "g", "127.0.0.1:1", broken)
-    step._backoff = 0.0
+    step = Step("inference", "rag.requests", "g", "127.0.0.1:1", broken, backoff=Backoff(0.0))
     consumer, producer = FakeConsumer(), FakeProducer()
+    step.runtime.consumer, step.runtime.producer = consumer, producer
     record = Record(b'{"id": "r1"}', offset=5)
     for _ in range(step_module.MAX_ATTEMPTS):
-        step._backoff = 0.0
-        step._process(consumer, producer, "p", [record], threading.Event())  # type: ignore[arg-type]
+        step.runtime.process([record], threading.Event())  # one poll that returned the record
     assert consumer.seeks == [5] * (step_module.MAX_ATTEMPTS - 1)  # retried, then given up
     [(topic, value)] = producer.sent
     assert topic == DEAD_LETTERS

@@ -51,9 +51,9 @@ class OpenAIAnswerer(Answerer):
         api_key: str = "",
         model: str = "",
         *,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        max_tokens: int = 256,
+        timeout: float,
+        max_retries: int,
+        max_tokens: int,
         backoff_base: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:

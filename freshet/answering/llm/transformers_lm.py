@@ -24,7 +24,7 @@ class TransformersAnswerer(Answerer):
 
     name = "transformers"
 
-    def __init__(self, model_dir: str, *, max_new_tokens: int = 256, device: str = "cpu") -> None:
+    def __init__(self, model_dir: str, *, max_new_tokens: int, device: str = "cpu") -> None:
         path = Path(model_dir).expanduser() if model_dir else None
         if path is None or not (path / "config.json").is_file():
             raise LLMError(
