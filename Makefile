@@ -7,9 +7,9 @@ BIN    := $(VENV)/bin
 JARS   ?= $(CURDIR)/.freshet/jars
 MVN    ?= mvn
 
-.PHONY: demo test unit integration faults test-faults lint check-wheel up down status venv jars system clean
+.PHONY: demo test unit integration faults test-faults lint check-wheel up down status venv jars system system-demo clean
 
-demo: venv jars
+demo: system-demo venv jars
 	$(BIN)/freshet demo
 
 # Everything: lint, unit, integration and the fault suite (about 37 minutes on 2 cores).
@@ -29,8 +29,11 @@ test-faults faults: venv jars
 system:
 	scripts/system-deps
 
+system-demo:
+	scripts/system-deps demo
+
 # Build the wheel, install it into a clean virtualenv, run --help, migrate and the web UI (CI).
-check-wheel: system
+check-wheel: system venv
 	scripts/check-wheel
 
 lint: venv

@@ -361,8 +361,9 @@ class ConsumerRuntime:
            the partition's next owner).
         2. Handle it: ``handler(records, stop)``. The handler's database transaction commits
            here (the sync worker: the batch's changes and its dead letters in
-           rag.dead_letters; the validator: its rag.answers upsert); the handler waits out a
-           database outage itself. It returns the outputs and dead letters to produce and, per
+           rag.dead_letters; the validator: its rag.answers upsert). A database outage is the
+           handler's to wait out (the sync worker retries its transaction; `PerRecord` retries
+           the record, below). It returns the outputs and dead letters to produce and, per
            partition, the offset its records are done up to.
         3. Produce the outputs and the dead letters (`deliver`).
         4. Flush the producer and check every send: what the broker may still take
