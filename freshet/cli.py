@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
-from types import ModuleType
 
 from freshet.commands import Handler
 from freshet.errors import FreshetError
-from freshet.resources import package_dir
 from freshet.settings import Settings
 
 logger = logging.getLogger("freshet")
@@ -27,26 +24,6 @@ logger = logging.getLogger("freshet")
 #: The stages whose ``commands`` module adds subcommands, in the order `freshet --help` lists
 #: them (the core, ``freshet.commands``, comes last).
 STAGES = ("freshet.cdc", "freshet.sync", "freshet.workflow", "freshet.web")
-
-
-def stage_commands(package: str) -> ModuleType:
-    """``<package>.commands``, loaded without running ``<package>/__init__.py`` when that is not
-    loaded yet: a stage's package may import its framework there (freshet.web imports Flask),
-    which `freshet --help` or `freshet down` must not pay for. The handlers import the rest."""
-    name = f"{package}.commands"
-    if name in sys.modules or package in sys.modules:
-        return importlib.import_module(name)
-    spec = importlib.util.spec_from_file_location(name, package_dir(package) / "commands.py")
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"{name} is not installed")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="log debug details of Freshet's own modules"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in (*(stage_commands(package) for package in STAGES), core):
+    for stage in (*(importlib.import_module(f"{p}.commands") for p in STAGES), core):
         stage.register(sub)
     return parser
 
@@ -73,8 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.verbose:  # debug details of Freshet's own modules, not of every library
-        for package in ("cdc", "freshet", "sync", "web", "workflow"):
-            logging.getLogger(package).setLevel(logging.DEBUG)
+        logging.getLogger("freshet").setLevel(logging.DEBUG)
     # A first start compiles the embedding model for ~20 s: say so, whatever the log level.
     logging.getLogger("freshet.fast_path").setLevel(logging.INFO)
     try:

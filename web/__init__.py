@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from flask import Flask
+from typing import TYPE_CHECKING, Any
 
 from freshet.settings import Settings, SettingsError
+
+if TYPE_CHECKING:  # create_app imports Flask: `freshet --help` must not pay for it
+    from flask import Flask
 
 #: Demo-only bearer tokens: anyone who reads this file knows them, so they are valid only on
 #: loopback. Set FRESHET_API_TOKENS_FILE (a JSON file) for anything but the local demo.
@@ -46,6 +47,8 @@ def create_app(
     if settings is None:
         settings = overrides.get("SETTINGS") or Settings.from_env()
     settings = settings.with_app_config(overrides)
+    from flask import Flask
+
     app = Flask(__name__)
     # DATABASE_URL: None until first use, then the settings' URL (config_value).
     app.config["DATABASE_URL"] = None

@@ -127,9 +127,7 @@ def test_kill_9_mid_backfill_then_restart_ends_equal_to_the_source(
 
     worker = spawn()
     try:
-        midway = wait_for(
-            lambda: 300 <= count_indexed(running_stack, keys) < total - 700, 600, 0.2
-        )
+        midway = wait_for(lambda: 300 <= count_indexed(running_stack, keys) < total - 700, 600, 0.2)
         assert midway, f"backfill never reached the middle; log: {log}"
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=30)
