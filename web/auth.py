@@ -1,9 +1,9 @@
 """Bearer tokens -> users with access groups; an admin sees every group.
 
 The token table comes from the app config (API_TOKENS, or the JSON file FRESHET_API_TOKENS_FILE).
-Its default holds the demo tokens of ``web.DEMO_API_TOKENS``: for the local demo only. Those
+Its default holds the demo tokens of ``freshet.web.DEMO_API_TOKENS``: for the local demo only. Those
 tokens are public, so they are accepted only from a loopback peer that no proxy forwarded
-(``web.server`` also refuses to listen beyond loopback without a tokens file).
+(``freshet.web.server`` also refuses to listen beyond loopback without a tokens file).
 """
 
 from __future__ import annotations

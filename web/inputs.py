@@ -2,7 +2,7 @@
 walks the value, so no input reaches a RecursionError (a 500) in the parser, in these checks,
 in psycopg's Jsonb or in PostgreSQL.
 
-Nothing here knows Flask; ``web.api`` turns a ``BadInput`` into a 400 naming the field.
+Nothing here knows Flask; ``freshet.web.api`` turns a ``BadInput`` into a 400 naming the field.
 """
 
 from __future__ import annotations

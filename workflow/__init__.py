@@ -5,5 +5,6 @@
       -> rag.answers (approved) | rag.answers.rejected, and rag.answers the table, which
          GET /api/v1/answers/<id> reads from any web process.
 
-The synchronous path in web/answers.py runs the same retrieve -> answer -> judge steps.
+The synchronous path (web/api.py over freshet/answering/answers.py) runs the same
+retrieve -> answer -> judge steps.
 """

@@ -9,7 +9,7 @@ Statuses: ``pending`` (queued), ``approved`` (passed every rule), ``rejected`` (
 text and citations are withheld, the violations say why), ``failed`` (the answer backend failed).
 
 An answer is read back by its asker's token, or, for an anonymous asker, with the answer's own
-capability (its secret or the asker's session, see web/capability.py).
+capability (its secret or the asker's session, see freshet/answering/capability.py).
 """
 
 from __future__ import annotations

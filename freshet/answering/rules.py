@@ -11,7 +11,7 @@ and the kind's parameters:
 - ``citations_resolve``: every ``[n]`` the model added to the text names a citation the
   answer carries. A marker copied from a passage (a reference "[7]" or an index "argv[0]" in
   a quoted sentence) is the data's, not the model's: it is neither a citation nor a violation
-  (``Answer.markers``, see ``web.llm.base.added_markers``);
+  (``Answer.markers``, see ``freshet.answering.llm.base.added_markers``);
 - ``forbidden_pattern``: ``pattern`` (a Python regular expression, case-insensitive unless
   ``ignore_case = false``) must not occur in the text; ``message`` says why;
 - ``max_chars``: the text is at most ``limit`` characters.
