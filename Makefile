@@ -12,7 +12,7 @@ MVN    ?= mvn
 demo: system-demo venv jars
 	$(BIN)/freshet demo
 
-# Everything: lint, unit, integration and the fault suite (about 37 minutes on 2 cores).
+# Everything: lint, unit, integration and the fault suite (about 35 minutes on 2 cores, the first run longer: it downloads PyTorch).
 test: system venv jars lint
 	$(BIN)/python -m pytest tests
 
