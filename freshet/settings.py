@@ -558,6 +558,29 @@ class Settings:
         read=_non_negative,
         app=True,
     )
+    bm25_k1: float = _web(
+        "FRESHET_BM25_K1",
+        "BM25's term-frequency saturation (`mode=text` and hybrid's text half); tuned on "
+        "SciFact's train queries (`python -m bench.quality --split train --tune-bm25`)",
+        0.9,
+        read=_non_negative_float,
+        app=True,
+    )
+    bm25_b: float = _web(
+        "FRESHET_BM25_B",
+        "BM25's length normalization, from 0 (none) to 1 (full); tuned with FRESHET_BM25_K1",
+        0.4,
+        read=_non_negative_float,
+        app=True,
+    )
+    bm25_postings_cap: int = _web(
+        "FRESHET_BM25_POSTINGS_CAP",
+        "the most postings a query reads per term, best first (bounds a query's cost on a "
+        "large corpus; a term in fewer chunks is read whole)",
+        2000,
+        read=_positive,
+        app=True,
+    )
     public_documents: bool = _web(
         "FRESHET_PUBLIC_DOCUMENTS",
         "documents without access groups are visible to everyone",

@@ -1,4 +1,4 @@
-"""The sync stage's subcommands: `freshet verify | sync | dlq`.
+"""The sync stage's subcommands: `freshet verify | sync | dlq | reindex-text`.
 
 The handlers import the worker (torch, transformers, the Kafka client) only when they run.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import time
 
 from freshet.commands import Subparsers, install_stop_handlers, say
 from freshet.settings import Settings
@@ -85,6 +86,41 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
         return 0 if all(o.resolved for o in outcomes) else 1
 
 
+def cmd_reindex_text(settings: Settings, args: argparse.Namespace) -> int:
+    """Build the BM25 postings of chunks written before the text index existed."""
+    from freshet.db import connect, database_url
+    from freshet.sync import text_index
+
+    stop = install_stop_handlers()
+    with connect(database_url(settings), autocommit=True) as conn:
+        if args.rebuild:
+            text_index.rebuild(conn)
+            say("text index cleared; indexing every chunk again")
+        before = text_index.state(conn)
+        if before.finished and not before.remaining:
+            say("the text index is complete: nothing to index")
+        else:
+            started = time.monotonic()
+            indexed = text_index.backfill(
+                conn, batch=args.batch, progress=text_index.progress_bar(), stop=stop.is_set
+            )
+            after = text_index.state(conn)
+            say(
+                f"indexed {indexed:,} chunks in {time.monotonic() - started:.1f}s"
+                + ("" if after.finished else f"; stopped, {after.remaining:,} to go (run again)")
+            )
+            if not after.finished:
+                return 1
+        if args.check:
+            differences = text_index.recount_differences(conn)
+            print(json.dumps(differences))
+            if any(differences.values()):
+                say("the text index differs from a recount: run `freshet reindex-text --rebuild`")
+                return 1
+            say("the text index equals a recount from the chunks")
+    return 0
+
+
 def register(subparsers: Subparsers) -> None:
     verify = subparsers.add_parser(
         "verify", help="compare every captured row with the index; --repair fixes differences"
@@ -115,6 +151,18 @@ def register(subparsers: Subparsers) -> None:
     sync.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: off)")
     sync.add_argument("--tag", default="", help=argparse.SUPPRESS)  # names launcher-run workers
     sync.set_defaults(handler=cmd_sync)
+    reindex = subparsers.add_parser(
+        "reindex-text",
+        help="build the BM25 text index for chunks written before it existed (resumable)",
+    )
+    reindex.add_argument(
+        "--rebuild", action="store_true", help="drop the text index and index every chunk again"
+    )
+    reindex.add_argument(
+        "--check", action="store_true", help="then compare the index with a recount (slow)"
+    )
+    reindex.add_argument("--batch", type=int, default=500, help="chunks per transaction")
+    reindex.set_defaults(handler=cmd_reindex_text)
     dlq = subparsers.add_parser("dlq", help="list or replay dead letters")
     dlq.set_defaults(handler=cmd_dlq)
     dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")

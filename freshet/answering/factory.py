@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from psycopg_pool import ConnectionPool
 
+from freshet.answering.bm25 import BM25
 from freshet.answering.answers import AnswerStore, InMemoryAnswerStore, PgAnswerStore
 from freshet.answering.llm import Answerer, make_answerer
 from freshet.answering.retrieval import EmbedThread, PgRetriever, Retriever
@@ -103,6 +104,11 @@ class Answering:
                 public_documents=self.settings.public_documents,
                 text_weight=self.settings.hybrid_text_weight,
                 rrf_k=self.settings.rrf_k,
+                bm25=BM25(
+                    k1=self.settings.bm25_k1,
+                    b=self.settings.bm25_b,
+                    cap=self.settings.bm25_postings_cap,
+                ),
             ),
         )
 

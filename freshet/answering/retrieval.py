@@ -1,8 +1,14 @@
-"""Retrieval over schema rag: dense (pgvector HNSW), full-text (tsvector) and their RRF fusion.
+"""Retrieval over schema rag: dense (pgvector HNSW), full text (BM25) and their RRF fusion.
 
 Access control is part of every SQL statement (design rule 8), never a filter applied
 afterwards, so a user's k results are k results they may see. All SQL is composed with
 psycopg.sql; values travel as parameters.
+
+The access predicate is written so that the planner can estimate it (``access_groups = '{}'``
+has the column's statistics; ``cardinality(access_groups) = 0`` has none and was estimated at
+0.5% of the rows), and dense search pins its plan to the HNSW index besides: an ordered index
+scan with pgvector's iterative scan returns k rows the user may see for any selectivity, so
+the plan never depends on the estimate, for an admin, a group member or an anonymous user.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from freshet.answering import timing
+from freshet.answering.bm25 import BM25
 from freshet.answering.users import User
 from freshet.embedder import Embedder
 
@@ -181,12 +188,15 @@ def dedupe_by_document(passages: Iterable[Passage]) -> list[Passage]:
 
 
 def acl_condition(user: User, public_documents: bool, alias: str = "c") -> sql.Composable:
-    """The access predicate for rows of ``alias``; binds %(groups)s and %(public)s."""
+    """The access predicate for rows of ``alias``; binds %(groups)s. Public documents (no
+    access groups) are matched by equality with the empty array, which the planner estimates
+    from the column's statistics."""
     if user.admin:
         return sql.SQL("TRUE")
+    if not public_documents:
+        return sql.SQL("{a}.access_groups && %(groups)s::text[]").format(a=sql.Identifier(alias))
     return sql.SQL(
-        "({a}.access_groups && %(groups)s::text[] "
-        "OR (cardinality({a}.access_groups) = 0 AND %(public)s))"
+        "({a}.access_groups && %(groups)s::text[] OR {a}.access_groups = '{{}}'::text[])"
     ).format(a=sql.Identifier(alias))
 
 
@@ -238,14 +248,17 @@ class PgRetriever(Retriever):
         public_documents: bool,
         text_weight: float,
         rrf_k: int,
+        bm25: BM25,
     ) -> None:
-        """The four are settings (FRESHET_HNSW_EF_SEARCH, FRESHET_PUBLIC_DOCUMENTS,
-        FRESHET_HYBRID_TEXT_WEIGHT, FRESHET_RRF_K): the Answering factory passes them."""
+        """All are settings (FRESHET_HNSW_EF_SEARCH, FRESHET_PUBLIC_DOCUMENTS,
+        FRESHET_HYBRID_TEXT_WEIGHT, FRESHET_RRF_K, FRESHET_BM25_*): the Answering factory
+        passes them."""
         self._pool = pool
         self._embed = embed
         self.ef_search = ef_search
         self.text_weight = text_weight
         self.rrf_k = rrf_k
+        self.bm25 = bm25
         self.public_documents = public_documents
         # Runs a hybrid search's full-text query beside its dense one.
         self._side = ThreadPoolExecutor(max_workers=8, thread_name_prefix="freshet-text")
@@ -299,56 +312,80 @@ class PgRetriever(Retriever):
 
     def dense(self, vector: np.ndarray, user: User, limit: int, filters: Filters) -> list[Passage]:
         """Chunks nearest to the query ``vector`` by cosine distance through the HNSW index."""
+        with timing.span("sql"):
+            rows = self._run_dense(vector, user, limit, filters)
+        return [
+            _passage(r, score=1.0 - float(r["distance"]), distance=float(r["distance"]))
+            for r in rows
+        ]
+
+    def explain_dense(
+        self, vector: np.ndarray, user: User, limit: int, filters: Filters = NO_FILTERS
+    ) -> str:
+        """The plan PostgreSQL runs dense search with for this user (EXPLAIN ANALYZE, text)."""
+        rows = self._run_dense(vector, user, limit, filters, explain=True)
+        return "\n".join(str(next(iter(r.values()))) for r in rows)
+
+    def _run_dense(
+        self,
+        vector: np.ndarray,
+        user: User,
+        limit: int,
+        filters: Filters,
+        *,
+        explain: bool = False,
+    ) -> list[dict[str, Any]]:
         params = query_params(user, self.public_documents, filters)
         params.update(vector=vector, limit=limit)
         statement = sql.SQL(
-            "WITH hits AS MATERIALIZED ("
+            "{explain}WITH hits AS MATERIALIZED ("
             " SELECT {cols}, c.embedding <=> %(vector)s AS distance"
             " FROM rag.chunks AS c WHERE {where}"
             " ORDER BY c.embedding <=> %(vector)s LIMIT %(limit)s)"
             " SELECT h.*, d.title FROM hits AS h"
             " JOIN rag.documents AS d ON d.id = h.document_id AND d.deleted_at IS NULL"
             " ORDER BY h.distance, h.id"
-        ).format(cols=_CHUNK_COLUMNS, where=where_clause(user, self.public_documents, filters))
+        ).format(
+            explain=sql.SQL("EXPLAIN (ANALYZE, COSTS) " if explain else ""),
+            cols=_CHUNK_COLUMNS,
+            where=where_clause(user, self.public_documents, filters),
+        )
         # ef_search bounds the candidates; below LIMIT it would cut results short.
         ef = max(self.ef_search, min(limit, MAX_CANDIDATES))
         # pgvector >= 0.8: with a filter, keep scanning the graph until LIMIT rows pass it
         # instead of silently returning fewer; relaxed order is re-sorted above.
         scan = "relaxed_order" if filters.active or not user.admin else "off"
-        # Both settings, local to this transaction, and the query go in one round trip.
+        # The settings, local to this transaction, and the query go in one round trip. With
+        # sequential and bitmap scans off, the HNSW index is the one path left that yields
+        # rows in distance order, whatever the planner estimates the predicate to match.
         with (
-            timing.span("sql"),
             self._pool().connection() as conn,
             conn.pipeline(),
             conn.cursor(row_factory=dict_row) as cur,
         ):
             cur.execute(
                 "SELECT set_config('hnsw.ef_search', %s, true),"
-                " set_config('hnsw.iterative_scan', %s, true)",
+                " set_config('hnsw.iterative_scan', %s, true),"
+                " set_config('enable_seqscan', 'off', true),"
+                " set_config('enable_bitmapscan', 'off', true)",
                 (str(ef), scan),
             )
             cur.execute(statement, params)
-            rows = cur.fetchall()
-        return [
-            _passage(r, score=1.0 - float(r["distance"]), distance=float(r["distance"]))
-            for r in rows
-        ]
+            return cur.fetchall()
 
     def text(self, query: str, user: User, limit: int, filters: Filters) -> list[Passage]:
-        """Full-text matches of any query word, ranked by cover density (ts_rank_cd), via the
-        GIN index."""
+        """Chunks ranked by BM25 (rag.text_scores: each query term reads its best postings,
+        at most FRESHET_BM25_POSTINGS_CAP), the user's access and the filters applied to the
+        candidates in the same statement, best first."""
         params = query_params(user, self.public_documents, filters)
-        params.update(query=query, limit=limit)
+        params.update(query=query, limit=limit, k1=self.bm25.k1, b=self.bm25.b, cap=self.bm25.cap)
         statement = sql.SQL(
-            "SELECT {cols}, d.title, ts_rank_cd(c.tsv, q) AS rank"
-            " FROM rag.chunks AS c"
-            " JOIN rag.documents AS d ON d.id = c.document_id AND d.deleted_at IS NULL,"
-            # Any of the query's words (OR), ranked by how densely a chunk covers them: an AND
-            # of every word of a natural-language question almost never matches anything.
-            " (SELECT string_agg(quote_literal(w.lexeme), ' | ')::tsquery"
-            "  FROM unnest(to_tsvector('english', %(query)s)) AS w) AS t(q)"
-            " WHERE c.tsv @@ q AND {where}"
-            " ORDER BY rank DESC, c.id LIMIT %(limit)s"
+            "SELECT {cols}, d.title, s.score AS rank"
+            " FROM rag.text_scores(%(query)s, %(k1)s, %(b)s, %(cap)s) AS s"
+            " JOIN rag.chunks AS c ON c.id = s.chunk_id"
+            " JOIN rag.documents AS d ON d.id = c.document_id AND d.deleted_at IS NULL"
+            " WHERE {where}"
+            " ORDER BY s.score DESC, s.chunk_id LIMIT %(limit)s"
         ).format(cols=_CHUNK_COLUMNS, where=where_clause(user, self.public_documents, filters))
         with (
             timing.span("text-sql"),
