@@ -82,8 +82,7 @@ def backfill(
             if ids:
                 conn.execute("SELECT rag.text_index_add(%s)", (ids,))
             conn.execute(
-                "UPDATE rag.text_backfill SET done = %s,"
-                " finished_at = CASE WHEN %s THEN now() END",
+                "UPDATE rag.text_backfill SET done = %s, finished_at = CASE WHEN %s THEN now() END",
                 (last, last >= current.upto),
             )
         indexed += len(ids)

@@ -9,8 +9,8 @@ For a query q and a chunk d, with N indexed chunks, df(t) the number of chunks h
 tf(t, d) its frequency in d, |d| the length of d in terms and avgdl the mean length:
 
     idf(t)      = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))
-    score(q, d) = sum over terms t of q:
-                  qtf(t) * idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
+    w(t, d)     = tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
+    score(q, d) = sum over the terms t of q of qtf(t) * idf(t) * w(t, d)
 
 Terms are the stemmed lexemes of ``to_tsvector('english', ...)`` (stop words dropped); a
 query term repeated counts as often as it is repeated (qtf), as a Lucene query of the same
@@ -77,5 +77,7 @@ def score(
     for term, qtf in Counter(query).items():
         df = corpus.df.get(term, 0)
         if df and terms[term]:
-            total += qtf * idf(corpus.chunks, df) * term_weight(terms[term], dl, corpus.avgdl, k1, b)
+            total += (
+                qtf * idf(corpus.chunks, df) * term_weight(terms[term], dl, corpus.avgdl, k1, b)
+            )
     return total

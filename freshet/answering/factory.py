@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 from psycopg_pool import ConnectionPool
 
-from freshet.answering.bm25 import BM25
 from freshet.answering.answers import AnswerStore, InMemoryAnswerStore, PgAnswerStore
+from freshet.answering.bm25 import BM25
 from freshet.answering.llm import Answerer, make_answerer
 from freshet.answering.retrieval import EmbedThread, PgRetriever, Retriever
 from freshet.answering.rules import RuleSet, load_rules

@@ -339,12 +339,17 @@ def downgrade() -> None:
         " GENERATED ALWAYS AS (to_tsvector('english', text)) STORED"
     )
     op.execute("CREATE INDEX ix_chunks_tsv ON rag.chunks USING gin (tsv)")
-    op.execute("DROP FUNCTION IF EXISTS rag.search_hybrid(vector, text, integer, text[], boolean,"
-               " double precision, integer)")
-    op.execute("DROP FUNCTION IF EXISTS rag.search_text(text, integer, text[], boolean,"
-               " double precision, double precision, integer)")
-    op.execute("DROP FUNCTION IF EXISTS rag.text_scores(text, double precision,"
-               " double precision, integer)")
+    op.execute(
+        "DROP FUNCTION IF EXISTS rag.search_hybrid(vector, text, integer, text[], boolean,"
+        " double precision, integer)"
+    )
+    op.execute(
+        "DROP FUNCTION IF EXISTS rag.search_text(text, integer, text[], boolean,"
+        " double precision, double precision, integer)"
+    )
+    op.execute(
+        "DROP FUNCTION IF EXISTS rag.text_scores(text, double precision, double precision, integer)"
+    )
     op.execute("DROP TRIGGER IF EXISTS text_index_insert ON rag.chunks")
     op.execute("DROP TRIGGER IF EXISTS text_index_delete ON rag.chunks")
     op.execute("DROP TRIGGER IF EXISTS text_index_update ON rag.chunks")

@@ -1,0 +1,455 @@
+"""The BM25 text index against real components.
+
+- Through the whole pipeline (source table -> Debezium -> Kafka -> sync worker): a row's new
+  word is findable by ``mode=text`` once its update is indexed and its old word is not; a delete
+  and a TRUNCATE remove its postings; after a mixed workload of 500 changes the postings, the
+  document frequencies and the corpus statistics equal a recount from the chunks' text.
+- On a private PostgreSQL: rag.text_scores() equals the Python reference (freshet.answering.bm25)
+  on a 5-document corpus; dense search uses the HNSW index for every kind of user on a table
+  where the access predicate matches most rows; a backfill of chunks written before the index
+  existed is resumable and exact.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from psycopg_pool import ConnectionPool
+
+from freshet.answering.bm25 import BM25, Corpus, score
+from freshet.answering.retrieval import NO_FILTERS, PgRetriever
+from freshet.answering.users import ANONYMOUS, User
+from freshet.cdc.postgres import EmbeddedPostgres
+from freshet.cdc.sandbox import free_port
+from freshet.cdc.stack import migrate
+from freshet.db import connect, database_url, source_database_url
+from freshet.embedder import Embedder
+from freshet.settings import Settings
+from freshet.sync import text_index
+from freshet.sync.chunking import TokenChunker
+from freshet.sync.worker import SyncWorker
+from tests.conftest import wait_for
+from tests.integration.conftest import WorkerThread
+from tests.integration.sync_support import caught_up, chunk_ids, document_version
+
+pytestmark = pytest.mark.integration
+
+PROBE = "app.bm25_probe"
+PARAMS = BM25(k1=0.9, b=0.4, cap=2000)
+ADMIN = User("root", (), admin=True)
+
+
+def retriever(url: str, *, public: bool = True) -> tuple[PgRetriever, ConnectionPool]:
+    from pgvector.psycopg import register_vector
+
+    pool = ConnectionPool(url, min_size=1, max_size=2, configure=register_vector, open=True)
+
+    def no_embedding(text: str) -> np.ndarray:
+        raise AssertionError("text search embedded the query")
+
+    found = PgRetriever(
+        lambda: pool,
+        no_embedding,
+        ef_search=40,
+        public_documents=public,
+        text_weight=0.3,
+        rrf_k=10,
+        bm25=PARAMS,
+    )
+    return found, pool
+
+
+def text_keys(found: PgRetriever, query: str) -> set[str]:
+    return {
+        p.doc_key for p in found.search(query, ADMIN, k=10, mode="text") if p.source_table == PROBE
+    }
+
+
+# --- through the pipeline ------------------------------------------------------------------
+@pytest.fixture
+def probe_worker(
+    running_stack: Settings, embedder: Embedder, tmp_path: Path
+) -> Iterator[Callable[[], WorkerThread]]:
+    """A captured table of its own (so a TRUNCATE touches no other test's rows) and a sync
+    worker, in a consumer group of its own, that maps it besides the demo tables."""
+    mappings = tmp_path / "mappings.toml"
+    mappings.write_text(
+        running_stack.mappings_path.read_text()
+        + f'\n[tables."{PROBE}"]\nkey = ["id"]\ntitle = "{{title}}"\n'
+        'text = "{title}\\n\\n{body}"\naccess_groups = "access_groups"\n'
+    )
+    with connect(source_database_url(running_stack), autocommit=True) as src:
+        src.execute(
+            f"CREATE TABLE IF NOT EXISTS {PROBE} (id int PRIMARY KEY, title text NOT NULL,"
+            " body text NOT NULL, access_groups text[] NOT NULL DEFAULT '{}')"
+        )
+        src.execute(
+            f"INSERT INTO {PROBE} VALUES (0, 'Probe', 'the first row') ON CONFLICT DO NOTHING"
+        )
+    settings = running_stack.with_overrides(
+        mappings_path=mappings, sync_group=f"bm25-probe-{time.monotonic_ns()}"
+    )
+    started: list[WorkerThread] = []
+
+    def start() -> WorkerThread:
+        model = embedder
+        worker = SyncWorker(settings, model, TokenChunker(model.tokenizer))  # type: ignore[attr-defined]
+        thread = WorkerThread(worker).start()
+        started.append(thread)
+        return thread
+
+    yield start
+    for thread in started:
+        if thread.thread.is_alive():
+            thread.stop()
+
+
+def probe_indexed(idx: psycopg.Connection, key: int, version: object) -> bool:
+    return document_version(idx, PROBE, key) != version
+
+
+def test_text_index_follows_updates_deletes_truncates_and_a_mixed_workload(
+    running_stack: Settings, probe_worker: Callable[[], WorkerThread]
+) -> None:
+    url = database_url(running_stack)
+    found, pool = retriever(url)
+    src = connect(source_database_url(running_stack), autocommit=True)
+    idx = connect(url, autocommit=True)
+    try:
+        assert wait_for(
+            lambda: idx.execute("SELECT 1 FROM pg_class WHERE relname = 'bm25_probe'").fetchone(),
+            10,
+        )
+        worker = probe_worker()
+        assert wait_for(lambda: document_version(idx, PROBE, 0) is not None, 120), (
+            "the probe table's first row was not indexed"
+        )
+        caught_up(worker)
+
+        # A new word is findable once its update is indexed, the old one no longer.
+        src.execute(
+            f"INSERT INTO {PROBE} (id, title, body) VALUES (1, 'Marsupials',"
+            " 'A quokkazyx smiles at the tourists on the island.')"
+        )
+        assert wait_for(lambda: "1" in text_keys(found, "quokkazyx"), 10)
+        version = document_version(idx, PROBE, 1)
+        src.execute(
+            f"UPDATE {PROBE} SET body = 'A wombatzyx digs a burrow under the island.' WHERE id = 1"
+        )
+        assert wait_for(lambda: probe_indexed(idx, 1, version), 10)
+        assert "1" in text_keys(found, "wombatzyx")
+        assert "1" not in text_keys(found, "quokkazyx")
+        assert "1" in text_keys(found, "island burrow")
+
+        # A delete removes the chunk's postings.
+        ids = chunk_ids(idx, PROBE, 1)
+        assert (
+            idx.execute(
+                "SELECT count(*) FROM rag.text_postings WHERE chunk_id = ANY(%s)", (ids,)
+            ).fetchone()[0]
+            > 0
+        )  # type: ignore[index]
+        src.execute(f"DELETE FROM {PROBE} WHERE id = 1")
+        assert wait_for(lambda: not chunk_ids(idx, PROBE, 1), 10)
+        assert idx.execute(
+            "SELECT count(*) FROM rag.text_postings WHERE chunk_id = ANY(%s)", (ids,)
+        ).fetchone() == (0,)
+        assert "1" not in text_keys(found, "wombatzyx")
+        assert idx.execute(
+            "SELECT count(*) FROM rag.text_terms WHERE term = 'wombatzyx'"
+        ).fetchone() == (0,)
+
+        # A mixed workload of 500 changes: inserts, body and title updates, deletes.
+        rng = random.Random(11)
+        words = [
+            "river",
+            "stone",
+            "maple",
+            "lantern",
+            "harbor",
+            "copper",
+            "meadow",
+            "falcon",
+            "violet",
+            "orchard",
+            "glacier",
+            "ember",
+            "willow",
+            "canyon",
+            "saffron",
+            "tundra",
+            "lagoon",
+            "basalt",
+            "cedar",
+            "thistle",
+        ]
+        live: set[int] = {0}
+        for _ in range(500):
+            key = rng.randint(100, 260)
+            body = " ".join(rng.choices(words, k=rng.randint(3, 40)))
+            action = rng.random()
+            if key in live and action < 0.25:
+                src.execute(f"DELETE FROM {PROBE} WHERE id = %s", (key,))
+                live.discard(key)
+            elif key in live and action < 0.45:
+                src.execute(
+                    f"UPDATE {PROBE} SET title = %s WHERE id = %s", (rng.choice(words), key)
+                )
+            else:
+                src.execute(
+                    f"INSERT INTO {PROBE} (id, title, body) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+                    (key, rng.choice(words), body),
+                )
+                live.add(key)
+        last = max(live)
+        src.execute(f"UPDATE {PROBE} SET body = 'the last change' WHERE id = %s", (last,))
+        assert wait_for(
+            lambda: (
+                idx.execute(
+                    "SELECT count(*) FROM rag.chunks WHERE source_table = %s AND text LIKE %s",
+                    (PROBE, "%the last change"),
+                ).fetchone()
+                == (1,)
+            ),
+            180,
+        ), "the workload was not indexed within 180 s"
+        assert idx.execute(
+            "SELECT count(*) FROM rag.documents WHERE source_table = %s AND deleted_at IS NULL",
+            (PROBE,),
+        ).fetchone() == (len(live),)
+        assert text_index.recount_differences(idx) == {
+            "terms": 0,
+            "chunks": 0,
+            "corpus_chunks": 0,
+            "corpus_length": 0,
+        }
+
+        # A TRUNCATE removes every posting of the table's chunks.
+        probe_chunks = [
+            r[0] for r in idx.execute("SELECT id FROM rag.chunks WHERE source_table = %s", (PROBE,))
+        ]
+        assert probe_chunks
+        src.execute(f"TRUNCATE {PROBE}")
+        assert wait_for(
+            lambda: (
+                idx.execute(
+                    "SELECT count(*) FROM rag.chunks WHERE source_table = %s", (PROBE,)
+                ).fetchone()
+                == (0,)
+            ),
+            30,
+        )
+        assert idx.execute(
+            "SELECT count(*) FROM rag.text_postings WHERE chunk_id = ANY(%s)", (probe_chunks,)
+        ).fetchone() == (0,)
+        assert not text_keys(found, " ".join(words))
+        assert not any(text_index.recount_differences(idx).values())
+    finally:
+        src.execute(f"DROP TABLE IF EXISTS {PROBE}")
+        src.close()
+        idx.close()
+        pool.close()
+
+
+# --- on a private PostgreSQL -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def private_db() -> Iterator[str]:
+    home = Path(tempfile.mkdtemp(prefix="freshet-text-"))
+    home.chmod(0o755)  # PostgreSQL runs as user freshet when the tests run as root
+    settings = Settings.from_env(
+        {
+            "FRESHET_HOME": str(home),
+            "FRESHET_PG_PORT": str(free_port()),
+            "FRESHET_PG_SHARED_BUFFERS": "128MB",
+            "FRESHET_PG_MAINTENANCE_WORK_MEM": "256MB",
+        }
+    )
+    pg = EmbeddedPostgres(settings)
+    try:
+        pg.start()
+        url = database_url(settings)
+        migrate(url)
+        yield url
+    finally:
+        pg.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def insert_chunks(
+    conn: psycopg.Connection,
+    table: str,
+    texts: list[str],
+    groups: list[list[str]] | None = None,
+    vectors: np.ndarray | None = None,
+) -> list[int]:
+    """Documents of one chunk each, written as the sync writer writes them (in one
+    transaction; the triggers index them)."""
+    rng = np.random.default_rng(len(texts))
+    if vectors is None:
+        vectors = rng.normal(size=(len(texts), 384)).astype(np.float32)
+    access = groups or [[] for _ in texts]
+    with conn.transaction():
+        docs = dict(
+            conn.execute(
+                "INSERT INTO rag.documents (source_table, doc_key, title, access_groups,"
+                " source_lsn) SELECT %s, k, 'doc ' || k, g::text[], 1"
+                " FROM unnest(%s::text[], %s::text[]) AS u(k, g) RETURNING doc_key, id",
+                (table, [str(i) for i in range(len(texts))], [_array(g) for g in access]),
+            ).fetchall()
+        )
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO rag.chunks (document_id, source_table, doc_key, chunk_index, text,"
+                " text_hash, embedding, access_groups, source_lsn)"
+                " VALUES (%s, %s, %s, 0, %s, %s, %s, %s, 1) RETURNING id",
+                [
+                    (docs[str(i)], table, str(i), text, str(i), vectors[i], access[i])
+                    for i, text in enumerate(texts)
+                ],
+                returning=True,
+            )
+            ids = []
+            while True:
+                row = cur.fetchone()
+                assert row is not None
+                ids.append(row[0])
+                if not cur.nextset():
+                    break
+    return ids
+
+
+def _array(groups: list[str]) -> str:
+    return "{" + ",".join(groups) + "}"
+
+
+def test_sql_scores_equal_the_reference_bm25(private_db: str) -> None:
+    texts = [
+        "The cat sat on the mat.",
+        "A dog sat on a log.",
+        "Cats and cats chase a dog.",
+        "Birds fly south.",
+        "The cat, the dog, the bird and the fish sat near the mat.",
+    ]
+    with connect(private_db, autocommit=True, vector=True) as conn:
+        conn.execute("DELETE FROM rag.documents")
+        ids = insert_chunks(conn, "test.five", texts)
+        tokenized = [
+            [
+                t
+                for t, tf in conn.execute("SELECT * FROM rag.text_terms_of(%s)", (x,))
+                for _ in range(tf)
+            ]
+            for x in texts
+        ]
+        assert tokenized[2].count("cat") == 2  # stemmed: cats -> cat
+        reference = Corpus.of(tokenized)
+        stats = conn.execute("SELECT chunks, length FROM rag.text_corpus").fetchone()
+        assert stats == (reference.chunks, reference.length)
+        for query in ("cat mat", "dog", "cats sat near the fish", "fly fly birds"):
+            q = [
+                t
+                for t, tf in conn.execute("SELECT * FROM rag.text_terms_of(%s)", (query,))
+                for _ in range(tf)
+            ]
+            expected = {
+                ids[i]: score(q, doc, reference, k1=0.9, b=0.4) for i, doc in enumerate(tokenized)
+            }
+            got = dict(
+                conn.execute(
+                    "SELECT chunk_id, score FROM rag.text_scores(%s, 0.9, 0.4, 1000)", (query,)
+                ).fetchall()
+            )
+            assert got == pytest.approx({k: v for k, v in expected.items() if v > 0}, rel=1e-9)
+        # The psql function ranks the same way.
+        ranked = [r[0] for r in conn.execute("SELECT id FROM rag.search_text('cat mat', 3)")]
+        q = ["cat", "mat"]
+        by_score = sorted(
+            ids, key=lambda i: (-score(q, tokenized[ids.index(i)], reference, k1=0.9, b=0.4), i)
+        )
+        assert ranked == by_score[:3]
+        conn.execute("DELETE FROM rag.documents")
+        assert conn.execute("SELECT chunks, length FROM rag.text_corpus").fetchone() == (0, 0)
+        assert conn.execute("SELECT count(*) FROM rag.text_terms").fetchone() == (0,)
+
+
+def test_dense_search_uses_hnsw_for_every_kind_of_user(private_db: str) -> None:
+    """On a table where the access predicate matches 95% of the chunks (public ones) and a
+    group holds the other 5%, every user's dense search is an HNSW index scan, and returns
+    only what the user may see."""
+    rng = random.Random(5)
+    count = 2000
+    groups = [["staff"] if rng.random() < 0.05 else [] for _ in range(count)]
+    texts = [f"chunk number {i}" for i in range(count)]
+    with connect(private_db, autocommit=True, vector=True) as conn:
+        conn.execute("DELETE FROM rag.documents")
+        insert_chunks(conn, "test.plan", texts, groups)
+        conn.execute("ANALYZE rag.chunks")
+        conn.execute("ANALYZE rag.documents")
+    found, pool = retriever(private_db)
+    closed, closed_pool = retriever(private_db, public=False)
+    vector = np.random.default_rng(1).normal(size=384).astype(np.float32)
+    try:
+        staff = User("u", ("staff",))
+        cases = [(found, ANONYMOUS), (found, staff), (found, ADMIN), (closed, staff)]
+        for which, user in cases:
+            plan = which.explain_dense(vector, user, 20)
+            assert "Index Scan using ix_chunks_embedding_hnsw" in plan, plan
+            assert "Seq Scan on chunks" not in plan, plan
+            hits = which.dense(vector, user, 20, NO_FILTERS)
+            assert len(hits) == 20
+            if not user.admin:
+                visible = set(user.groups)
+                assert all(
+                    set(h.access_groups) & visible or (not h.access_groups and which is found)
+                    for h in hits
+                )
+    finally:
+        pool.close()
+        closed_pool.close()
+        with connect(private_db, autocommit=True) as conn:
+            conn.execute("DELETE FROM rag.documents")
+
+
+def test_backfill_indexes_older_chunks_resumably_and_exactly(private_db: str) -> None:
+    """Chunks written before the text index existed (no postings) are indexed by
+    `freshet reindex-text`'s backfill, batch by batch; a stopped backfill resumes."""
+    with connect(private_db, autocommit=True, vector=True) as conn:
+        conn.execute("DELETE FROM rag.documents")
+        conn.execute("ALTER TABLE rag.chunks DISABLE TRIGGER text_index_insert")
+        try:
+            ids = insert_chunks(
+                conn, "test.old", [f"old chunk {i} about lanterns" for i in range(60)]
+            )
+        finally:
+            conn.execute("ALTER TABLE rag.chunks ENABLE TRIGGER text_index_insert")
+        conn.execute(
+            "UPDATE rag.text_backfill SET upto = %s, done = %s, finished_at = NULL",
+            (max(ids), min(ids) - 1),
+        )
+        assert text_index.state(conn).remaining == 60
+        stops = iter([False, True])
+        indexed = text_index.backfill(conn, batch=25, stop=lambda: next(stops, True))
+        assert indexed == 25 and text_index.state(conn).remaining == 35
+        # A chunk deleted and one added while the backfill is stopped.
+        conn.execute("DELETE FROM rag.chunks WHERE id = %s", (ids[-1],))
+        insert_chunks(conn, "test.new", ["a new chunk about lanterns"])
+        seen: list[tuple[int, int]] = []
+        indexed = text_index.backfill(conn, batch=25, progress=lambda d, t: seen.append((d, t)))
+        assert indexed == 34 and seen[-1] == (34, 34)
+        assert text_index.state(conn).finished
+        assert not any(text_index.recount_differences(conn).values())
+        # A rebuild starts over and ends equal to the recount too.
+        text_index.rebuild(conn)
+        assert text_index.state(conn).remaining == 60
+        text_index.backfill(conn)
+        assert not any(text_index.recount_differences(conn).values())
+        conn.execute("DELETE FROM rag.documents")
