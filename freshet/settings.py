@@ -136,6 +136,13 @@ def _non_negative_float(env: Mapping[str, str], name: str, default: float) -> fl
     return value
 
 
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if not 0 <= value <= 1:
+        raise SettingsError(f"{name}={value:g} must be between 0 and 1")
+    return value
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -570,7 +577,7 @@ class Settings:
         "FRESHET_BM25_B",
         "BM25's length normalization, from 0 (none) to 1 (full); tuned with FRESHET_BM25_K1",
         0.4,
-        read=_non_negative_float,
+        read=_fraction,
         app=True,
     )
     bm25_postings_cap: int = _web(

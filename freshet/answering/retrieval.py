@@ -298,11 +298,11 @@ class PgRetriever(Retriever):
                 text = pending.result()
             else:
                 text = self.text(query, user, fetch, filters) if mode == "text" else []
-            results = (
-                fuse(dense, text, self.text_weight, self.rrf_k)
-                if mode == "hybrid"
-                else dense or text
-            )
+            if mode == "hybrid":
+                with timing.span("fuse"):
+                    results = fuse(dense, text, self.text_weight, self.rrf_k)
+            else:
+                results = dense or text
             if dedupe:
                 results = dedupe_by_document(results)
             exhausted = len(dense) < fetch and len(text) < fetch

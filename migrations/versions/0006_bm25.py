@@ -36,6 +36,16 @@ depends_on: str | Sequence[str] | None = None
 # settings FRESHET_BM25_K1 / FRESHET_BM25_B, which only change the order postings are read in
 # (for terms with more postings than the cap) if they differ from these.
 IMPACT_K1, IMPACT_B = 0.9, 0.4
+# The defaults of the psql functions rag.search_text / rag.search_hybrid: the Settings'
+# defaults when this migration was written (tests/unit/test_one_settings.py keeps them equal;
+# changing a default means a migration that redefines the functions).
+SQL_DEFAULTS = {"k1": 0.9, "b": 0.4, "cap": 2000, "text_weight": 0.3, "rrf_k": 10}
+
+
+def _with_defaults(statement: str) -> str:
+    for name, value in SQL_DEFAULTS.items():
+        statement = statement.replace("{" + name + "}", str(value))
+    return statement
 
 
 def upgrade() -> None:
@@ -270,12 +280,12 @@ def upgrade() -> None:
     # `groups` they return only chunks of those groups (and public ones when `public`), as the
     # API does; without, every chunk (operators only).
     op.execute(
-        """
+        _with_defaults("""
         CREATE FUNCTION rag.search_text(query text, k integer, groups text[] DEFAULT NULL,
                                         public boolean DEFAULT true,
-                                        k1 double precision DEFAULT 0.9,
-                                        b double precision DEFAULT 0.4,
-                                        cap integer DEFAULT 2000)
+                                        k1 double precision DEFAULT {k1},
+                                        b double precision DEFAULT {b},
+                                        cap integer DEFAULT {cap})
         RETURNS TABLE (id bigint, document_id bigint, source_table text, doc_key text,
                        chunk_index integer, text text, metadata jsonb, access_groups text[],
                        source_lsn bigint, score double precision)
@@ -290,15 +300,15 @@ def upgrade() -> None:
             ORDER BY s.score DESC, s.chunk_id
             LIMIT k
         $$
-        """
+        """)
     )
     op.execute(
-        """
+        _with_defaults("""
         CREATE FUNCTION rag.search_hybrid(query_vector vector, query text, k integer,
                                           groups text[] DEFAULT NULL,
                                           public boolean DEFAULT true,
-                                          text_weight double precision DEFAULT 0.3,
-                                          rrf_k integer DEFAULT 10)
+                                          text_weight double precision DEFAULT {text_weight},
+                                          rrf_k integer DEFAULT {rrf_k})
         RETURNS TABLE (id bigint, document_id bigint, source_table text, doc_key text,
                        chunk_index integer, text text, metadata jsonb, access_groups text[],
                        source_lsn bigint, score double precision)
@@ -326,7 +336,7 @@ def upgrade() -> None:
             ORDER BY f.score DESC, f.id
             LIMIT k
         $$
-        """
+        """)
     )
 
     op.execute("DROP INDEX IF EXISTS rag.ix_chunks_tsv")

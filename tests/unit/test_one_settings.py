@@ -106,6 +106,27 @@ def test_the_tuned_fusion_is_what_every_stage_uses_by_default(tmp_path: Path) ->
         assert (retriever.rrf_k, retriever.text_weight) == (10, 0.3)
 
 
+def test_the_psql_search_functions_default_to_the_settings_defaults() -> None:
+    """rag.search_text / rag.search_hybrid (migration 0006) take the ranking's defaults."""
+    import importlib.util
+
+    from freshet.resources import migrations_dir
+
+    path = migrations_dir() / "versions" / "0006_bm25.py"
+    spec = importlib.util.spec_from_file_location("migration_0006", path)
+    assert spec is not None and spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    defaults = Settings()
+    assert migration.SQL_DEFAULTS == {
+        "k1": defaults.bm25_k1,
+        "b": defaults.bm25_b,
+        "cap": defaults.bm25_postings_cap,
+        "text_weight": defaults.hybrid_text_weight,
+        "rrf_k": defaults.rrf_k,
+    }
+
+
 def test_sync_and_async_asks_take_the_same_largest_k(env: dict[str, str]) -> None:
     app = web_app(env)
     client = app.test_client()
