@@ -416,6 +416,40 @@ def test_acl_property_random_queries(client: FlaskClient, corpus: Corpus) -> Non
         assert seen_own > 0  # the user's own group was reachable: the test can fail
 
 
+def test_sql_search_functions_apply_groups_when_given(corpus: Corpus) -> None:
+    """The documented way to search on a user's behalf in psql: rag.search_text and
+    rag.search_hybrid with `groups` never return a chunk of another group; without `groups`
+    (operators) they see every chunk."""
+    rng = random.Random(20261203)
+    forbidden = {"staff": corpus.keys_of("support"), "support": corpus.keys_of("staff")}
+    seen_other = 0
+    with connect(corpus.url, autocommit=True, vector=True) as conn:
+        for _ in range(120):
+            words = " ".join(rng.sample(corpus.vocabulary, rng.randint(1, 5)))
+            k = rng.randint(1, 30)
+            mine = rng.choice(["staff", "support"])
+            public = rng.random() < 0.7
+            vector = corpus.embedder.embed([words])[0]
+            rows = conn.execute(
+                "SELECT source_table, doc_key, access_groups FROM rag.search_text(%s, %s,"
+                " groups => %s, public => %s)",
+                (words, k, [mine], public),
+            ).fetchall()
+            rows += conn.execute(
+                "SELECT source_table, doc_key, access_groups FROM rag.search_hybrid(%s, %s, %s,"
+                " groups => %s, public => %s)",
+                (vector, words, k, [mine], public),
+            ).fetchall()
+            for table, key, groups in rows:
+                assert (table, key) not in forbidden[mine]
+                assert set(groups) <= {mine} and (groups or public)
+            operator = conn.execute(
+                "SELECT access_groups FROM rag.search_hybrid(%s, %s, 30)", (vector, words)
+            ).fetchall()
+            seen_other += any(mine not in g and g for (g,) in operator)
+    assert seen_other > 0  # without groups other groups' chunks come back: the test can fail
+
+
 # --- the openai backend against a local chat-completions server --------------------------
 class ChatServer(ThreadingHTTPServer):
     """Speaks /v1/chat/completions: JSON or SSE; answers 429 ``fail_next`` times first."""

@@ -118,13 +118,13 @@ def test_the_psql_search_functions_default_to_the_settings_defaults() -> None:
     migration = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(migration)
     defaults = Settings()
-    assert migration.SQL_DEFAULTS == {
+    assert {
         "k1": defaults.bm25_k1,
         "b": defaults.bm25_b,
         "cap": defaults.bm25_postings_cap,
         "text_weight": defaults.hybrid_text_weight,
         "rrf_k": defaults.rrf_k,
-    }
+    } == migration.SQL_DEFAULTS
 
 
 def test_sync_and_async_asks_take_the_same_largest_k(env: dict[str, str]) -> None:
