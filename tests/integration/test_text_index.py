@@ -79,11 +79,11 @@ def probe_worker(
     running_stack: Settings, embedder: Embedder, tmp_path: Path
 ) -> Iterator[Callable[[], WorkerThread]]:
     """A captured table of its own (so a TRUNCATE touches no other test's rows) and a sync
-    worker, in a consumer group of its own, that maps it besides the demo tables."""
+    worker, in a consumer group of its own, that maps that table only (the demo tables' events
+    are skipped, whether or not another worker indexed them already)."""
     mappings = tmp_path / "mappings.toml"
     mappings.write_text(
-        running_stack.mappings_path.read_text()
-        + f'\n[tables."{PROBE}"]\nkey = ["id"]\ntitle = "{{title}}"\n'
+        f'[tables."{PROBE}"]\nkey = ["id"]\ntitle = "{{title}}"\n'
         'text = "{title}\\n\\n{body}"\naccess_groups = "access_groups"\n'
     )
     with connect(source_database_url(running_stack), autocommit=True) as src:
