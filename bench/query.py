@@ -81,6 +81,19 @@ def select_texts(chunker: TokenChunker, target: int) -> list[str]:
 SHARD = 4096
 
 
+def cached_texts(settings: Settings, cache: Path, target: int) -> list[str]:
+    """The corpus's texts only (chunked once and cached, as build_corpus does)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    texts_file = cache / "texts.jsonl"
+    texts = [json.loads(line) for line in texts_file.open()] if texts_file.exists() else []
+    if len(texts) < target:
+        embedder = embedder_from_settings(settings)
+        texts = select_texts(TokenChunker(embedder.tokenizer), target)
+        with texts_file.open("w") as handle:
+            handle.writelines(json.dumps(text) + "\n" for text in texts)
+    return texts[:target]
+
+
 def build_corpus(settings: Settings, cache: Path, target: int) -> tuple[list[str], np.ndarray]:
     """Texts and their vectors, embedded once: shards of SHARD vectors are cached as they are
     done, so an interrupted run resumes where it stopped."""
@@ -313,6 +326,12 @@ def main() -> None:
         "--embed-only", action="store_true", help="build the cached vectors, start no stack"
     )
     parser.add_argument(
+        "--random-vectors",
+        action="store_true",
+        help="load random unit vectors instead of embedding the corpus: for BM25's figures"
+        " (--mode text, --growth) only; dense and hybrid figures are then meaningless",
+    )
+    parser.add_argument(
         "--growth",
         action="store_true",
         help="reload the chunks and measure BM25's SQL time at 25%%, 50%% and 100%% of them",
@@ -345,7 +364,15 @@ def main() -> None:
 
     with private_stack("bench-query", keep=args.home, **overrides) as bench:
         settings = bench.settings
-        texts, vectors = build_corpus(settings, args.home / "cache", args.chunks)
+        if args.random_vectors:
+            if args.mode != "text":
+                parser.error("--random-vectors measures BM25 only: use --mode text")
+            texts = cached_texts(settings, args.home / "cache", args.chunks)
+            rng = np.random.default_rng(0)
+            vectors = rng.normal(size=(len(texts), 384)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        else:
+            texts, vectors = build_corpus(settings, args.home / "cache", args.chunks)
         embedder = embedder_from_settings(settings)
         served, exact, pool = retrievers(settings, lambda q: embedder.embed([q])[0])
         growth: dict[int, float] = {}
@@ -440,6 +467,7 @@ def main() -> None:
             "chunks": len(texts),
             "queries": len(queries),
             "mode": args.mode,
+            "random_vectors": args.random_vectors,
             "settings": {k: v for k, v in overrides.items() if k != "FRESHET_API_TOKENS_FILE"},
             "users": per_user,
             "qps_4_clients": qps,
