@@ -221,6 +221,17 @@ def render_status(report: dict[str, Any]) -> str:
             lines.append(f"  last error: {worker['last_error']}")
     if report.get("dead_letters") is not None:
         lines.append(f"dead letters  {report['dead_letters']}")
+    text = report.get("text_index")
+    if text:
+        waiting = text["to_backfill"]
+        lines.append(
+            f"text index    BM25, {text['chunks']:,} chunks, {text['terms']:,} terms"
+            + (
+                f"; {waiting:,} older chunks not indexed: run `freshet reindex-text`"
+                if waiting
+                else ""
+            )
+        )
     lines.extend(_render_convergence(report))
     return "\n".join(lines)
 

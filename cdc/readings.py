@@ -126,3 +126,18 @@ def convergence(conn: Any) -> dict[str, Any]:
         "hidden_documents": int(hidden[0]) if hidden else 0,
         "mapping_problems": problems.current(conn),
     }
+
+
+def text_index(conn: Any) -> dict[str, Any] | None:
+    """The BM25 index: chunks and terms indexed, and chunks still waiting for
+    `freshet reindex-text` (written before the index existed); None before migration 0006."""
+    if not has_table(conn, "rag.text_backfill"):
+        return None
+    row = conn.execute(
+        "SELECT c.chunks, (SELECT count(*) FROM rag.text_terms),"
+        " (SELECT count(*) FROM rag.chunks WHERE id > b.done AND id <= b.upto)"
+        " FROM rag.text_corpus AS c, rag.text_backfill AS b"
+    ).fetchone()
+    if row is None:
+        return None
+    return {"chunks": int(row[0]), "terms": int(row[1]), "to_backfill": int(row[2])}

@@ -217,6 +217,7 @@ def status(settings: Settings) -> dict[str, Any]:
             result["dead_letters"] = readings.dead_letters(conn)
             result["workers"] = _workers(conn)
             result.update(readings.convergence(conn))
+            result["text_index"] = readings.text_index(conn)
         with connect(source_database_url(settings), autocommit=True) as conn:
             result["slot"] = slot_status(conn)
     except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
