@@ -379,12 +379,18 @@ class PgRetriever(Retriever):
         candidates in the same statement, best first."""
         params = query_params(user, self.public_documents, filters)
         params.update(query=query, limit=limit, k1=self.bm25.k1, b=self.bm25.b, cap=self.bm25.cap)
+        # The candidates sorted best first, then each one's chunk looked up by key (LIMIT 1
+        # keeps each lookup an index probe), so that reading stops at the k-th visible chunk:
+        # a user whose groups hold 5% of the corpus reads about 20 candidates per result.
         statement = sql.SQL(
-            "SELECT {cols}, d.title, s.score AS rank"
-            " FROM rag.text_scores(%(query)s, %(k1)s, %(b)s, %(cap)s) AS s"
-            " JOIN rag.chunks AS c ON c.id = s.chunk_id"
-            " JOIN rag.documents AS d ON d.id = c.document_id AND d.deleted_at IS NULL"
-            " WHERE {where}"
+            "WITH s AS MATERIALIZED ("
+            " SELECT * FROM rag.text_scores(%(query)s, %(k1)s, %(b)s, %(cap)s) AS s"
+            " ORDER BY s.score DESC, s.chunk_id)"
+            " SELECT {cols}, d.title, s.score AS rank FROM s"
+            " CROSS JOIN LATERAL (SELECT * FROM rag.chunks AS c"
+            "  WHERE c.id = s.chunk_id AND {where} LIMIT 1) AS c"
+            " CROSS JOIN LATERAL (SELECT d.title FROM rag.documents AS d"
+            "  WHERE d.id = c.document_id AND d.deleted_at IS NULL LIMIT 1) AS d"
             " ORDER BY s.score DESC, s.chunk_id LIMIT %(limit)s"
         ).format(cols=_CHUNK_COLUMNS, where=where_clause(user, self.public_documents, filters))
         with (

@@ -42,6 +42,45 @@ IMPACT_K1, IMPACT_B = 0.9, 0.4
 SQL_DEFAULTS = {"k1": 0.9, "b": 0.4, "cap": 2000, "text_weight": 0.3, "rrf_k": 10}
 
 
+# PL/pgSQL, so that its plan is made for its own statements: the corpus statistics are read
+# into variables first, then each query term (a handful) is looked up by key and reads its
+# postings through the (term, impact) index; a planner estimate of the caller's cannot turn it
+# into a scan of every term.
+TEXT_SCORES = """
+    CREATE OR REPLACE FUNCTION rag.text_scores(query text, k1 double precision,
+                                               b double precision, cap integer)
+    RETURNS TABLE (chunk_id bigint, score double precision)
+    LANGUAGE plpgsql STABLE PARALLEL SAFE ROWS 2000
+    AS $$
+    DECLARE
+        n double precision;
+        avgdl double precision;
+    BEGIN
+        SELECT c.chunks, c.length::float8 / greatest(c.chunks, 1) INTO n, avgdl
+        FROM rag.text_corpus AS c;
+        IF n IS NULL OR n = 0 THEN
+            RETURN;
+        END IF;
+        RETURN QUERY
+        SELECT p.chunk_id,
+               sum(q.weight * p.tf * (k1 + 1) / (p.tf + k1 * (1 - b + b * p.dl / avgdl)))
+        FROM (
+            SELECT t.term, t.tf * ln(1 + (n - s.df + 0.5) / (s.df + 0.5)) AS weight
+            FROM rag.text_terms_of(query) AS t
+            CROSS JOIN LATERAL (
+                SELECT st.df FROM rag.text_terms AS st WHERE st.term = t.term AND st.df > 0
+            ) AS s
+        ) AS q
+        CROSS JOIN LATERAL (
+            SELECT tp.chunk_id, tp.tf, tp.dl FROM rag.text_postings AS tp
+            WHERE tp.term = q.term ORDER BY tp.impact DESC LIMIT cap
+        ) AS p
+        GROUP BY p.chunk_id;
+    END
+    $$
+"""
+
+
 def _with_defaults(statement: str) -> str:
     for name, value in SQL_DEFAULTS.items():
         statement = statement.replace("{" + name + "}", str(value))
@@ -247,34 +286,7 @@ def upgrade() -> None:
     # BM25 scores of the chunks that match a query: Okapi BM25 with IDF from the live
     # statistics; each query term reads at most `cap` postings, best impact first, so a query
     # costs its terms, not the corpus.
-    op.execute(
-        """
-        CREATE FUNCTION rag.text_scores(query text, k1 double precision,
-                                        b double precision, cap integer)
-        RETURNS TABLE (chunk_id bigint, score double precision)
-        LANGUAGE sql STABLE PARALLEL SAFE ROWS 2000
-        AS $$
-            WITH corpus AS (
-                SELECT chunks::float8 AS n, length::float8 / greatest(chunks, 1) AS avgdl
-                FROM rag.text_corpus
-            ), q AS (
-                SELECT t.term, t.tf AS qtf, s.df,
-                       ln(1 + (corpus.n - s.df + 0.5) / (s.df + 0.5)) AS idf
-                FROM rag.text_terms_of(query) AS t
-                JOIN rag.text_terms AS s ON s.term = t.term, corpus
-                WHERE s.df > 0
-            )
-            SELECT p.chunk_id,
-                   sum(q.qtf * q.idf * p.tf * (k1 + 1)
-                       / (p.tf + k1 * (1 - b + b * p.dl / corpus.avgdl)))
-            FROM q CROSS JOIN corpus CROSS JOIN LATERAL (
-                SELECT tp.chunk_id, tp.tf, tp.dl FROM rag.text_postings AS tp
-                WHERE tp.term = q.term ORDER BY tp.impact DESC LIMIT cap
-            ) AS p
-            GROUP BY p.chunk_id
-        $$
-        """
-    )
+    op.execute(TEXT_SCORES)
 
     # For psql: BM25 search, and hybrid (dense + BM25, weighted reciprocal rank fusion). With
     # `groups` they return only chunks of those groups (and public ones when `public`), as the
@@ -291,12 +303,19 @@ def upgrade() -> None:
                        source_lsn bigint, score double precision)
         LANGUAGE sql STABLE
         AS $$
+            WITH s AS MATERIALIZED (
+                SELECT * FROM rag.text_scores(query, k1, b, cap) AS s
+                ORDER BY s.score DESC, s.chunk_id
+            )
             SELECT c.id, c.document_id, c.source_table, c.doc_key, c.chunk_index, c.text,
                    c.metadata, c.access_groups, c.source_lsn, s.score
-            FROM rag.text_scores(query, k1, b, cap) AS s
-            JOIN rag.chunks AS c ON c.id = s.chunk_id
-            WHERE groups IS NULL OR c.access_groups && groups
-                  OR (public AND c.access_groups = '{}'::text[])
+            FROM s CROSS JOIN LATERAL (
+                SELECT * FROM rag.chunks AS c
+                WHERE c.id = s.chunk_id
+                  AND (groups IS NULL OR c.access_groups && groups
+                       OR (public AND c.access_groups = '{}'::text[]))
+                LIMIT 1
+            ) AS c
             ORDER BY s.score DESC, s.chunk_id
             LIMIT k
         $$
