@@ -150,15 +150,19 @@ def upgrade() -> None:
     )
 
     # Postings of a set of chunks, with the statistics they add; one statement each way.
-    # Term statistics are upserted in term order, so two writers adding postings never wait
-    # for each other in opposite orders (a deadlock between removals is retried by the caller
-    # like any transient database error).
+    # Both lock the corpus row before touching any term, so concurrent writers (several sync
+    # workers, the large lane) take turns from their first chunk write to their commit
+    # instead of deadlocking on term rows; the embedding, outside that window, stays parallel.
     op.execute(
         f"""
         CREATE FUNCTION rag.text_index_add(added_ids bigint[])
         RETURNS void
-        LANGUAGE sql
+        LANGUAGE plpgsql
         AS $$
+        BEGIN
+            -- The corpus row first: a writer holds term rows only while it holds this one,
+            -- so two writers never wait for each other's terms (no deadlock).
+            PERFORM 1 FROM rag.text_corpus FOR UPDATE;
             WITH corpus AS (
                 SELECT CASE WHEN chunks > 0 THEN length::float8 / chunks END AS avgdl
                 FROM rag.text_corpus
@@ -180,7 +184,8 @@ def upgrade() -> None:
             )
             UPDATE rag.text_corpus SET
                 chunks = chunks + (SELECT count(DISTINCT chunk_id) FROM new),
-                length = length + (SELECT coalesce(sum(tf), 0) FROM new)
+                length = length + (SELECT coalesce(sum(tf), 0) FROM new);
+        END
         $$
         """
     )
@@ -193,6 +198,7 @@ def upgrade() -> None:
         DECLARE
             emptied text[];
         BEGIN
+            PERFORM 1 FROM rag.text_corpus FOR UPDATE;  -- first, as in rag.text_index_add
             WITH gone AS (
                 DELETE FROM rag.text_postings WHERE chunk_id = ANY(removed_ids)
                 RETURNING term, chunk_id, tf

@@ -453,3 +453,36 @@ def test_backfill_indexes_older_chunks_resumably_and_exactly(private_db: str) ->
         text_index.backfill(conn)
         assert not any(text_index.recount_differences(conn).values())
         conn.execute("DELETE FROM rag.documents")
+
+
+def test_concurrent_writers_neither_deadlock_nor_drift(private_db: str) -> None:
+    """Two writers adding and removing chunks over the same words at once (as two sync
+    workers, or a worker and its large lane, do): no deadlock, and the statistics stay exact."""
+    import threading
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "iota", "kappa"]
+    errors: list[BaseException] = []
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with connect(private_db, autocommit=True, vector=True) as conn:
+                for round_ in range(25):
+                    texts = [" ".join(rng.sample(words, 6)) for _ in range(4)]
+                    ids = insert_chunks(conn, f"test.concurrent{seed}.{round_}", texts)
+                    if rng.random() < 0.5:
+                        conn.execute("DELETE FROM rag.chunks WHERE id = %s", (ids[0],))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with connect(private_db, autocommit=True) as conn:
+        conn.execute("DELETE FROM rag.documents")
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    with connect(private_db, autocommit=True) as conn:
+        assert not any(text_index.recount_differences(conn).values())
+        conn.execute("DELETE FROM rag.documents")
