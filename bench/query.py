@@ -130,7 +130,7 @@ def build_corpus(settings: Settings, cache: Path, target: int) -> tuple[list[str
     return texts, np.concatenate(shards)[: len(texts)]
 
 
-USERS = {
+USERS: dict[str, dict[str, Any]] = {
     "staff": {"user": "bench-staff", "groups": ["staff"]},
     "research": {"user": "bench-research", "groups": ["research"]},
     "admin": {"user": "bench-admin", "groups": [], "admin": True},
@@ -282,16 +282,19 @@ def retrievers(
     pool = ConnectionPool(
         database_url(app), min_size=1, max_size=4, configure=register_vector, open=True
     )
-    common = dict(
-        ef_search=app.hnsw_ef_search,
-        public_documents=app.public_documents,
-        text_weight=app.hybrid_text_weight,
-        rrf_k=app.rrf_k,
-    )
-    served = PgRetriever(
-        lambda: pool, embed, **common, bm25=BM25(app.bm25_k1, app.bm25_b, app.bm25_postings_cap)
-    )
-    exact = ExactRetriever(lambda: pool, embed, **common, bm25=BM25(app.bm25_k1, app.bm25_b, 10**9))
+
+    def build(kind: type[PgRetriever], cap: int) -> PgRetriever:
+        return kind(
+            lambda: pool,
+            embed,
+            ef_search=app.hnsw_ef_search,
+            public_documents=app.public_documents,
+            text_weight=app.hybrid_text_weight,
+            rrf_k=app.rrf_k,
+            bm25=BM25(app.bm25_k1, app.bm25_b, cap),
+        )
+
+    served, exact = build(PgRetriever, app.bm25_postings_cap), build(ExactRetriever, 10**9)
     return served, exact, pool
 
 
@@ -361,7 +364,7 @@ def main() -> None:
     tokens_file.write_text(json.dumps({f"bench-{name}": entry for name, entry in USERS.items()}))
     overrides.setdefault("FRESHET_API_TOKENS_FILE", str(tokens_file))
     users = {
-        name: User(str(e["user"]), tuple(e["groups"]), bool(e.get("admin", False)))  # type: ignore[arg-type]
+        name: User(str(e["user"]), tuple(e["groups"]), bool(e.get("admin", False)))
         for name, e in USERS.items()
     }
 
@@ -432,7 +435,7 @@ def main() -> None:
             total = len(queries) * 2
 
             def client(worker: int) -> int:
-                s, spans = requests.Session(), []
+                s, spans = requests.Session(), list[dict[str, float]]()
                 for i in range(total // 4):
                     one(s, queries[(worker * 37 + i) % len(queries)], "bench-staff", spans)
                 return total // 4

@@ -42,7 +42,7 @@ def write_batch(
 ) -> float:
     started = time.perf_counter()
     with conn.transaction():
-        docs = dict(
+        docs: dict[str, int] = dict(
             conn.execute(
                 "INSERT INTO rag.documents (source_table, doc_key, title, source_lsn)"
                 " SELECT %s, k, k, 1 FROM unnest(%s::text[]) AS k RETURNING doc_key, id",

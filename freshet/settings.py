@@ -569,14 +569,14 @@ class Settings:
         "FRESHET_BM25_K1",
         "BM25's term-frequency saturation (`mode=text` and hybrid's text half); tuned on "
         "SciFact's train queries (`python -m bench.quality --split train --tune-bm25`)",
-        0.9,
+        0.6,
         read=_non_negative_float,
         app=True,
     )
     bm25_b: float = _web(
         "FRESHET_BM25_B",
         "BM25's length normalization, from 0 (none) to 1 (full); tuned with FRESHET_BM25_K1",
-        0.4,
+        0.75,
         read=_fraction,
         app=True,
     )
@@ -584,7 +584,7 @@ class Settings:
         "FRESHET_BM25_POSTINGS_CAP",
         "the most postings a query reads per term, best first (bounds a query's cost on a "
         "large corpus; a term in fewer chunks is read whole)",
-        2000,
+        1000,
         read=_positive,
         app=True,
     )

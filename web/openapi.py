@@ -82,7 +82,10 @@ SCHEMAS: dict[str, Any] = {
             "access_groups": {"type": "array", "items": {"type": "string"}},
             "source_lsn": {"type": "integer", "description": "row version (source LSN)"},
             "source_ts": _TS,
-            "score": {"type": "number", "description": "dense: 1 - distance; text: BM25; hybrid: RRF"},
+            "score": {
+                "type": "number",
+                "description": "dense: 1 - distance; text: BM25; hybrid: RRF",
+            },
             "distance": {"type": ["number", "null"], "description": "cosine distance"},
             "text_rank": {"type": ["number", "null"], "description": "BM25 score"},
         },

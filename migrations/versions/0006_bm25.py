@@ -35,11 +35,11 @@ depends_on: str | Sequence[str] | None = None
 # The BM25 parameters the write-time impact is computed with; the query's scores use the
 # settings FRESHET_BM25_K1 / FRESHET_BM25_B, which only change the order postings are read in
 # (for terms with more postings than the cap) if they differ from these.
-IMPACT_K1, IMPACT_B = 0.9, 0.4
+IMPACT_K1, IMPACT_B = 0.6, 0.75
 # The defaults of the psql functions rag.search_text / rag.search_hybrid: the Settings'
 # defaults when this migration was written (tests/unit/test_one_settings.py keeps them equal;
 # changing a default means a migration that redefines the functions).
-SQL_DEFAULTS = {"k1": 0.9, "b": 0.4, "cap": 2000, "text_weight": 0.3, "rrf_k": 10}
+SQL_DEFAULTS = {"k1": 0.6, "b": 0.75, "cap": 1000, "text_weight": 0.3, "rrf_k": 10}
 
 
 # PL/pgSQL, so that its plan is made for its own statements: the corpus statistics are read

@@ -370,7 +370,12 @@ def test_sql_scores_equal_the_reference_bm25(private_db: str) -> None:
             )
             assert got == pytest.approx({k: v for k, v in expected.items() if v > 0}, rel=1e-9)
         # The psql function ranks the same way.
-        ranked = [r[0] for r in conn.execute("SELECT id FROM rag.search_text('cat mat', 3)")]
+        ranked = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM rag.search_text('cat mat', 3, k1 => 0.9, b => 0.4)"
+            )
+        ]
         q = ["cat", "mat"]
         by_score = sorted(
             ids, key=lambda i: (-score(q, tokenized[ids.index(i)], reference, k1=0.9, b=0.4), i)

@@ -70,7 +70,7 @@ def test_acl_predicate_is_in_sql_for_users_and_absent_for_admins() -> None:
     text = render(acl_condition(user, True))
     assert '"c".access_groups && %(groups)s::text[]' in text
     # Equality with the empty array: the planner estimates it from the column's statistics.
-    assert '"c".access_groups = \'{}\'::text[]' in text
+    assert "\"c\".access_groups = '{}'::text[]" in text
     assert "cardinality" not in text
     closed = render(acl_condition(user, False))
     assert "'{}'" not in closed and '"c".access_groups && %(groups)s::text[]' in closed
