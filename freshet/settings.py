@@ -550,10 +550,10 @@ class Settings:
     )
     hybrid_text_weight: float = _web(
         "FRESHET_HYBRID_TEXT_WEIGHT",
-        "weight of the full-text ranking in hybrid search's reciprocal rank fusion (the dense "
+        "weight of the BM25 ranking in hybrid search's reciprocal rank fusion (the dense "
         "ranking's is 1); tuned on SciFact's train queries (`python -m bench.quality --split "
         "train --tune`)",
-        0.3,
+        1.2,
         read=_non_negative_float,
         app=True,
     )
@@ -561,7 +561,7 @@ class Settings:
         "FRESHET_RRF_K",
         "the fusion's rank constant: a passage scores the sum of weight / (RRF_K + rank); "
         "tuned with the text weight",
-        10,
+        5,
         read=_non_negative,
         app=True,
     )

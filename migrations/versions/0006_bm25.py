@@ -39,7 +39,7 @@ IMPACT_K1, IMPACT_B = 0.6, 0.75
 # The defaults of the psql functions rag.search_text / rag.search_hybrid: the Settings'
 # defaults when this migration was written (tests/unit/test_one_settings.py keeps them equal;
 # changing a default means a migration that redefines the functions).
-SQL_DEFAULTS = {"k1": 0.6, "b": 0.75, "cap": 1000, "text_weight": 0.3, "rrf_k": 10}
+SQL_DEFAULTS = {"k1": 0.6, "b": 0.75, "cap": 1000, "text_weight": 1.2, "rrf_k": 5}
 
 
 # PL/pgSQL, so that its plan is made for its own statements: the corpus statistics are read

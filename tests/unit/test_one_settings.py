@@ -97,13 +97,13 @@ def test_web_app_and_workflow_fuse_the_same_way(env: dict[str, str]) -> None:
 
 
 def test_the_tuned_fusion_is_what_every_stage_uses_by_default(tmp_path: Path) -> None:
-    """RRF k 10 and text weight 0.3 (tuned on SciFact train), with no variable set."""
+    """RRF k 5 and text weight 1.2 (tuned on SciFact train), with no variable set."""
     app = web_app({"FRESHET_HOME": str(tmp_path)})
     web = get_retriever(app)
     workflow = Answering(Settings.from_env({"FRESHET_HOME": str(tmp_path)})).retriever()
     assert isinstance(web, PgRetriever) and isinstance(workflow, PgRetriever)
     for retriever in (web, workflow):
-        assert (retriever.rrf_k, retriever.text_weight) == (10, 0.3)
+        assert (retriever.rrf_k, retriever.text_weight) == (5, 1.2)
 
 
 def test_the_psql_search_functions_default_to_the_settings_defaults() -> None:
@@ -164,7 +164,7 @@ def test_a_web_variable_reaches_the_app_only_through_settings(
     monkeypatch.setenv("FRESHET_RRF_K", "42")
     monkeypatch.setenv("FRESHET_HOME", str(tmp_path))
     # Settings from another environment: the process's variable changes nothing.
-    assert web_app({"FRESHET_HOME": str(tmp_path)}).config["RRF_K"] == 10
+    assert web_app({"FRESHET_HOME": str(tmp_path)}).config["RRF_K"] == 5
     # Settings from this process's environment: it does.
     assert create_app(settings=Settings.from_env()).config["RRF_K"] == 42
     # create_app as the entry point (no settings given) builds them, the same way, once.

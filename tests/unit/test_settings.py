@@ -114,7 +114,7 @@ def test_web_settings_come_from_their_freshet_variables() -> None:
 
 def test_the_tuned_fusion_and_the_largest_k_are_the_defaults() -> None:
     settings = Settings()
-    assert (settings.rrf_k, settings.hybrid_text_weight) == (10, 0.3)
+    assert (settings.rrf_k, settings.hybrid_text_weight) == (5, 1.2)
     assert (settings.default_k, settings.max_ask_k, settings.max_search_k) == (5, 20, 100)
 
 
