@@ -65,7 +65,7 @@ MAX_METADATA_CHARS = 4096
 #: answer is generated and judged, so that proxies do not close a silent connection.
 KEEPALIVE_S = 15.0
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
 
 
 # --- validation ---------------------------------------------------------------------------

@@ -148,3 +148,13 @@ def test_a_huge_integer_in_the_body_is_a_400(client: FlaskClient) -> None:
     body = '{"question": "q", "k": ' + "9" * 5000 + "}"
     response = client.post("/api/v1/ask", data=body, content_type="application/json")
     error_of(response, 400)
+
+
+@pytest.mark.parametrize("value", ["", "maybe", "2"])
+def test_a_boolean_query_parameter_that_is_not_one_is_a_400(
+    client: FlaskClient, value: str
+) -> None:
+    """`dedupe=` (empty) is not a boolean: the OpenAPI document says so, and so does the API."""
+    response = client.get("/api/v1/search", query_string={"q": "ferry", "dedupe": value})
+    assert response.status_code == 400
+    assert response.get_json()["error"]["field"] == "dedupe"
