@@ -43,6 +43,10 @@ Mode = Literal["dense", "text", "hybrid"]
 MODES: tuple[str, ...] = ("dense", "text", "hybrid")
 T = TypeVar("T")
 MAX_CANDIDATES = 1000  # hnsw.ef_search cannot exceed 1000
+# BM25 candidates read per result wanted (rag.text_top's cut): enough for a user whose groups
+# hold 5% of the corpus; a search that finds fewer visible reads every candidate instead.
+TEXT_CANDIDATES_PER_RESULT = 25
+MIN_TEXT_CANDIDATES = 200
 
 _CHUNK_COLUMNS = sql.SQL(
     "c.id, c.document_id, c.source_table, c.doc_key, c.chunk_index, c.text, c.metadata, "
@@ -374,18 +378,22 @@ class PgRetriever(Retriever):
             return cur.fetchall()
 
     def text(self, query: str, user: User, limit: int, filters: Filters) -> list[Passage]:
-        """Chunks ranked by BM25 (rag.text_scores: each query term reads its best postings,
-        at most FRESHET_BM25_POSTINGS_CAP), the user's access and the filters applied to the
-        candidates in the same statement, best first."""
+        """Chunks ranked by BM25 (rag.text_top: each query term reads its best postings, at
+        most FRESHET_BM25_POSTINGS_CAP), the user's access and the filters applied to the
+        candidates in the same statement, best first.
+
+        rag.text_top returns the best ``TEXT_CANDIDATES_PER_RESULT * limit`` candidates (at
+        least ``MIN_TEXT_CANDIDATES``), sorted; should fewer than ``limit`` of those be visible
+        (a small group, a narrow filter), the statement runs again over every candidate, so
+        the result never depends on that cut."""
         params = query_params(user, self.public_documents, filters)
         params.update(query=query, limit=limit, k1=self.bm25.k1, b=self.bm25.b, cap=self.bm25.cap)
-        # The candidates sorted best first, then each one's chunk looked up by key (LIMIT 1
-        # keeps each lookup an index probe), so that reading stops at the k-th visible chunk:
-        # a user whose groups hold 5% of the corpus reads about 20 candidates per result.
+        # The candidates best first, then each one's chunk looked up by key (LIMIT 1 keeps each
+        # lookup an index probe), so that reading stops at the k-th visible chunk: a user whose
+        # groups hold 5% of the corpus reads about 20 candidates per result.
         statement = sql.SQL(
             "WITH s AS MATERIALIZED ("
-            " SELECT * FROM rag.text_scores(%(query)s, %(k1)s, %(b)s, %(cap)s) AS s"
-            " ORDER BY s.score DESC, s.chunk_id)"
+            " SELECT * FROM rag.text_top(%(query)s, %(k1)s, %(b)s, %(cap)s, %(top)s) AS s)"
             " SELECT {cols}, d.title, s.score AS rank FROM s"
             " CROSS JOIN LATERAL (SELECT * FROM rag.chunks AS c"
             "  WHERE c.id = s.chunk_id AND {where} LIMIT 1) AS c"
@@ -393,12 +401,15 @@ class PgRetriever(Retriever):
             "  WHERE d.id = c.document_id AND d.deleted_at IS NULL LIMIT 1) AS d"
             " ORDER BY s.score DESC, s.chunk_id LIMIT %(limit)s"
         ).format(cols=_CHUNK_COLUMNS, where=where_clause(user, self.public_documents, filters))
+        top = max(TEXT_CANDIDATES_PER_RESULT * limit, MIN_TEXT_CANDIDATES)
         with (
             timing.span("text-sql"),
             self._pool().connection() as conn,
             conn.cursor(row_factory=dict_row) as cur,
         ):
-            rows = cur.execute(statement, params).fetchall()
+            rows = cur.execute(statement, {**params, "top": top}).fetchall()
+            if len(rows) < limit:  # the cut may have hidden visible chunks: every candidate
+                rows = cur.execute(statement, {**params, "top": None}).fetchall()
         return [_passage(r, score=float(r["rank"]), text_rank=float(r["rank"])) for r in rows]
 
     def document(self, source_table: str, doc_key: str, user: User) -> Document | None:

@@ -5,9 +5,10 @@
   and a TRUNCATE remove its postings; after a mixed workload of 500 changes the postings, the
   document frequencies and the corpus statistics equal a recount from the chunks' text.
 - On a private PostgreSQL: rag.text_scores() equals the Python reference (freshet.answering.bm25)
-  on a 5-document corpus; dense search uses the HNSW index for every kind of user on a table
-  where the access predicate matches most rows; a backfill of chunks written before the index
-  existed is resumable and exact.
+  on a 5-document corpus; rag.text_top() is the same scores best first, and the retriever's
+  cut of its candidates never changes a result; dense search uses the HNSW index for every
+  kind of user on a table where the access predicate matches most rows; a backfill of chunks
+  written before the index existed is resumable and exact.
 """
 
 from __future__ import annotations
@@ -384,6 +385,44 @@ def test_sql_scores_equal_the_reference_bm25(private_db: str) -> None:
         conn.execute("DELETE FROM rag.documents")
         assert conn.execute("SELECT chunks, length FROM rag.text_corpus").fetchone() == (0, 0)
         assert conn.execute("SELECT count(*) FROM rag.text_terms").fetchone() == (0,)
+
+
+def test_text_top_is_the_sorted_scores_and_the_cut_never_changes_a_result(
+    private_db: str,
+) -> None:
+    """rag.text_top is rag.text_scores best first (ties by chunk id), cut at `top`; a user
+    whose visible chunks all rank below the retriever's cut still gets the best of them (the
+    retriever reads every candidate when the cut holds too few visible ones)."""
+    count = 600
+    # Every chunk matches "alpha"; the later a chunk, the more often it says it and the
+    # better it scores. Only the 30 worst-scoring chunks are group research's.
+    texts = [" ".join(["alpha"] * (1 + i // 20) + ["filler"] * 5) for i in range(count)]
+    groups = [["research"] if i < 30 else ["staff"] for i in range(count)]
+    with connect(private_db, autocommit=True, vector=True) as conn:
+        conn.execute("DELETE FROM rag.documents")
+        ids = insert_chunks(conn, "test.cut", texts, groups)
+        scores = conn.execute(
+            "SELECT chunk_id, score FROM rag.text_scores('alpha', 0.9, 0.4, 2000)"
+        ).fetchall()
+        ranked = sorted(scores, key=lambda r: (-r[1], r[0]))
+        assert len(ranked) == count
+        top = conn.execute("SELECT * FROM rag.text_top('alpha', 0.9, 0.4, 2000, 50)").fetchall()
+        assert top == ranked[:50]
+        every = conn.execute("SELECT * FROM rag.text_top('alpha', 0.9, 0.4, 2000)").fetchall()
+        assert every == ranked
+        assert conn.execute("SELECT * FROM rag.text_top('zzz', 0.9, 0.4, 2000, 5)").fetchall() == []
+    found, pool = retriever(private_db)
+    research = User("r", ("research",))
+    try:
+        got = [p.chunk_id for p in found.text("alpha", research, 5, NO_FILTERS)]
+        visible = [chunk for chunk, _ in ranked if chunk in set(ids[:30])]
+        assert got == visible[:5]  # ranked far below the cut of 200 candidates
+        staff = [p.chunk_id for p in found.text("alpha", User("s", ("staff",)), 5, NO_FILTERS)]
+        assert staff == [chunk for chunk, _ in ranked if chunk not in set(ids[:30])][:5]
+    finally:
+        pool.close()
+        with connect(private_db, autocommit=True) as conn:
+            conn.execute("DELETE FROM rag.documents")
 
 
 def test_dense_search_uses_hnsw_for_every_kind_of_user(private_db: str) -> None:
