@@ -45,8 +45,8 @@ T = TypeVar("T")
 MAX_CANDIDATES = 1000  # hnsw.ef_search cannot exceed 1000
 # BM25 candidates read per result wanted (rag.text_top's cut): enough for a user whose groups
 # hold 5% of the corpus; a search that finds fewer visible reads every candidate instead.
-TEXT_CANDIDATES_PER_RESULT = 25
-MIN_TEXT_CANDIDATES = 200
+TEXT_CANDIDATES_PER_RESULT = 50
+MIN_TEXT_CANDIDATES = 500
 
 _CHUNK_COLUMNS = sql.SQL(
     "c.id, c.document_id, c.source_table, c.doc_key, c.chunk_index, c.text, c.metadata, "
@@ -393,7 +393,10 @@ class PgRetriever(Retriever):
         # groups hold 5% of the corpus reads about 20 candidates per result.
         statement = sql.SQL(
             "WITH s AS MATERIALIZED ("
-            " SELECT * FROM rag.text_top(%(query)s, %(k1)s, %(b)s, %(cap)s, %(top)s) AS s)"
+            " SELECT * FROM rag.text_top(%(query)s, %(k1)s, %(b)s, %(cap)s, %(top)s) AS s"
+            # Sorted again (already in order, so cheap), for the planner: the CTE's order is what
+            # lets the probes below stop at the limit instead of probing every candidate.
+            " ORDER BY s.score DESC, s.chunk_id)"
             " SELECT {cols}, d.title, s.score AS rank FROM s"
             " CROSS JOIN LATERAL (SELECT * FROM rag.chunks AS c"
             "  WHERE c.id = s.chunk_id AND {where} LIMIT 1) AS c"

@@ -416,7 +416,7 @@ def test_text_top_is_the_sorted_scores_and_the_cut_never_changes_a_result(
     try:
         got = [p.chunk_id for p in found.text("alpha", research, 5, NO_FILTERS)]
         visible = [chunk for chunk, _ in ranked if chunk in set(ids[:30])]
-        assert got == visible[:5]  # ranked far below the cut of 200 candidates
+        assert got == visible[:5]  # ranked below the cut of 500 candidates
         staff = [p.chunk_id for p in found.text("alpha", User("s", ("staff",)), 5, NO_FILTERS)]
         assert staff == [chunk for chunk, _ in ranked if chunk not in set(ids[:30])][:5]
     finally:
