@@ -14,6 +14,8 @@ stack kept under FRESHET_HOME/bench/query-text, for the three users of bench.que
 
 Reported per user: p50/p99 of each in process (no HTTP, the app's pool), their ratio, and the
 share of queries whose ten results are identical (the change must not alter a single one).
+With --caps (e.g. 1000,2000,4000), the shipped retriever's p50 and recall@10 against BM25
+reading every posting, for each FRESHET_BM25_POSTINGS_CAP listed: the cap's trade-off.
 """
 
 from __future__ import annotations
@@ -81,6 +83,46 @@ def old_search(pool: ConnectionPool, bm25: BM25, query: str, user: User, limit: 
         return [int(r["id"]) for r in cur.execute(statement, params).fetchall()]
 
 
+def cap_tradeoff(
+    pool: ConnectionPool,
+    settings: Settings,
+    users: dict[str, User],
+    queries: list[str],
+    cap: int,
+) -> dict[str, dict[str, float]]:
+    """The shipped retriever with postings cap ``cap``: p50 and recall@10 against no cap."""
+
+    def with_cap(value: int) -> PgRetriever:
+        return PgRetriever(
+            lambda: pool,
+            lambda q: np.zeros(384, dtype=np.float32),
+            ef_search=settings.hnsw_ef_search,
+            public_documents=True,
+            text_weight=settings.hybrid_text_weight,
+            rrf_k=settings.rrf_k,
+            bm25=BM25(k1=settings.bm25_k1, b=settings.bm25_b, cap=value),
+        )
+
+    exact, capped = with_cap(2**31 - 1), with_cap(cap)
+    out: dict[str, dict[str, float]] = {}
+    for name, user in users.items():
+        times: list[float] = []
+        recalls: list[float] = []
+        for query in queries:
+            want = {p.chunk_id for p in exact.text(query, user, 10, NO_FILTERS)}
+            started = time.perf_counter()
+            got = {p.chunk_id for p in capped.text(query, user, 10, NO_FILTERS)}
+            times.append((time.perf_counter() - started) * 1000)
+            if want:
+                recalls.append(len(got & want) / len(want))
+        out[name] = {
+            "p50_ms": statistics.median(times),
+            "recall_at_10": sum(recalls) / max(len(recalls), 1),
+        }
+        print(f"  cap {cap}, {name}: {out[name]}", flush=True)
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -91,6 +133,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--caps", default="", help="postings caps to measure recall and p50 for, e.g. 1000,2000"
+    )
     parser.add_argument(
         "--home", type=Path, default=PROJECT_ROOT / ".freshet" / "bench" / "query-text"
     )
@@ -124,7 +169,10 @@ def main() -> None:
         with pool.connection() as conn:
             conn.execute(migration_0006().TEXT_SCORES.replace("rag.text_scores(", OLD + "("))
         per_user: dict[str, dict[str, float]] = {}
+        caps: dict[str, dict[str, dict[str, float]]] = {}
         try:
+            for cap in [int(c) for c in args.caps.split(",") if c.strip()]:
+                caps[str(cap)] = cap_tradeoff(pool, settings, users, queries, cap)
             for name, user in users.items():
                 old: list[float] = []
                 new: list[float] = []
@@ -162,6 +210,14 @@ def main() -> None:
                 f" (x{r['p50_ratio']:.2f}), identical results {r['identical_results']:.3f}",
             )
         )
+    for cap_name, by_user in caps.items():
+        for name, r in by_user.items():
+            rows.append(
+                (
+                    f"cap {cap_name}, {name}",
+                    f"p50 {r['p50_ms']:.1f} ms, recall@10 vs every posting {r['recall_at_10']:.3f}",
+                )
+            )
     rows.append(("load average (1 min)", f"{load_avg:.2f}"))
     print_table(f"BM25 SQL in process, {len(texts)} chunks, {len(queries)} queries", rows)
     write_results(
@@ -172,6 +228,7 @@ def main() -> None:
             "rounds": args.rounds,
             "cap": bm25.cap,
             "users": per_user,
+            "caps": caps,
             "load_average_1m": load_avg,
         },
     )
