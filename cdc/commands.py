@@ -219,6 +219,7 @@ def render_status(report: dict[str, Any]) -> str:
             )
         if worker.get("last_error"):
             lines.append(f"  last error: {worker['last_error']}")
+    lines.extend(_render_lag(report.get("lag")))
     if report.get("dead_letters") is not None:
         lines.append(f"dead letters  {report['dead_letters']}")
     text = report.get("text_index")
@@ -234,6 +235,31 @@ def render_status(report: dict[str, Any]) -> str:
         )
     lines.extend(_render_convergence(report))
     return "\n".join(lines)
+
+
+def _render_lag(lag: dict[str, Any] | None) -> list[str]:
+    """Changes captured but not yet in the index, per table; a WARNING over the setting."""
+    if not lag:
+        return []
+    if lag.get("error"):
+        return [f"lag           UNKNOWN   Kafka did not say: {lag['error']}"]
+    behind = {t: v for t, v in (lag.get("tables") or {}).items() if v["records"]}
+    if not behind:
+        return ["lag           none      every captured change is in the index"]
+    lines = []
+    for table, v in sorted(behind.items()):
+        state = "WARNING" if v.get("warning") else "behind"
+        age = (
+            f"the oldest committed {v['seconds']:.1f} s ago"
+            if v.get("oldest_commit")
+            else ("the oldest one's commit time unknown")
+        )
+        over = f" (over FRESHET_LAG_WARNING_S={lag['warning_s']:g})" if v.get("warning") else ""
+        lines.append(
+            f"lag           {state:<9} {table}: {v['records']:,} changes not yet applied, "
+            f"{age}{over}"
+        )
+    return lines
 
 
 def _render_convergence(report: dict[str, Any]) -> list[str]:

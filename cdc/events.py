@@ -187,6 +187,17 @@ def decode(
     )
 
 
+def decode_record(record: Any) -> Decoded:
+    """``decode`` of a Kafka record (anything with topic, partition, offset, key and value)."""
+    return decode(
+        record.key,
+        record.value,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+    )
+
+
 def _oversized(key: Mapping[str, Any] | None, envelope: dict[str, Any], at: RecordPosition) -> Any:
     info = envelope.get("oversized")
     if not isinstance(info, dict):

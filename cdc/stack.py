@@ -231,6 +231,9 @@ def status(settings: Settings) -> dict[str, Any]:
     if settings.local_kafka:
         kafka["pid"] = LocalKafka(settings).process.pid()
     result["kafka"] = kafka
+    if kafka.get("state") == "RUNNING":
+        topics = kafka.get("topics")
+        result["lag"] = _lag(settings, [str(t) for t in topics] if isinstance(topics, list) else [])
 
     connect_info: dict[str, Any] = {
         "url": settings.connect_rest_url,
@@ -268,6 +271,31 @@ def status(settings: Settings) -> dict[str, Any]:
         result["web"] = {"url": settings.web_url, "pid": web_pid, "state": _web_state(settings)}
     result["services"] = _services(settings)
     return result
+
+
+def _lag(settings: Settings, topics: list[str]) -> dict[str, Any]:
+    """Each captured table's changes not yet in the index (the sync group's committed offsets
+    to the topic's end) and how long ago the oldest of them was committed; a table over
+    FRESHET_LAG_WARNING_S is a warning."""
+    import re
+
+    from freshet.sync.changes import topic_pattern
+    from freshet.sync.lag import group_lag
+
+    pattern = re.compile(topic_pattern(settings.topic_prefix))
+    try:
+        tables = group_lag(
+            settings.bootstrap_servers,
+            settings.sync_group,
+            settings.topic_prefix,
+            [t for t in topics if pattern.match(t)],
+        )
+    except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
+        return {"error": str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)}
+    figures = {t: v.as_dict() for t, v in tables.items()}
+    for entry in figures.values():
+        entry["warning"] = entry["seconds"] > settings.lag_warning_s
+    return {"tables": figures, "warning_s": settings.lag_warning_s}
 
 
 def _services(settings: Settings) -> dict[str, Any]:

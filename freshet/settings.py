@@ -482,6 +482,13 @@ class Settings:
     sync_group: str = _sync(
         "FRESHET_SYNC_GROUP", "the sync workers' Kafka consumer group", "rag-sync"
     )
+    lag_warning_s: float = _sync(
+        "FRESHET_LAG_WARNING_S",
+        "`freshet status` warns when a table's oldest change not yet applied to the index was "
+        "committed longer ago than this (seconds)",
+        30.0,
+        read=_positive_float,
+    )
     sync_batch: int = _sync(
         "FRESHET_SYNC_BATCH",
         "most records applied in one database transaction",

@@ -8,13 +8,22 @@ A record of a table without a mapping is ignored, loudly once per table.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from freshet.cdc.events import ChangeEvent, DecodeError, Op, RecordPosition, Tombstone, decode
+from freshet.cdc.events import (
+    ChangeEvent,
+    DecodeError,
+    Op,
+    RecordPosition,
+    Tombstone,
+    decode_record,
+)
+from freshet.consumer import DLQ_SUFFIX
 from freshet.sync.mapping import MappingError, Mappings, TableMapping
 
 logger = logging.getLogger(__name__)
@@ -97,6 +106,14 @@ class Routed:
     ignored: int = 0
 
 
+def topic_pattern(prefix: str) -> str:
+    """Every captured table's topic (PREFIX.schema.table), not Debezium's control tables and
+    heartbeats, and never a dead-letter topic: no topic whose name ends in `.dlq` (the sync
+    worker's freshet.sync.dlq, the workflow's rag.workflow.dlq, whatever the prefix)."""
+    last = re.escape(DLQ_SUFFIX.lstrip("."))
+    return rf"^{re.escape(prefix)}\.(?!freshet_cdc\.)[^.]+\.(?!{last}$)[^.]+$"
+
+
 def table_of_topic(topic: str, prefix: str) -> str | None:
     """`PREFIX.schema.table` -> `schema.table`; None for other topics."""
     if not topic.startswith(prefix + "."):
@@ -138,13 +155,7 @@ class Router:
 
         stage = "decode"
         try:
-            decoded = decode(
-                record.key,
-                record.value,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-            )
+            decoded = decode_record(record)
             stage = "map"
             change = self._change(mapping, decoded, position)
         except Exception as exc:  # noqa: BLE001 - every failure of one record is a dead letter

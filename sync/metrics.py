@@ -65,6 +65,7 @@ COUNTERS = (
     "ignored",
     "dead_letters",
     "embeddings",
+    "embed_calls",
     "chunks_written",
     "chunks_deleted",
     "metadata_only",
@@ -82,6 +83,8 @@ class SyncMetrics:
     timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMERS, 0.0))
     freshness: dict[str, Histogram] = field(default_factory=dict)
     lag: dict[str, int] = field(default_factory=dict)
+    # Per table: records not applied, and seconds since the oldest of them was committed.
+    lag_tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     assignment: list[str] = field(default_factory=list)
     events_per_sec: float = 0.0
     last_error: str | None = None
@@ -110,6 +113,10 @@ class SyncMetrics:
             self.assignment = sorted(partitions)
             self.lag = {p: v for p, v in self.lag.items() if p in partitions}
 
+    def set_table_lag(self, tables: dict[str, dict[str, Any]]) -> None:
+        with self._lock:
+            self.lag_tables = dict(tables)
+
     def observe_freshness(self, table: str, seconds: float) -> None:
         with self._lock:
             self.freshness.setdefault(table, Histogram()).observe(max(0.0, seconds))
@@ -121,6 +128,7 @@ class SyncMetrics:
                 "timers": {k: round(v, 3) for k, v in self.timers.items()},
                 "freshness": {t: h.summary() for t, h in self.freshness.items()},
                 "lag": dict(self.lag),
+                "lag_tables": {t: dict(v) for t, v in self.lag_tables.items()},
                 "assignment": list(self.assignment),
                 "events_per_sec": round(self.events_per_sec, 2),
                 "last_error": self.last_error,
@@ -142,6 +150,14 @@ class SyncMetrics:
             lines.append("# TYPE freshet_sync_consumer_lag gauge")
             for partition, lag in sorted(self.lag.items()):
                 lines.append(f'freshet_sync_consumer_lag{{{label},partition="{partition}"}} {lag}')
+            lines.append("# TYPE freshet_sync_lag_records gauge")
+            for table, figures in sorted(self.lag_tables.items()):
+                tl = f'{label},table="{table}"'
+                lines.append(f"freshet_sync_lag_records{{{tl}}} {figures['records']}")
+            lines.append("# TYPE freshet_sync_lag_seconds gauge")
+            for table, figures in sorted(self.lag_tables.items()):
+                tl = f'{label},table="{table}"'
+                lines.append(f"freshet_sync_lag_seconds{{{tl}}} {figures['seconds']}")
             if self.verify is not None:
                 lines.append("# TYPE freshet_verify_in_sync gauge")
                 lines.append(f"freshet_verify_in_sync {int(bool(self.verify['in_sync']))}")

@@ -29,7 +29,6 @@ import copy
 import json
 import logging
 import os
-import re
 import socket
 import sys
 import threading
@@ -46,8 +45,8 @@ from freshet.db import connect, database_url, source_database_url
 from freshet.embedder import Embedder
 from freshet.retry import Backoff, Stopped, retry, transient_db_error
 from freshet.settings import Settings
-from freshet.sync import deadletters
-from freshet.sync.changes import Change, KafkaRecord, Kind, Rejected, Router
+from freshet.sync import deadletters, lag
+from freshet.sync.changes import Change, KafkaRecord, Kind, Rejected, Router, topic_pattern
 from freshet.sync.chunking import Chunker, TokenChunker
 from freshet.sync.lane import EmbedGate, LargeLane
 from freshet.sync.mapping import Mappings
@@ -59,14 +58,6 @@ from freshet.sync.writer import ApplyStats, Writer, dead_letter
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 2.0
-
-
-def topic_pattern(prefix: str) -> str:
-    """Every captured table's topic (PREFIX.schema.table), not Debezium's control tables and
-    heartbeats, and never a dead-letter topic: no topic whose name ends in `.dlq` (the sync
-    worker's freshet.sync.dlq, the workflow's rag.workflow.dlq, whatever the prefix)."""
-    last = re.escape(DLQ_SUFFIX.lstrip("."))
-    return rf"^{re.escape(prefix)}\.(?!freshet_cdc\.)[^.]+\.(?!{last}$)[^.]+$"
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -112,6 +103,7 @@ class SyncWorker:
         self._last_heartbeat = 0.0
         self._backlog: int | None = None
         self._done = 0
+        self._peek: Any = None  # a consumer of no group that reads lag times (freshet.sync.lag)
         s = self.settings
         # Poll, produce, flush, commit: the runtime, with this worker as its handler.
         self.runtime = ConsumerRuntime(
@@ -210,6 +202,8 @@ class SyncWorker:
             self.lane.join(timeout=10)
         # The runtime's consumer leaves the group: its partitions move at once.
         closers: list[Callable[[], object]] = [self.source.close, self.runtime.close]
+        if self._peek is not None:
+            closers.append(self._peek.close)
         if self._conn is not None:
             closers.append(self._conn.close)
         for close in closers:
@@ -321,6 +315,7 @@ class SyncWorker:
             truncated=stats.truncated,
             dead_letters=len(stats.dead),
             embeddings=stats.embeddings,
+            embed_calls=stats.embed_calls,
             chunks_written=stats.chunks_written,
             chunks_deleted=stats.chunks_deleted,
             metadata_only=stats.metadata_only,
@@ -431,13 +426,22 @@ class SyncWorker:
         assert consumer is not None
         try:
             ends = consumer.end_offsets(assigned, timeout_ms=2000)
-            lag = {}
+            behind: dict[TopicPartition, int] = {}
+            applied: dict[TopicPartition, int] = {}
             for tp in assigned:
                 # Records the large lane still holds are not applied yet: count from the first.
                 held = self._held(tp)
-                applied = consumer.position(tp, 2000) if held is None else held
-                lag[f"{tp.topic}[{tp.partition}]"] = max(0, ends[tp] - applied)
-            self.metrics.lag = lag
+                applied[tp] = consumer.position(tp, 2000) if held is None else held
+                behind[tp] = max(0, ends[tp] - applied[tp])
+            self.metrics.lag = {f"{tp.topic}[{tp.partition}]": n for tp, n in behind.items()}
+            # The commit time of the oldest change not applied: the record at `applied`.
+            if self._peek is None and any(behind.values()):
+                self._peek = lag.peek_consumer(self.settings.bootstrap_servers, self.worker_id)
+            oldest = lag.oldest_commit_times(
+                self._peek, {tp: applied[tp] for tp in assigned if behind[tp]}, timeout_s=1.0
+            )
+            tables = lag.per_table(behind, oldest, self.settings.topic_prefix)
+            self.metrics.set_table_lag({t: v.as_dict() for t, v in tables.items()})
         except KAFKA_ERRORS as exc:
             self.metrics.last_error = f"Kafka: cannot measure lag: {exc}"[:2000]
 
@@ -453,6 +457,7 @@ class SyncWorker:
             assigned = list(consumer.assignment()) if consumer is not None else []
             if not assigned:
                 self.metrics.lag = {}
+                self.metrics.set_table_lag({})
             elif state == "running":
                 self._measure_lag(assigned)
             self.metrics.verify = last_verify(conn)
@@ -487,6 +492,7 @@ class SyncWorker:
                             "counters": counters,
                             "timers": snap["timers"],
                             "freshness": snap["freshness"],
+                            "lag_tables": snap["lag_tables"],
                             "large_lane": None
                             if lane is None or lane.current is None
                             else f"{lane.current.table} {lane.current.doc_key}",

@@ -56,6 +56,7 @@ class ApplyStats:
     hidden: int = 0
     truncated: int = 0  # documents removed by TRUNCATE
     embeddings: int = 0
+    embed_calls: int = 0  # calls of the embedder: one per batch unless one fails
     chunks_written: int = 0
     chunks_deleted: int = 0
     # Seconds spent reading + chunking, embedding, and writing (the rest is Kafka and commit).
@@ -422,11 +423,13 @@ class Writer:
         if not texts:
             return
         try:
+            stats.embed_calls += 1
             vectors = self.embedder.embed(texts)
         except Exception as exc:  # noqa: BLE001 - isolate the document that fails below
             logger.warning("batch embedding failed (%s); retrying per document", exc)
             for intent in pending:
                 try:
+                    stats.embed_calls += 1
                     own = self.embedder.embed([intent.chunks[n].text for n in intent.to_embed])
                 except Exception as inner:  # noqa: BLE001 - becomes a dead letter
                     stats.dead.append(dead_letter(intent.last, "embed", inner))

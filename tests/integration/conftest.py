@@ -20,8 +20,13 @@ from freshet.sync.worker import SyncWorker
 
 @pytest.fixture(scope="session")
 def running_stack_env(make_stack_env: Callable[[str], dict[str, str]]) -> dict[str, str]:
-    """The environment of the session's stack, for tests that start `freshet` processes."""
-    return make_stack_env("it")
+    """The environment of the session's stack, for tests that start `freshet` processes.
+
+    It loads 30 rows of each demo table, as the fault suite does: the tests add the rows they
+    need, and indexing the whole demo would spend minutes of embedding on 2 cores."""
+    env = make_stack_env("it")
+    env.update(FRESHET_DEMO_ROWS="30")
+    return env
 
 
 @pytest.fixture(scope="session")

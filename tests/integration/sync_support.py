@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -106,3 +107,18 @@ def indexed(settings: Settings, table: str, keys: list[str]) -> dict[str, tuple[
             (table, keys),
         ).fetchall()
     return {r[0]: (r[1], list(r[2])) for r in rows}
+
+
+def probe_table(settings: Settings, table: str, folder: Path) -> Path:
+    """A captured table ``table`` (id, title, body) of a test's own, and a mapping file in
+    ``folder`` that maps that table only (a worker with it skips every other table's events)."""
+    mappings = folder / "mappings.toml"
+    mappings.write_text(
+        f'[tables."{table}"]\nkey = ["id"]\ntitle = "{{title}}"\ntext = "{{body}}"\n'
+    )
+    with connect(source_database_url(settings), autocommit=True) as src:
+        src.execute(
+            f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, title text NOT NULL,"
+            " body text NOT NULL)"
+        )
+    return mappings
