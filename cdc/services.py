@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -12,6 +14,7 @@ from typing import ClassVar
 import requests
 
 from freshet.cdc.service import LocalService
+from freshet.settings import Settings
 
 # A worker that survives this long got past imports and settings; loading the model and
 # joining the group take longer, and `freshet status` shows its heartbeat once it has.
@@ -38,9 +41,14 @@ class FreshetCommand(LocalService):
             FRESHET_HOME=str(self.settings.home),
             PYTHONUNBUFFERED="1",
             PYTHONFAULTHANDLER="1",
+            **self.extra_env(),
         )
         argv = [sys.executable, "-m", "freshet.cli", self.command, "--tag", self.marker]
         return self.launch(argv, ready=ready, what=what, env=env, timeout=timeout)
+
+    def extra_env(self) -> dict[str, str]:
+        """Variables this service's process gets beyond the caller's environment."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,22 @@ class LocalSyncWorker(LocalWorker):
     service_name = "sync worker"
     file_stem = "sync"
     command = "sync"
+
+    def extra_env(self) -> dict[str, str]:
+        # Static group membership: when this worker dies and the supervisor restarts it, the
+        # group hands the new process the same partitions at once instead of waiting out the
+        # dead member's session and rebalancing. The id names this host and FRESHET_HOME, of
+        # which `up` runs one sync worker; a worker started by hand keeps dynamic membership.
+        return {"FRESHET_SYNC_INSTANCE_ID": sync_instance_id(self.settings)}
+
+
+def sync_instance_id(settings: Settings) -> str:
+    """The static group.instance.id of `freshet up`'s sync worker (FRESHET_SYNC_INSTANCE_ID
+    when set)."""
+    if settings.sync_instance_id:
+        return settings.sync_instance_id
+    home = hashlib.sha256(str(settings.home).encode()).hexdigest()[:10]
+    return f"freshet-sync-{socket.gethostname()[:200]}-{home}"
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,10 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError
+from kafka.errors import CommitFailedError, FencedInstanceIdError, KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
+from freshet.errors import FreshetError
 from freshet.retry import Backoff, Stopped, retry, transient_db_error
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,22 @@ MAX_REASON = 4000
 # A record whose handler fails this many times in a row with an error that is not a service
 # being away (database, Kafka) is a dead letter: nothing a record holds can stop its partition.
 MAX_ATTEMPTS = 5
+
+
+class MemberFenced(FreshetError, RuntimeError):
+    """Another consumer joined the group with this member's static id (group.instance.id):
+    the broker fenced this one, which stops instead of fencing the other in turn."""
+
+    def __init__(self, group: str | None, instance_id: str | None) -> None:
+        super().__init__(
+            f"another consumer joined group {group!r} with this worker's group.instance.id"
+            f" {instance_id!r}, so Kafka fenced this one and it stopped; give each running"
+            " worker its own id (FRESHET_SYNC_INSTANCE_ID), or leave it empty"
+        )
+
+
+def _fenced(exc: BaseException) -> bool:
+    return isinstance(exc, FencedInstanceIdError)
 
 
 def is_dead_letter_topic(topic: str) -> bool:
@@ -401,12 +418,16 @@ class ConsumerRuntime:
     def poll(self, stop: threading.Event) -> list[Any]:
         """Step 1: one poll's records, partition by partition."""
         consumer = self.connect(stop)
-        polled = retry(
-            lambda: consumer.poll(timeout_ms=self.poll_ms, max_records=self.max_records),
-            what=f"{self.log_prefix}polling Kafka",
-            stop=stop,
-            transient=KAFKA_ERRORS,
-        )
+        try:
+            polled = retry(
+                lambda: consumer.poll(timeout_ms=self.poll_ms, max_records=self.max_records),
+                what=f"{self.log_prefix}polling Kafka",
+                stop=stop,
+                transient=KAFKA_ERRORS,
+                fatal=_fenced,
+            )
+        except FencedInstanceIdError:
+            raise self._fenced_error() from None
         return [r for tp in sorted(polled) for r in polled[tp]]
 
     def process(self, records: Sequence[Any], stop: threading.Event) -> Handled:
@@ -524,8 +545,10 @@ class ConsumerRuntime:
                 what=f"{self.log_prefix}committing offsets",
                 stop=stop,
                 transient=KAFKA_ERRORS,
-                fatal=lambda exc: isinstance(exc, CommitFailedError),
+                fatal=lambda exc: isinstance(exc, CommitFailedError) or _fenced(exc),
             )
+        except FencedInstanceIdError:
+            raise self._fenced_error() from None
         except CommitFailedError as exc:
             # The group rebalanced meanwhile: the partitions' new owner re-reads these records,
             # and handling them again changes nothing.
@@ -535,6 +558,10 @@ class ConsumerRuntime:
             return
         for tp, meta in offsets.items():
             self._committed[tp] = meta.offset
+
+    def _fenced_error(self) -> MemberFenced:
+        config = getattr(self.consumer, "config", {}) or {}
+        return MemberFenced(config.get("group_id"), config.get("group_instance_id"))
 
     def seek(self, partition: Any, offset: int) -> None:
         """Read ``partition`` again from ``offset`` at the next poll."""

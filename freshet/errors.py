@@ -45,6 +45,9 @@ The tree (class, module, when it is raised)::
     ├── LLMError                   freshet.answering.llm.base
     │                                                      the answer backend failed or is
     │                                                      misconfigured (RuntimeError)
+    ├── MemberFenced               freshet.consumer        another consumer took this worker's
+    │                                                      static group.instance.id; this one
+    │                                                      stops (RuntimeError)
     ├── QueueUnavailable           freshet.web.publisher   a request could not be handed to
     │                                                      Kafka (RuntimeError)
     └── TokenError                 freshet.web.auth        the tokens file

@@ -189,6 +189,14 @@ def _verbatim(env: Mapping[str, str], name: str, default: str) -> str:
     return env.get(name, default)
 
 
+def _instance_id(env: Mapping[str, str], name: str, default: str) -> str:
+    """A Kafka `group.instance.id`: at most 249 characters, not "." or ".."; empty: none."""
+    raw = (env.get(name) or default).strip()
+    if len(raw) > 249 or raw in {".", ".."}:
+        raise SettingsError(f"{name} must be at most 249 characters and not '.' or '..'")
+    return raw
+
+
 def _url(env: Mapping[str, str], name: str, default: str) -> str:
     return (env.get(name) or default).rstrip("/")
 
@@ -481,6 +489,15 @@ class Settings:
     )
     sync_group: str = _sync(
         "FRESHET_SYNC_GROUP", "the sync workers' Kafka consumer group", "rag-sync"
+    )
+    sync_instance_id: str = _sync(
+        "FRESHET_SYNC_INSTANCE_ID",
+        "static group membership (Kafka `group.instance.id`) for one sync worker: restarted "
+        "within the session timeout, it gets its partitions back at once, without a rebalance. "
+        "Each running worker needs its own; empty: dynamic membership. `freshet up` gives its "
+        "own worker one (host and FRESHET_HOME) unless this is set",
+        "",
+        read=_instance_id,
     )
     lag_warning_s: float = _sync(
         "FRESHET_LAG_WARNING_S",

@@ -163,6 +163,9 @@ class SyncWorker:
         return KafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
             group_id=s.sync_group,
+            # Static membership: a worker restarted within the session timeout (kill -9, a
+            # crash, the supervisor) gets its partitions back at once, without a rebalance.
+            group_instance_id=s.sync_instance_id or None,
             client_id=self.worker_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

@@ -19,6 +19,7 @@ import pytest
 from kafka import TopicPartition
 from kafka.errors import (
     CommitFailedError,
+    FencedInstanceIdError,
     KafkaConnectionError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
@@ -31,6 +32,7 @@ from freshet.consumer import (
     DLQ_SUFFIX,
     MAX_ATTEMPTS,
     ConsumerRuntime,
+    MemberFenced,
     Handled,
     Output,
     PerRecord,
@@ -294,6 +296,29 @@ def test_a_transient_commit_failure_is_retried_and_a_rebalance_is_not_a_failure(
     assert consumer.commits == []  # the partition's next owner handles the records again
     runtime.commit_ready(threading.Event())  # and this member did not count them as committed
     assert consumer.commits == [{TP0: 2}]
+
+
+def test_a_fenced_static_member_stops_with_a_clear_error_instead_of_retrying() -> None:
+    """Two workers with one group.instance.id would fence each other in turn for ever: the
+    fenced one stops, and says which id and which setting."""
+    runtime, consumer, _, _ = make_runtime(
+        records(0, 2), handler=lambda batch, stop: Handled.all_of(batch)
+    )
+    consumer.config = {"group_id": "rag-sync", "group_instance_id": "worker-1"}  # type: ignore[attr-defined]
+    consumer.commit_errors = [FencedInstanceIdError("fenced")]
+    with pytest.raises(MemberFenced, match="'worker-1'.*FRESHET_SYNC_INSTANCE_ID"):
+        run_until_drained(runtime, consumer)
+    assert consumer.commits == []
+
+    runtime, consumer, _, _ = make_runtime(records(0, 2))
+    consumer.config = {"group_id": "rag-sync", "group_instance_id": "worker-1"}  # type: ignore[attr-defined]
+
+    def fenced_poll(timeout_ms: int = 0, max_records: int = 500) -> Any:
+        raise FencedInstanceIdError("fenced")
+
+    consumer.poll = fenced_poll  # type: ignore[method-assign]
+    with pytest.raises(MemberFenced, match="group 'rag-sync'"):
+        runtime.poll(threading.Event())
 
 
 def test_commits_never_pass_what_the_stage_holds_back_and_never_go_backwards() -> None:

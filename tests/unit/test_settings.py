@@ -138,6 +138,8 @@ def test_the_tuned_fusion_and_the_largest_k_are_the_defaults() -> None:
         ({"FRESHET_POOL_MIN_SIZE": "20"}, "FRESHET_POOL_MIN_SIZE=20 is larger than"),
         ({"FRESHET_METRICS_PORT": "70000"}, "FRESHET_METRICS_PORT=70000 is not a TCP port"),
         ({"FRESHET_JVM_NICE": "25"}, "FRESHET_JVM_NICE=25 must be from 0 to 19"),
+        ({"FRESHET_SYNC_INSTANCE_ID": "x" * 250}, "FRESHET_SYNC_INSTANCE_ID must be at most 249"),
+        ({"FRESHET_SYNC_INSTANCE_ID": ".."}, "FRESHET_SYNC_INSTANCE_ID must be at most 249"),
     ],
 )
 def test_a_bad_web_or_stage_value_names_the_variable(env: dict[str, str], message: str) -> None:
@@ -172,3 +174,17 @@ def test_app_config_overrides_fold_into_the_settings() -> None:
 def test_settings_markdown_command_prints_the_docs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--markdown"]) == 0
     assert capsys.readouterr().out == markdown()
+
+
+def test_up_gives_its_sync_worker_a_static_instance_id_per_home(tmp_path: Path) -> None:
+    """`freshet up` runs one sync worker per FRESHET_HOME: its static group.instance.id names
+    the host and the home, so two homes never fence each other; a set value wins."""
+    from freshet.cdc.services import LocalSyncWorker, sync_instance_id
+
+    one = Settings.from_env({"FRESHET_HOME": str(tmp_path / "a")})
+    two = Settings.from_env({"FRESHET_HOME": str(tmp_path / "b")})
+    assert one.sync_instance_id == ""  # a worker started by hand: dynamic membership
+    assert sync_instance_id(one) == sync_instance_id(one) != sync_instance_id(two)
+    assert LocalSyncWorker(one).extra_env() == {"FRESHET_SYNC_INSTANCE_ID": sync_instance_id(one)}
+    chosen = Settings.from_env({"FRESHET_HOME": str(tmp_path), "FRESHET_SYNC_INSTANCE_ID": "w-7"})
+    assert sync_instance_id(chosen) == "w-7"
