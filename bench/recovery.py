@@ -33,10 +33,12 @@ import argparse
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime
@@ -211,6 +213,13 @@ def trial(
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=120)
+        # The private stack's home goes when the run ends: keep the workers' logs.
+        kept = Path(tempfile.gettempdir()) / "freshet-bench-recovery-logs"
+        kept.mkdir(exist_ok=True)
+        for log in (first_log, second_log):
+            if log.exists():
+                shutil.copy(log, kept / log.name)
+        print(f"[{mode}] the workers' logs: {kept}", flush=True)
 
     # Steady state: the age of the oldest change in each batch over the 10 s before the kill.
     before = sorted(age for when, _, age in batches(first_log) if killed - 10 <= when < killed)

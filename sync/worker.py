@@ -102,6 +102,7 @@ class SyncWorker:
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
         self._backlog: int | None = None
+        self._to_size: list[TopicPartition] = []
         self._done = 0
         self._peek: Any = None  # a consumer of no group that reads lag times (freshet.sync.lag)
         s = self.settings
@@ -226,8 +227,16 @@ class SyncWorker:
         )
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Size the backlog once, for the initial-snapshot progress bar."""
-        if self._backlog is not None or not assigned or self._consumer is None:
+        """Note the first assignment; its backlog is sized after the poll returns (`_between`):
+        the rebalance listener runs on the Kafka client's I/O thread, where a blocking call
+        such as end_offsets fails."""
+        if self._backlog is None and assigned and not self._to_size:
+            self._to_size = list(assigned)
+
+    def _size_backlog(self) -> None:
+        """Size the first assignment's backlog once, for the initial-snapshot progress bar."""
+        assigned, self._to_size = self._to_size, []
+        if not assigned or self._consumer is None:
             return
         try:
             ends = self._consumer.end_offsets(assigned, timeout_ms=5000)
@@ -235,7 +244,9 @@ class SyncWorker:
         except Exception as exc:  # noqa: BLE001 - progress is a nicety
             logger.debug("cannot size the backlog: %s", exc)
             return
-        self._backlog = sum(max(0, ends[tp] - committed[tp]) for tp in assigned)
+        # Sized after the first batch was applied and committed: count that batch in.
+        remaining = sum(max(0, ends[tp] - committed[tp]) for tp in assigned)
+        self._backlog = remaining + self._done if remaining else 0
         if self._backlog:
             logger.info("backlog of %d records to index", self._backlog)
 
@@ -279,7 +290,10 @@ class SyncWorker:
             self.progress(min(self._done, self._backlog), self._backlog)
 
     def _between(self, stop: threading.Event) -> None:
-        """After every poll: what the large lane finished, and the heartbeat."""
+        """After every poll: the first backlog's size, what the large lane finished, and the
+        heartbeat."""
+        if self._to_size:
+            self._size_backlog()
         self._finish_lane_work(stop)
         self._heartbeat("running")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,17 +109,25 @@ def test_two_workers_share_partitions_and_hand_over_on_stop(
 def test_kill_9_mid_backfill_then_restart_ends_equal_to_the_source(
     running_stack: Settings, running_stack_env: dict[str, str], embedder: Embedder
 ) -> None:
+    """The worker is a static member (FRESHET_SYNC_INSTANCE_ID, as `freshet up` runs it): the
+    restarted process takes the killed one's partitions without a rebalance."""
     # 2,000 one-paragraph rows take ~2 minutes on 2 cores: long enough to kill mid-way.
     total = 2000
     keys = insert_rows(running_stack, 800000, real_sentences(total))
-    env = {**running_stack_env, "PYTHONWARNINGS": "ignore", "FRESHET_EMBED_THREADS": "2"}
+    env = {
+        **running_stack_env,
+        "PYTHONWARNINGS": "ignore",
+        "FRESHET_EMBED_THREADS": "2",
+        "FRESHET_SYNC_GROUP": "kill-test",
+        "FRESHET_SYNC_INSTANCE_ID": "kill-test-worker",
+    }
     log = Path(running_stack.home) / "logs" / "kill-test-worker.log"
     log.parent.mkdir(parents=True, exist_ok=True)
 
     def spawn() -> subprocess.Popen[bytes]:
         with log.open("ab") as out:
             return subprocess.Popen(
-                [sys.executable, "-m", "freshet.cli", "sync"],
+                [sys.executable, "-m", "freshet.cli", "-v", "sync"],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -134,6 +143,7 @@ def test_kill_9_mid_backfill_then_restart_ends_equal_to_the_source(
         killed_at = count_indexed(running_stack, keys)
         assert killed_at < total
 
+        restarted_from = log.stat().st_size
         worker = spawn()
         assert wait_for(lambda: count_indexed(running_stack, keys) == total, 900, 1.0), (
             f"backfill did not finish after the restart; log: {log}"
@@ -141,6 +151,21 @@ def test_kill_9_mid_backfill_then_restart_ends_equal_to_the_source(
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
+    # The new process took the dead member's place in the group's current generation (a
+    # rebalance would have started a new one) with every partition in its first assignment.
+    raw = log.read_bytes()
+    before, after = (
+        part.decode(errors="replace") for part in (raw[:restarted_from], raw[restarted_from:])
+    )
+    text = before + after
+    generations = [
+        re.findall(r"Successfully joined group kill-test <Generation (\d+)", t)
+        for t in (before, after)
+    ]
+    assert generations[0] and generations[1], text[-3000:]
+    assert generations[1][0] == generations[0][-1]
+    assignments = [line for line in after.splitlines() if "partitions assigned:" in line]
+    assert assignments and "freshet.app.articles[3]" in assignments[0], after[-3000:]
 
     chunker = TokenChunker(embedder.tokenizer)  # type: ignore[attr-defined]
     expected = expected_index(
@@ -158,6 +183,59 @@ def test_kill_9_mid_backfill_then_restart_ends_equal_to_the_source(
     assert duplicates == []
     with source(running_stack) as src:
         src.execute("DELETE FROM app.articles WHERE id >= 800000")
+
+
+def test_a_second_worker_with_the_same_instance_id_fences_the_first_which_stops(
+    running_stack: Settings, running_stack_env: dict[str, str]
+) -> None:
+    """Two processes with one FRESHET_SYNC_INSTANCE_ID would fence each other in turn: the
+    fenced one stops with a one-line error that names the id, and the other goes on."""
+    env = {
+        **running_stack_env,
+        "PYTHONWARNINGS": "ignore",
+        "FRESHET_SYNC_GROUP": "fence-test",
+        "FRESHET_SYNC_INSTANCE_ID": "fence-test-worker",
+    }
+    logs = Path(running_stack.home) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def spawn(name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = logs / f"{name}.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "freshet.cli", "-v", "sync"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=PROJECT_ROOT,
+            )
+        return process, log
+
+    first, first_log = spawn("fence-first")
+    second: subprocess.Popen[bytes] | None = None
+    keys: list[str] = []
+    try:
+        assert wait_for(lambda: "partitions assigned: freshet" in first_log.read_text(), 180, 0.5)
+        second, second_log = spawn("fence-second")
+        assert wait_for(lambda: "partitions assigned: freshet" in second_log.read_text(), 180, 0.5)
+        # Records for the partitions both believe they own: the fenced one finds out when it
+        # commits (or heartbeats), and stops.
+        for round_ in range(30):
+            keys += insert_rows(running_stack, 760000 + 10 * round_, real_sentences(4))
+            if wait_for(lambda: first.poll() is not None, 5, 0.2):
+                break
+        assert first.poll() == 2, first_log.read_text()[-3000:]
+        assert "freshet: error: another consumer joined group 'fence-test'" in first_log.read_text()
+        assert "'fence-test-worker'" in first_log.read_text()
+        assert second.poll() is None  # the member that joined last goes on
+        assert wait_for(lambda: count_indexed(running_stack, keys) == len(keys), 300, 0.5)
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+        with source(running_stack) as src:
+            src.execute("DELETE FROM app.articles WHERE id >= 760000 AND id < 770000")
 
 
 def test_a_row_updated_5_times_a_second_is_never_missing_or_half_written(
