@@ -506,6 +506,14 @@ class Settings:
         30.0,
         read=_positive_float,
     )
+    sync_txn_seconds: float = _sync(
+        "FRESHET_SYNC_TXN_SECONDS",
+        "a polled batch is applied in database transactions of about this many seconds of "
+        "embedding each (whole documents), so its first changes are searchable sooner after a "
+        "restart or in a burst; 0: one transaction per batch",
+        1.0,
+        read=_non_negative_float,
+    )
     sync_batch: int = _sync(
         "FRESHET_SYNC_BATCH",
         "most records applied in one database transaction",

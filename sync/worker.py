@@ -51,6 +51,7 @@ from freshet.sync.chunking import Chunker, TokenChunker
 from freshet.sync.lane import EmbedGate, LargeLane
 from freshet.sync.mapping import Mappings
 from freshet.sync.metrics import SyncMetrics
+from freshet.sync.pacing import Pacer, documents_in
 from freshet.sync.source_rows import SourceRows
 from freshet.sync.verify import last_run as last_verify
 from freshet.sync.writer import ApplyStats, Writer, dead_letter
@@ -97,6 +98,7 @@ class SyncWorker:
         self.gate = EmbedGate(self.embedder)
         self.writer = Writer(self.gate.foreground(), self.chunker, self.source)
         self.metrics = SyncMetrics(self.worker_id)
+        self.pacer = Pacer(self.settings.sync_txn_seconds)
         self.lane: LargeLane | None = None
         self._conn: psycopg.Connection | None = None
         self._stop = threading.Event()
@@ -265,12 +267,18 @@ class SyncWorker:
         """The runtime's handler: route, apply in one transaction, defer large records."""
         routed = self.router.route(records)
         changes = self._keep_or_defer(routed.changes)
-        stats = self._apply_with_retry(changes, routed.rejected, stop)
-        for change in stats.deferred:  # documents that turned out large: to the lane, in order
-            assert self.lane is not None
-            self.lane.submit(change)
+        # A large batch goes in several transactions of whole documents (sync/pacing.py), so
+        # its first changes are searchable before the last ones are embedded.
+        stats = ApplyStats()
+        for i, part in enumerate(self.pacer.split(changes) or [[]]):
+            done = self._apply_with_retry(part, routed.rejected if i == 0 else [], stop)
+            self.pacer.observe(documents_in(part), done.embed_seconds)
+            for change in done.deferred:  # documents that turned out large: to the lane
+                assert self.lane is not None
+                self.lane.submit(change)
+            self._observe(done)
+            _merge(stats, done)
         dead = routed.rejected + stats.dead
-        self._observe(stats)
         return Handled.all_of(records, _letters(dead), detail=(routed, stats))
 
     def _account(self, records: Sequence[KafkaRecord], handled: Handled, started: float) -> None:
@@ -553,6 +561,10 @@ def _merge(total: ApplyStats, part: ApplyStats) -> None:
     ):
         setattr(total, name, getattr(total, name) + getattr(part, name))
     total.committed.extend(part.committed)
+    total.embed_calls += part.embed_calls
+    total.plan_seconds += part.plan_seconds
+    total.embed_seconds += part.embed_seconds
+    total.write_seconds += part.write_seconds
     total.dead.extend(part.dead)
     total.deferred.extend(part.deferred)
     total.problems.merge(part.problems)

@@ -32,8 +32,8 @@ from freshet.consumer import (
     DLQ_SUFFIX,
     MAX_ATTEMPTS,
     ConsumerRuntime,
-    MemberFenced,
     Handled,
+    MemberFenced,
     Output,
     PerRecord,
     envelope,
@@ -675,3 +675,40 @@ def _attach(
     worker.runtime.new_consumer = lambda: consumer
     worker.runtime.producer = producer
     return worker.runtime, consumer, producer, log
+
+
+def test_a_large_batch_is_applied_in_transactions_of_whole_documents_then_committed_once(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sync/pacing.py in the worker: 10 documents (one changed twice) in transactions of at
+    most 4 documents while nothing is measured; the offsets are committed once, after all."""
+    from freshet.sync.worker import SyncWorker
+
+    settings = Settings(home=tmp_path)
+    worker = SyncWorker(settings, ZeroEmbedder(), chunker=SimpleNamespace())  # type: ignore[arg-type]
+    worker.lane = None
+    transactions: list[list[tuple[str, int]]] = []
+
+    def apply(changes: list[Any], rejected: list[Any], stop: threading.Event) -> ApplyStats:
+        transactions.append([(c.doc_key, c.position.offset) for c in changes])
+        return ApplyStats(applied=len(changes), embed_seconds=0.1 * len(changes))
+
+    monkeypatch.setattr(worker, "_apply_with_retry", apply)
+    topic = f"{settings.topic_prefix}.app.articles"
+
+    def upsert(offset: int, key: int) -> FakeRecord:
+        row = {"id": key, "title": "T", "body": "B", "access_groups": []}
+        source = {"lsn": 100 + offset, "ts_ms": 1_700_000_000_000, "schema": "app"}
+        source["table"] = "articles"
+        value = json.dumps({"op": "u", "after": row, "source": source})
+        return FakeRecord(topic, 0, offset, json.dumps({"id": key}).encode(), value.encode())
+
+    batch = [upsert(i, i) for i in range(10)] + [upsert(10, 0)]
+    runtime, consumer, _, log = _attach(worker, batch)
+    stop = threading.Event()
+    runtime.connect(stop)
+    worker.process(runtime.poll(stop), stop)
+    assert [len({k for k, _ in t}) for t in transactions] == [4, 4, 2]
+    assert transactions[0][:2] == [("0", 0), ("0", 10)]  # document 0's changes together
+    assert consumer.commits == [{TopicPartition(topic, 0): 11}]
+    assert len(index(log, is_commit)) == 1
