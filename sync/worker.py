@@ -6,9 +6,11 @@ and its specifics. Per polled batch (at-least-once delivery + idempotent writes 
 applied exactly once in effect):
   1. route the records (decode, map); a record that cannot be read becomes a dead letter,
      whatever the reason (nothing a record contains can stop its partition);
-  2. one database transaction: apply every change (sync/writer.py) and insert the batch's dead
-     letters into rag.dead_letters; commit. A large record goes to the large lane instead
-     (sync/lane.py), with every later change of its document;
+  2. database transactions of whole documents (a large batch in several, each of about
+     FRESHET_SYNC_TXN_SECONDS of embedding: sync/pacing.py): apply every change
+     (sync/writer.py) and insert the batch's dead letters into rag.dead_letters; commit. A
+     large record goes to the large lane instead (sync/lane.py), with every later change of
+     its document;
   3. the runtime produces the dead letters to the topic freshet.sync.dlq (the runtime's
      dead-letter envelope) and flushes the producer;
   4. the runtime commits the batch's Kafka offsets, in each partition only up to its first
