@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import statistics
 import threading
 import time
@@ -31,6 +32,7 @@ from freshet.db import connect, database_url, source_database_url
 from freshet.settings import Settings
 
 ROWS = 20
+MARKER = re.compile(r"\[rev-[^\]\s]+\]")
 # label -> (edits per second, whole-text rewrite instead of a one-paragraph edit)
 PHASES = {"edit-5/s": (5.0, False), "edit-20/s": (20.0, False), "rewrite-2/s": (2.0, True)}
 PARAGRAPHS = 6
@@ -68,11 +70,12 @@ class Reader(threading.Thread):
                         )
                     ]
                     now = time.time()
-                    joined = "\n".join(texts)
+                    # One pass over the text, whatever the number of pending markers (edits
+                    # superseded before they were indexed stay pending for good).
+                    visible = set(MARKER.findall("\n".join(texts)))
                     with self.lock:
-                        for marker in markers:
-                            if marker in joined:
-                                self.seen[marker] = now - self.pending.pop(marker)
+                        for marker in visible.intersection(self.pending):
+                            self.seen[marker] = now - self.pending.pop(marker)
                 time.sleep(0.005)
 
 
