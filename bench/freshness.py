@@ -50,12 +50,20 @@ class Reader(threading.Thread):
         self.seen: dict[str, float] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.error: BaseException | None = None
 
     def expect(self, marker: str, committed_at: float) -> None:
         with self.lock:
             self.pending[marker] = committed_at
 
     def run(self) -> None:
+        try:
+            self._poll()
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def _poll(self) -> None:
         with connect(database_url(self.settings), autocommit=True) as conn:
             while not self.stop.is_set():
                 with self.lock:

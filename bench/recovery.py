@@ -224,6 +224,11 @@ def trial(
                 shutil.copy(log, kept / log.name)
         print(f"[{mode}] the workers' logs: {kept}", flush=True)
 
+    print(
+        f"[{mode}] reader: {len(reader.seen)} markers seen, {len(reader.pending)} pending,"
+        f" alive {reader.is_alive()}, error {reader.error!r}",
+        flush=True,
+    )
     # Steady state: the age of the oldest change in each batch over the 10 s before the kill.
     before = sorted(age for when, _, age in batches(first_log) if killed - 10 <= when < killed)
     usual = max(before[int(0.9 * (len(before) - 1))] if before else 0.0, 1.0)
