@@ -272,9 +272,19 @@ class SyncWorker:
         # A large batch goes in several transactions of whole documents (sync/pacing.py), so
         # its first changes are searchable before the last ones are embedded.
         stats = ApplyStats()
-        for i, part in enumerate(self.pacer.split(changes) or [[]]):
+        parts = self.pacer.split(changes) or [[]]
+        for i, part in enumerate(parts):
             done = self._apply_with_retry(part, routed.rejected if i == 0 else [], stop)
             self.pacer.observe(documents_in(part), done.embed_seconds)
+            if len(parts) > 1:
+                logger.debug(
+                    "transaction %d of %d committed: %d documents, embed %.0f ms (%d texts)",
+                    i + 1,
+                    len(parts),
+                    documents_in(part),
+                    done.embed_seconds * 1000,
+                    done.embeddings,
+                )
             for change in done.deferred:  # documents that turned out large: to the lane
                 assert self.lane is not None
                 self.lane.submit(change)
