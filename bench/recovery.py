@@ -125,7 +125,8 @@ class Writer(threading.Thread):
             "UPDATE app.articles SET body = %s, updated_at = now() WHERE id = %s",
             ("\n\n".join(self.current[row]), FIRST_ID + row),
         )
-        self.reader.expect(marker, time.time())
+        self.last_commit = time.time()
+        self.reader.expect(marker, self.last_commit)
         return marker
 
     def run(self) -> None:
@@ -224,9 +225,12 @@ def trial(
                 shutil.copy(log, kept / log.name)
         print(f"[{mode}] the workers' logs: {kept}", flush=True)
 
+    post = [m for m, _, c in writer.markers if c > killed]
     print(
         f"[{mode}] reader: {len(reader.seen)} markers seen, {len(reader.pending)} pending,"
-        f" alive {reader.is_alive()}, error {reader.error!r}",
+        f" alive {reader.is_alive()}, error {reader.error!r}; after the kill: {len(post)} edits,"
+        f" seen {sum(m in reader.seen for m in post)}, pending {sum(m in reader.pending for m in post)},"
+        f" last {post[-3:]}, newest seen {sorted(reader.seen)[-3:]}",
         flush=True,
     )
     # Steady state: the age of the oldest change in each batch over the 10 s before the kill.
