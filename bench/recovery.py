@@ -225,14 +225,6 @@ def trial(
                 shutil.copy(log, kept / log.name)
         print(f"[{mode}] the workers' logs: {kept}", flush=True)
 
-    post = [m for m, _, c in writer.markers if c > killed]
-    print(
-        f"[{mode}] reader: {len(reader.seen)} markers seen, {len(reader.pending)} pending,"
-        f" alive {reader.is_alive()}, error {reader.error!r}; after the kill: {len(post)} edits,"
-        f" seen {sum(m in reader.seen for m in post)}, pending {sum(m in reader.pending for m in post)},"
-        f" last {post[-3:]}, newest seen {sorted(reader.seen)[-3:]}",
-        flush=True,
-    )
     # Steady state: the age of the oldest change in each batch over the 10 s before the kill.
     before = sorted(age for when, _, age in batches(first_log) if killed - 10 <= when < killed)
     usual = max(before[int(0.9 * (len(before) - 1))] if before else 0.0, 1.0)
