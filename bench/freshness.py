@@ -17,6 +17,7 @@ import re
 import statistics
 import threading
 import time
+from typing import Any
 
 from bench.common import (
     count_documents,
@@ -140,7 +141,7 @@ def _unmarked(paragraph: str) -> str:
     return paragraph.split(" [rev-", 1)[0]
 
 
-def summary(latencies: list[float]) -> dict[str, float]:
+def summary(latencies: list[float]) -> dict[str, Any]:
     ordered = sorted(latencies)
 
     def pct(q: float) -> float:
@@ -153,6 +154,7 @@ def summary(latencies: list[float]) -> dict[str, float]:
         "p99_ms": pct(0.99),
         "max_ms": ordered[-1] * 1000,
         "mean_ms": statistics.fmean(ordered) * 1000,
+        "latencies_ms": [round(t * 1000, 2) for t in latencies],  # for the histogram
     }
 
 

@@ -252,6 +252,7 @@ def trial(
         "caught_up_s": since(caught_up),
         "lag_before_kill_p90_s": usual,
         "consistent_after_edits_stopped_s": since(consistent, stopped),
+        "consistent_s": since(consistent),
         "edits": len(writer.markers),
         "after_recovery_freshness_p50_ms": statistics.median(after) * 1000 if after else None,
         "after_recovery_freshness_max_ms": max(after) * 1000 if after else None,

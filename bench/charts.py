@@ -1,0 +1,171 @@
+"""Charts of the benchmark results: PNG files drawn with matplotlib from bench/results/*.json.
+
+    .venv/bin/python -m bench.charts [--results DIR] [--out DIR]
+
+Each chart is drawn when its results file exists (a benchmark writes one when it runs):
+
+  freshness.png   source commit -> visible, per phase (edit rate): a histogram of every edit's
+                  latency when the file has them, else p50/p95/p99/max bars
+  recovery.png    a worker killed at 40 edits/s and restarted: seconds from the restart to
+                  each milestone, per trial (dynamic / static membership, paced or not)
+  query.png       /api/v1/search p50 and p99 per user, per search mode, with the targets
+  throughput.png  the pipeline's chunks/s against the raw embedder's on the same chunks
+
+Nothing here needs a service; the figures are the files' own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bench.report import RESULTS  # noqa: E402
+
+Chart = Callable[[dict[str, Any], Path], None]
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _subtitle(data: dict[str, Any]) -> str:
+    machine = data.get("machine", {})
+    when = str(data.get("finished_at", ""))[:16].replace("T", " ")
+    return f"{machine.get('cpus', '?')} CPUs, {when} UTC"
+
+
+def freshness(data: dict[str, Any], out: Path) -> None:
+    phases: dict[str, dict[str, Any]] = data.get("phases", {})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if all("latencies_ms" in p for p in phases.values()) and phases:
+        for label, phase in phases.items():
+            ax.hist(phase["latencies_ms"], bins=40, alpha=0.6, label=label)
+        ax.set_xlabel("source commit -> visible in rag.chunks (ms)")
+        ax.set_ylabel("edits")
+    else:
+        stats = ("p50_ms", "p95_ms", "p99_ms", "max_ms")
+        width = 0.8 / max(1, len(phases))
+        for i, (label, phase) in enumerate(phases.items()):
+            xs = [j + i * width for j in range(len(stats))]
+            ax.bar(xs, [phase.get(s, 0) for s in stats], width, label=label)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(stats))], [s[:-3] for s in stats])
+        ax.set_ylabel("ms")
+    ax.set_title(f"Freshness per phase ({_subtitle(data)})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+RECOVERY_STEPS = (
+    ("process_up_s", "process up"),
+    ("partitions_assigned_s", "partitions assigned"),
+    ("consuming_s", "first change visible"),
+    ("consistent_s", "index equals source"),
+)
+
+
+def recovery(data: dict[str, Any], out: Path) -> None:
+    trials: dict[str, dict[str, Any]] = data.get("trials", {})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    height = 0.8 / max(1, len(RECOVERY_STEPS))
+    for j, (key, label) in enumerate(RECOVERY_STEPS):
+        ys = [i + j * height for i in range(len(trials))]
+        values = [t.get(key) or 0.0 for t in trials.values()]
+        ax.barh(ys, values, height, label=label)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(trials))], list(trials))
+    ax.set_xlabel("seconds after the restart")
+    ax.axvline(5, color="grey", linestyle=":", label="target: consuming 5 s")
+    ax.axvline(15, color="black", linestyle=":", label="target: consistent 15 s")
+    ax.set_title(f"Sync worker killed at {data.get('rate', '?')} edits/s ({_subtitle(data)})")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def query(runs: dict[str, dict[str, Any]], out: Path) -> None:
+    """``runs``: mode -> the results of `bench.query --mode MODE`."""
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 4.5), squeeze=False)
+    for ax, (mode, data) in zip(axes[0], runs.items(), strict=True):
+        users: dict[str, dict[str, Any]] = data.get("users", {})
+        names = list(users)
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [users[n]["p50_ms"] for n in names], 0.4, label="p50")
+        ax.bar([x + 0.2 for x in xs], [users[n]["p99_ms"] for n in names], 0.4, label="p99")
+        for target, value in data.get("targets", {}).items():
+            if target.endswith("_ms"):
+                ax.axhline(value, linestyle=":", color="grey")
+                ax.annotate(f"target {target[:-3]}", (len(names) - 0.6, value), fontsize="small")
+        ax.set_xticks(list(xs), names)
+        ax.set_ylabel("ms over HTTP")
+        ax.set_title(f"{mode}, {data.get('chunks', '?'):,} chunks")
+        ax.legend(fontsize="small")
+    fig.suptitle("Search latency per user")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def throughput(data: dict[str, Any], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = ["pipeline", "raw embedder"]
+    values = [data.get("pipeline_chunks_per_s", 0.0), data.get("raw_chunks_per_s", 0.0)]
+    ax.bar(labels, values, color=["tab:blue", "tab:grey"])
+    ax.set_ylabel("chunks per second")
+    ax.set_title(f"Sync throughput: ratio {data.get('ratio', 0):.3f} ({_subtitle(data)})")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def draw(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
+    """Every chart whose results exist; returns the files written."""
+    out = out or results / "charts"
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    single: dict[str, Chart] = {
+        "freshness": freshness,
+        "recovery": recovery,
+        "sync_throughput": throughput,
+    }
+    for name, chart in single.items():
+        data = _load(results / f"{name}.json")
+        if data is not None:
+            target = out / f"{name.removeprefix('sync_')}.png"
+            chart(data, target)
+            written.append(target)
+    runs = {
+        mode: data
+        for mode in ("dense", "text", "hybrid")
+        if (data := _load(results / f"query_{mode}.json")) is not None
+    }
+    if runs:
+        query(runs, out / "query.png")
+        written.append(out / "query.png")
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    for path in draw(args.results, args.out):
+        print(f"chart written to {path}")
+
+
+if __name__ == "__main__":
+    main()
