@@ -66,7 +66,49 @@ def cmd_embed(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# `freshet bench NAME`: the module of each benchmark (bench/README.md says what each measures).
+BENCHMARKS = {
+    "freshness": "bench.freshness",
+    "throughput": "bench.sync_throughput",
+    "quality": "bench.quality",
+    "query": "bench.query",
+    "recovery": "bench.recovery",
+}
+
+
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    """Run benchmarks (each starts its own private stack), then draw their charts."""
+    import subprocess
+
+    from freshet.errors import FreshetError
+    from freshet.settings import PROJECT_ROOT
+
+    if not (PROJECT_ROOT / "bench" / "__init__.py").is_file():
+        raise FreshetError(
+            f"no bench/ folder in {PROJECT_ROOT}: the benchmarks run from a source checkout of"
+            " Freshet; run `freshet bench` from its root"
+        )
+    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    for name in names:
+        command = [sys.executable, "-m", BENCHMARKS[name], *args.options]
+        say(f"benchmark {name}: {' '.join(command[1:])}")
+        status = subprocess.call(command, cwd=PROJECT_ROOT)
+        if status != 0:
+            say(f"benchmark {name} failed (exit {status}); its output is above")
+            return status
+    return subprocess.call([sys.executable, "-m", "bench.charts"], cwd=PROJECT_ROOT)
+
+
 def register(subparsers: Subparsers) -> None:
+    bench = subparsers.add_parser(
+        "bench",
+        help="run a benchmark (or all) on a private stack, write bench/results/ and draw charts",
+    )
+    bench.add_argument("name", choices=(*BENCHMARKS, "all"))
+    bench.add_argument(
+        "options", nargs=argparse.REMAINDER, help="passed to the benchmark, e.g. --seconds 30"
+    )
+    bench.set_defaults(handler=cmd_bench)
     embed = subparsers.add_parser("embed", help="print a text's embedding as a pgvector literal")
     embed.add_argument("text")
     embed.add_argument("--sql", action="store_true", help="quote it and cast to vector")

@@ -22,6 +22,7 @@ import pytest
 
 from freshet import cli
 from freshet.cdc import commands as cdc_commands
+from freshet.errors import FreshetError
 from freshet.settings import Settings
 
 HEAVY = ("torch", "transformers", "flask")
@@ -43,6 +44,7 @@ COMMANDS = {
     "web": "freshet.web.commands",
     "ask": "freshet.web.commands",
     "embed": "freshet.commands",
+    "bench": "freshet.commands",
 }
 
 # Runs `freshet ARGS...` through freshet.cli.main, then prints (last line) the exit code and
@@ -129,7 +131,13 @@ def test_every_command_is_registered_by_its_stage() -> None:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(action.choices) == set(COMMANDS)
     for name, module in COMMANDS.items():
-        extra = {"snapshot": ["app.a"], "dlq": ["list"], "ask": ["q"], "embed": ["t"]}
+        extra = {
+            "snapshot": ["app.a"],
+            "dlq": ["list"],
+            "ask": ["q"],
+            "embed": ["t"],
+            "bench": ["all"],
+        }
         args = parser.parse_args([name, *extra.get(name, [])])
         assert args.handler.__module__ == module, name
 
@@ -226,3 +234,32 @@ def test_demo_says_which_token_opens_the_status_page(
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
     assert "demo-admin" not in capsys.readouterr().out
+
+
+def test_bench_runs_the_benchmark_modules_then_the_charts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import subprocess
+
+    from freshet import commands, settings
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "call", lambda argv, cwd: calls.append(argv[1:]) or 0)
+    args = cli.build_parser().parse_args(["bench", "recovery", "--rate", "20"])
+    assert commands.cmd_bench(Settings(), args) == 0
+    assert calls == [["-m", "bench.recovery", "--rate", "20"], ["-m", "bench.charts"]]
+
+    calls.clear()
+    args = cli.build_parser().parse_args(["bench", "all"])
+    assert commands.cmd_bench(Settings(), args) == 0
+    assert [c[1] for c in calls] == [*commands.BENCHMARKS.values(), "bench.charts"]
+
+    # A failing benchmark stops the run with its exit code.
+    calls.clear()
+    monkeypatch.setattr(subprocess, "call", lambda argv, cwd: calls.append(argv[1:]) or 3)
+    assert commands.cmd_bench(Settings(), args) == 3 and len(calls) == 1
+
+    # Outside a source checkout (an installed wheel) it says where the benchmarks are.
+    monkeypatch.setattr(settings, "PROJECT_ROOT", tmp_path)
+    with pytest.raises(FreshetError, match="source checkout"):
+        commands.cmd_bench(Settings(), args)
