@@ -291,7 +291,9 @@ def retrievers(
             public_documents=app.public_documents,
             text_weight=app.hybrid_text_weight,
             rrf_k=app.rrf_k,
-            bm25=BM25(app.bm25_k1, app.bm25_b, cap),
+            bm25=BM25(
+                app.bm25_k1, app.bm25_b, cap, app.bm25_hybrid_postings_cap if cap < 10**9 else 0
+            ),
         )
 
     served, exact = build(PgRetriever, app.bm25_postings_cap), build(ExactRetriever, 10**9)

@@ -620,6 +620,14 @@ class Settings:
         read=_positive,
         app=True,
     )
+    bm25_hybrid_postings_cap: int = _web(
+        "FRESHET_BM25_HYBRID_POSTINGS_CAP",
+        "the most postings a query's BM25 half reads per term in hybrid search, where it runs "
+        "while the query is embedded (0: FRESHET_BM25_POSTINGS_CAP)",
+        0,
+        read=_non_negative,
+        app=True,
+    )
     public_documents: bool = _web(
         "FRESHET_PUBLIC_DOCUMENTS",
         "documents without access groups are visible to everyone",

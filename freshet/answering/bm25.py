@@ -29,11 +29,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class BM25:
-    """The ranking's parameters (FRESHET_BM25_K1, FRESHET_BM25_B, FRESHET_BM25_POSTINGS_CAP)."""
+    """The ranking's parameters (FRESHET_BM25_K1, FRESHET_BM25_B, FRESHET_BM25_POSTINGS_CAP,
+    FRESHET_BM25_HYBRID_POSTINGS_CAP; a hybrid cap of 0 is the same as ``cap``)."""
 
     k1: float
     b: float
     cap: int
+    hybrid_cap: int = 0
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ class Answering:
                     k1=self.settings.bm25_k1,
                     b=self.settings.bm25_b,
                     cap=self.settings.bm25_postings_cap,
+                    hybrid_cap=self.settings.bm25_hybrid_postings_cap,
                 ),
             ),
         )

@@ -285,9 +285,17 @@ class PgRetriever(Retriever):
             fetch = min(limit * (4 if dedupe else 1), MAX_CANDIDATES)
             # Hybrid: the full-text query runs in PostgreSQL while this thread embeds the query
             # and runs the dense one (its spans are timed into this request's record).
+            # It may read more postings than text mode does (FRESHET_BM25_HYBRID_POSTINGS_CAP):
+            # it runs while the query is embedded, so the extra reading costs no latency.
             pending = (
                 self._side.submit(
-                    contextvars.copy_context().run, self.text, query, user, fetch, filters
+                    contextvars.copy_context().run,
+                    self.text,
+                    query,
+                    user,
+                    fetch,
+                    filters,
+                    cap=self.bm25.hybrid_cap or self.bm25.cap,
                 )
                 if mode == "hybrid"
                 else None
@@ -377,7 +385,9 @@ class PgRetriever(Retriever):
             cur.execute(statement, params)
             return cur.fetchall()
 
-    def text(self, query: str, user: User, limit: int, filters: Filters) -> list[Passage]:
+    def text(
+        self, query: str, user: User, limit: int, filters: Filters, *, cap: int | None = None
+    ) -> list[Passage]:
         """Chunks ranked by BM25 (rag.text_top: each query term reads its best postings, at
         most FRESHET_BM25_POSTINGS_CAP), the user's access and the filters applied to the
         candidates in the same statement, best first.
@@ -387,7 +397,8 @@ class PgRetriever(Retriever):
         (a small group, a narrow filter), the statement runs again over every candidate, so
         the result never depends on that cut."""
         params = query_params(user, self.public_documents, filters)
-        params.update(query=query, limit=limit, k1=self.bm25.k1, b=self.bm25.b, cap=self.bm25.cap)
+        params.update(query=query, limit=limit, k1=self.bm25.k1, b=self.bm25.b)
+        params.update(cap=cap or self.bm25.cap)
         # The candidates best first, then each one's chunk looked up by key (LIMIT 1 keeps each
         # lookup an index probe), so that reading stops at the k-th visible chunk: a user whose
         # groups hold 5% of the corpus reads about 20 candidates per result.

@@ -132,3 +132,41 @@ def test_a_query_waits_for_one_slice_of_an_answers_batch_not_all_of_it() -> None
         assert query.result(10).shape == (3,) and batch.result(10).shape == (12, 3)
     sizes = [len(call) for call in embedder.calls]
     assert sizes == [4, 1, 4, 4], sizes  # the query went before the batch's other slices
+
+
+def test_hybrid_reads_the_hybrid_postings_cap_and_text_mode_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FRESHET_BM25_HYBRID_POSTINGS_CAP applies to the BM25 half of hybrid search only (0: the
+    text cap)."""
+    from freshet.answering.bm25 import BM25
+    from freshet.answering.retrieval import PgRetriever
+
+    caps: dict[str, int | None] = {}
+
+    def build(hybrid_cap: int) -> PgRetriever:
+        retriever = PgRetriever(
+            lambda: None,  # type: ignore[arg-type,return-value]
+            lambda q: np.zeros(3, dtype=np.float32),
+            ef_search=40,
+            public_documents=True,
+            text_weight=1.0,
+            rrf_k=60,
+            bm25=BM25(0.9, 0.4, 1000, hybrid_cap),
+        )
+        monkeypatch.setattr(retriever, "dense", lambda vector, user, limit, filters: [])
+
+        def text(query: str, user: User, limit: int, filters: Filters, *, cap=None):  # type: ignore[no-untyped-def]
+            caps[mode] = cap
+            return []
+
+        monkeypatch.setattr(retriever, "text", text)
+        return retriever
+
+    user = User("u", ("staff",))
+    for mode, hybrid_cap, expected in (("hybrid", 4000, 4000), ("hybrid", 0, 1000)):
+        build(hybrid_cap).search("q", user, k=5, mode=mode)  # type: ignore[arg-type]
+        assert caps[mode] == expected
+    mode = "text"
+    build(4000).search("q", user, k=5, mode="text")
+    assert caps["text"] is None  # text mode: the retriever's own cap
