@@ -209,7 +209,19 @@ def main() -> None:
     parser.add_argument(
         "--home", type=Path, default=PROJECT_ROOT / ".freshet" / "bench" / "scifact"
     )
+    parser.add_argument(
+        "--app",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a web setting for the app under test by its Flask config name, e.g."
+        " BM25_HYBRID_POSTINGS_CAP=1000 (repeatable)",
+    )
     args = parser.parse_args()
+    config: dict[str, object] = {"RATE_LIMIT_BACKEND": "off"}
+    for item in args.app:
+        name, _, value = item.partition("=")
+        config[name] = int(value) if value.lstrip("-").isdigit() else value
     corpus_ids = [d["_id"] for d in scifact_corpus()]  # row id i <-> corpus_ids[i - 1]
     relevant = qrels(args.split)
     texts = queries()
@@ -220,7 +232,7 @@ def main() -> None:
             tune_bm25(bench, texts, relevant, corpus_ids, args.split)
             return
         # One client asking as fast as it can: the per-caller rate limits would refuse it.
-        app = create_app({"RATE_LIMIT_BACKEND": "off"}, settings=bench.settings)
+        app = create_app(config, settings=bench.settings)
         server = make_server("127.0.0.1", 0, app, threaded=True)
         port = server.server_port
         threading.Thread(target=server.serve_forever, daemon=True).start()
