@@ -4,8 +4,11 @@
 
 Each chart is drawn when its results file exists (a benchmark writes one when it runs):
 
-  freshness.png   source commit -> visible, per phase (edit rate): a histogram of every edit's
-                  latency when the file has them, else p50/p95/p99/max bars
+  freshness.png   source commit -> visible, per phase (edit rate): the share of edits visible
+                  within x ms when the file has every edit's latency, else p50/p95/p99/max
+                  bars; beside it, the median staleness of streaming against the batch job
+                  every 1 and 5 minutes over the same edits, with the embeddings each computed
+  freshness_load.png  the same, run with a noisy neighbour (bench.freshness --load)
   recovery.png    a worker killed at 40 edits/s and restarted: seconds from the restart to
                   each milestone, per trial (dynamic / static membership, paced or not)
   query.png       /api/v1/search p50 and p99 per user, per search mode, with the targets
@@ -48,12 +51,20 @@ def _subtitle(data: dict[str, Any]) -> str:
 
 def freshness(data: dict[str, Any], out: Path) -> None:
     phases: dict[str, dict[str, Any]] = data.get("phases", {})
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    baseline = phases and all("batch_baseline" in p for p in phases.values())
+    fig, axes = plt.subplots(1, 2 if baseline else 1, figsize=(13 if baseline else 8, 4.5))
+    ax = axes[0] if baseline else axes
     if all("latencies_ms" in p for p in phases.values()) and phases:
+        # The share of edits visible within x ms, per phase (log x: loaded phases reach
+        # seconds while calm ones stay in tens of milliseconds).
         for label, phase in phases.items():
-            ax.hist(phase["latencies_ms"], bins=40, alpha=0.6, label=label)
-        ax.set_xlabel("source commit -> visible in rag.chunks (ms)")
-        ax.set_ylabel("edits")
+            xs = sorted(phase["latencies_ms"])
+            if xs:
+                ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("source commit -> visible in rag.chunks (ms, log scale)")
+        ax.set_ylabel("share of edits visible")
+        ax.grid(True, which="both", alpha=0.3)
     else:
         stats = ("p50_ms", "p95_ms", "p99_ms", "max_ms")
         width = 0.8 / max(1, len(phases))
@@ -62,11 +73,36 @@ def freshness(data: dict[str, Any], out: Path) -> None:
             ax.bar(xs, [phase.get(s, 0) for s in stats], width, label=label)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(stats))], [s[:-3] for s in stats])
         ax.set_ylabel("ms")
-    ax.set_title(f"Freshness per phase ({_subtitle(data)})")
-    ax.legend()
+    load = data.get("load") or {}
+    loaded = ", with a noisy neighbour" if load.get("neighbour") else ""
+    ax.set_title(f"Freshness per phase{loaded} ({_subtitle(data)})", fontsize="medium")
+    ax.legend(fontsize="small")
+    if baseline:
+        _against_batch(axes[1], phases)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def _against_batch(ax: Any, phases: dict[str, dict[str, Any]]) -> None:
+    """Median staleness per phase: streaming against the batch job every 1 and 5 minutes,
+    each bar labelled with the embeddings it computed for the same edits."""
+    methods = ["streaming", *next(iter(phases.values()))["batch_baseline"]]
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        xs, heights, notes = [], [], []
+        for i, phase in enumerate(phases.values()):
+            figures = phase if method == "streaming" else phase["batch_baseline"][method]
+            xs.append(i + j * width)
+            heights.append(figures.get("p50_ms", 0) or 0)
+            notes.append(f"{figures.get('embeddings', 0):.0f}")
+        bars = ax.bar(xs, heights, width, label=method)
+        ax.bar_label(bars, notes, fontsize="x-small", padding=2)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(phases))], list(phases))
+    ax.set_yscale("log")
+    ax.set_ylabel("median staleness (ms, log scale)")
+    ax.set_title("Streaming vs a batch job (bar labels: embeddings computed)", fontsize="medium")
+    ax.legend(fontsize="small")
 
 
 RECOVERY_STEPS = (
@@ -138,6 +174,7 @@ def draw(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
     written: list[Path] = []
     single: dict[str, Chart] = {
         "freshness": freshness,
+        "freshness_load": freshness,
         "recovery": recovery,
         "sync_throughput": throughput,
     }

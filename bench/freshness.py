@@ -1,12 +1,20 @@
 """Freshness: time from a source commit to the new text being visible in rag.chunks.
 
-    .venv/bin/python -m bench.freshness [--seconds 60]
+    .venv/bin/python -m bench.freshness [--seconds 60] [--load]
 
 A private stack and one `freshet sync` process on the same 2 cores. Multi-paragraph rows
 (SciFact abstracts, read at run time) get one-paragraph edits at 5/s and at 20/s, then
 whole-text rewrites at 2/s. Each edit carries a unique marker; a reader polls rag.chunks every
 5 ms on its own connection and stamps when the marker becomes visible. Reports
-p50/p95/p99/max per phase. Targets at 5 edits/s: p50 <= 100 ms, p99 <= 250 ms.
+p50/p95/p99/max per phase, and the embeddings the worker computed. Targets at 5 edits/s:
+p50 <= 100 ms, p99 <= 250 ms.
+
+--load runs a noisy neighbour beside the stack for the whole run (bench/load.py: a second
+process embedding continuously with one thread); its results go to freshness_load.json.
+
+Beside each phase, the batch baseline (bench/batch_baseline.py): the same edits replayed
+through a job that re-embeds the changed rows every 1 and every 5 minutes, with the embedding
+time per chunk measured in the same run: its staleness and the embeddings it computes.
 """
 
 from __future__ import annotations
@@ -17,8 +25,10 @@ import re
 import statistics
 import threading
 import time
+from contextlib import ExitStack
 from typing import Any
 
+from bench.batch_baseline import Edit, replay
 from bench.common import (
     count_documents,
     print_table,
@@ -28,8 +38,10 @@ from bench.common import (
     wait_until,
     write_results,
 )
+from bench.load import neighbour
 from freshet.cdc.demo import create_demo_schema
 from freshet.db import connect, database_url, source_database_url
+from freshet.embedder import embedder_from_settings
 from freshet.settings import Settings
 
 ROWS = 20
@@ -38,6 +50,11 @@ MARKER = re.compile(r"\[rev-[^\]\s]+\]")
 PHASES = {"edit-5/s": (5.0, False), "edit-20/s": (20.0, False), "rewrite-2/s": (2.0, True)}
 PARAGRAPHS = 6
 FIRST_ID = 500000
+# With the noisy neighbour (--load) and without it.
+TARGETS_LOADED = {"edit-5/s": {"p99_ms": 100}, "edit-20/s": {"p50_ms": 100, "p99_ms": 250}}
+TARGETS = {"edit-5/s": {"p50_ms": 100, "p99_ms": 250}}
+# The batch baseline: a job every 1 and every 5 minutes.
+BATCH_INTERVALS_S = {"cron-1min": 60.0, "cron-5min": 300.0}
 
 
 class Reader(threading.Thread):
@@ -97,7 +114,9 @@ def run_phase(
     rewrite: bool,
     pool: list[str],
     label: str,
+    edits: list[Edit],
 ) -> list[float]:
+    """Runs one phase; appends each edit (commit time, row) to ``edits``."""
     rng = random.Random(label)
     results_before = set(reader.seen)
     markers: list[str] = []
@@ -122,7 +141,9 @@ def run_phase(
                 "UPDATE app.articles SET body = %s, updated_at = now() WHERE id = %s",
                 (body, FIRST_ID + row),
             )
-            reader.expect(marker, time.time())
+            committed = time.time()
+            reader.expect(marker, committed)
+            edits.append(Edit(committed, str(FIRST_ID + row)))
             markers.append(marker)
             n += 1
             time.sleep(max(0.0, started + n / rate - time.monotonic()))
@@ -158,6 +179,37 @@ def summary(latencies: list[float]) -> dict[str, Any]:
     }
 
 
+def worker_embeddings(settings: Settings) -> int:
+    """Texts the worker has embedded so far (its heartbeat's counters)."""
+    time.sleep(2.5)  # one more heartbeat (every 2 s)
+    with connect(database_url(settings), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT (progress->'counters'->>'embeddings')::bigint FROM rag.workers"
+            " ORDER BY heartbeat_at DESC LIMIT 1"
+        ).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def seconds_per_chunk(settings: Settings, keys: list[str]) -> tuple[dict[str, int], float]:
+    """Chunks per benchmark row, and the embedder's seconds per chunk when it embeds every
+    row's chunks in one call (what a batch job does), measured now, beside the same load."""
+    with connect(database_url(settings), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT doc_key, text FROM rag.chunks WHERE source_table = 'app.articles'"
+            " AND doc_key = ANY(%s)",
+            (keys,),
+        ).fetchall()
+    chunks: dict[str, int] = {}
+    for key, _ in rows:
+        chunks[key] = chunks.get(key, 0) + 1
+    embedder = embedder_from_settings(settings)
+    texts = [text for _, text in rows]
+    embedder.embed(texts[:8])  # warm-up
+    started = time.perf_counter()
+    embedder.embed(texts)
+    return chunks, (time.perf_counter() - started) / max(1, len(texts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60)
@@ -165,6 +217,11 @@ def main() -> None:
         "--phases",
         default=",".join(PHASES),
         help=f"comma-separated subset of {','.join(PHASES)}",
+    )
+    parser.add_argument(
+        "--load",
+        action="store_true",
+        help="run a noisy neighbour (a process embedding with one thread) beside the stack",
     )
     parser.add_argument(
         "--set",
@@ -181,8 +238,9 @@ def main() -> None:
     abstracts = [d["text"] for d in scifact_corpus(ROWS * PARAGRAPHS * 3)]
     paragraphs = [abstracts[i * PARAGRAPHS : (i + 1) * PARAGRAPHS] for i in range(ROWS)]
     keys = [str(FIRST_ID + i) for i in range(ROWS)]
+    load: dict[str, Any] = {"neighbour": None}
 
-    with private_stack("bench-fresh", **overrides) as bench:
+    with private_stack("bench-fresh", **overrides) as bench, ExitStack() as around:
         settings = bench.settings
         with connect(source_database_url(settings), autocommit=True) as conn:
             create_demo_schema(conn)  # app.articles, without the demo rows
@@ -196,48 +254,97 @@ def main() -> None:
             try:
                 if not wait_until(lambda: count_documents(settings, "app.articles") >= ROWS, 600):
                     raise SystemExit("the rows were not indexed; see the worker's log")
+                noisy = (
+                    around.enter_context(neighbour(1, log_dir=settings.logs_dir))
+                    if args.load
+                    else None
+                )
                 time.sleep(3)
                 reader.start()
                 current = [list(p) for p in paragraphs]  # each row's text as it is now
-                phases = {}
+                phases: dict[str, dict[str, Any]] = {}
+                edits: dict[str, list[Edit]] = {}
+                starts: dict[str, float] = {}
                 for label in chosen:
                     rate, rewrite = PHASES[label]
                     print(f"phase {label} for {args.seconds:.0f}s ...", flush=True)
+                    before = worker_embeddings(settings)
+                    edits[label] = []
+                    starts[label] = time.time()
                     latencies = run_phase(
-                        settings, reader, current, rate, args.seconds, rewrite, abstracts, label
+                        settings,
+                        reader,
+                        current,
+                        rate,
+                        args.seconds,
+                        rewrite,
+                        abstracts,
+                        label,
+                        edits[label],
                     )
                     phases[label] = summary(latencies)
+                    phases[label]["edits"] = len(edits[label])
+                    phases[label]["embeddings"] = worker_embeddings(settings) - before
             finally:
                 reader.stop.set()
+            print("the batch baseline: embedding time per chunk ...", flush=True)
+            chunks, per_chunk = seconds_per_chunk(settings, keys)
+        if noisy is not None:
+            around.close()  # stops the neighbour; its figures are complete now
+            load = noisy.describe()
+    for label in chosen:
+        phases[label]["batch_baseline"] = {
+            name: replay(edits[label], interval, chunks, per_chunk, starts[label])
+            for name, interval in BATCH_INTERVALS_S.items()
+        }
 
     rows = []
     for label, s in phases.items():
         rows.append(
             (
-                label,
-                f"n={s['count']:<5} p50 {s['p50_ms']:6.1f} ms  p95 {s['p95_ms']:6.1f} ms"
-                f"  p99 {s['p99_ms']:6.1f} ms  max {s['max_ms']:6.1f} ms",
+                f"{label} streaming",
+                f"n={s['count']:<5} p50 {s['p50_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms"
+                f"  max {s['max_ms']:8.1f} ms  embeddings {s['embeddings']}",
+            )
+        )
+        for name, b in s["batch_baseline"].items():
+            rows.append(
+                (
+                    f"{label} {name}",
+                    f"n={b['count']:<5} p50 {b['p50_ms']:8.0f} ms  p99 {b['p99_ms']:8.0f} ms"
+                    f"  max {b['max_ms']:8.0f} ms  embeddings {b['embeddings']:.0f}",
+                )
+            )
+    rows.append(("embedding (batch job)", f"{per_chunk * 1000:.1f} ms per chunk"))
+    if args.load:
+        rows.append(
+            (
+                "load",
+                f"{load['neighbour']}: {load.get('neighbour_texts_per_s', 0):.1f} texts/s;"
+                f" 1-min load mean {load['loadavg_1m_mean'] or 0:.2f}",
             )
         )
     print_table(
         "freshness: source commit -> visible in rag.chunks (targets at 5/s: p50 <= 100 "
-        "ms, p99 <= 250 ms)",
+        "ms, p99 <= 250 ms); cron-N: the same edits through a job every N minutes",
         rows,
     )
     write_results(
-        "freshness",
+        "freshness_load" if args.load else "freshness",
         {
             "phases": phases,
             "rows": ROWS,
             "paragraphs_per_row": PARAGRAPHS,
             "seconds_per_phase": args.seconds,
             "overrides": overrides,
+            "load": load,
+            "batch_seconds_per_chunk": per_chunk,
             "settings": {
                 "cdc_poll_interval_ms": settings.cdc_poll_interval_ms,
                 "cdc_linger_ms": settings.cdc_linger_ms,
                 "sync_fetch_wait_ms": settings.sync_fetch_wait_ms,
             },
-            "targets": {"edit-5/s": {"p50_ms": 100, "p99_ms": 250}},
+            "targets": TARGETS_LOADED if args.load else TARGETS,
         },
     )
 

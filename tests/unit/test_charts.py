@@ -25,6 +25,28 @@ def test_every_chart_is_drawn_from_its_results_file(tmp_path: Path) -> None:
             }
         },
     )
+    cron = {"cron-1min": {"p50_ms": 31_000, "embeddings": 140}, "cron-5min": {"p50_ms": 150_000}}
+    write(
+        tmp_path,
+        "freshness_load",
+        {
+            "load": {"neighbour": "a second process embedding with 1 thread(s)"},
+            "phases": {
+                "edit-5/s": {
+                    "latencies_ms": [40, 45, 50, 80],
+                    "p50_ms": 45,
+                    "embeddings": 4,
+                    "batch_baseline": cron,
+                },
+                "edit-20/s": {
+                    "latencies_ms": [],
+                    "p50_ms": 90,
+                    "embeddings": 2,
+                    "batch_baseline": cron,
+                },
+            },
+        },
+    )
     write(
         tmp_path,
         "recovery",
@@ -50,7 +72,13 @@ def test_every_chart_is_drawn_from_its_results_file(tmp_path: Path) -> None:
         )
     written = draw(tmp_path, tmp_path / "charts")
     names = sorted(p.name for p in written)
-    assert names == ["freshness.png", "query.png", "recovery.png", "throughput.png"]
+    assert names == [
+        "freshness.png",
+        "freshness_load.png",
+        "query.png",
+        "recovery.png",
+        "throughput.png",
+    ]
     for path in written:
         assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5_000
 
