@@ -179,15 +179,24 @@ def summary(latencies: list[float]) -> dict[str, Any]:
     }
 
 
-def worker_embeddings(settings: Settings) -> int:
-    """Texts the worker has embedded so far (its heartbeat's counters)."""
+WORKER_COUNTERS = ("embeddings", "embed_calls", "batches", "events")
+WORKER_TIMERS = ("embed_seconds", "write_seconds", "plan_seconds", "batch_seconds")
+
+
+def worker_progress(settings: Settings) -> dict[str, float]:
+    """The worker's counters and timers so far (its heartbeat in rag.workers)."""
     time.sleep(2.5)  # one more heartbeat (every 2 s)
     with connect(database_url(settings), autocommit=True) as conn:
         row = conn.execute(
-            "SELECT (progress->'counters'->>'embeddings')::bigint FROM rag.workers"
-            " ORDER BY heartbeat_at DESC LIMIT 1"
+            "SELECT progress FROM rag.workers ORDER BY heartbeat_at DESC LIMIT 1"
         ).fetchone()
-    return int(row[0]) if row and row[0] is not None else 0
+    progress = (row[0] if row else None) or {}
+    counters = progress.get("counters") or {}
+    timers = progress.get("timers") or {}
+    return {
+        **{k: float(counters.get(k, 0)) for k in WORKER_COUNTERS},
+        **{k: float(timers.get(k, 0.0)) for k in WORKER_TIMERS},
+    }
 
 
 def seconds_per_chunk(settings: Settings, keys: list[str]) -> tuple[dict[str, int], float]:
@@ -268,7 +277,7 @@ def main() -> None:
                 for label in chosen:
                     rate, rewrite = PHASES[label]
                     print(f"phase {label} for {args.seconds:.0f}s ...", flush=True)
-                    before = worker_embeddings(settings)
+                    before = worker_progress(settings)
                     edits[label] = []
                     starts[label] = time.time()
                     latencies = run_phase(
@@ -284,7 +293,10 @@ def main() -> None:
                     )
                     phases[label] = summary(latencies)
                     phases[label]["edits"] = len(edits[label])
-                    phases[label]["embeddings"] = worker_embeddings(settings) - before
+                    after = worker_progress(settings)
+                    worker = {k: round(after[k] - before[k], 3) for k in after}
+                    phases[label]["embeddings"] = int(worker["embeddings"])
+                    phases[label]["worker"] = worker
             finally:
                 reader.stop.set()
             print("the batch baseline: embedding time per chunk ...", flush=True)
@@ -305,6 +317,15 @@ def main() -> None:
                 f"{label} streaming",
                 f"n={s['count']:<5} p50 {s['p50_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms"
                 f"  max {s['max_ms']:8.1f} ms  embeddings {s['embeddings']}",
+            )
+        )
+        w = s["worker"]
+        rows.append(
+            (
+                f"{label} worker",
+                f"{w['batches']:.0f} batches, {w['embed_calls']:.0f} embedding calls; seconds"
+                f" embedding {w['embed_seconds']:.1f}, writing {w['write_seconds']:.1f},"
+                f" planning {w['plan_seconds']:.1f}, in batches {w['batch_seconds']:.1f}",
             )
         )
         for name, b in s["batch_baseline"].items():

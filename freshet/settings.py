@@ -858,12 +858,21 @@ class Settings:
     # --- workflow: answer rules and the async answer path -----------------------------------
     answer_rules: str = _workflow(
         "FRESHET_ANSWER_RULES",
-        "the business rules every answer must pass, synchronous or async (TOML; see "
-        "[workflow.md](workflow.md)); empty: none",
+        "the business rules every answer must pass, synchronous or async: a TOML file, a "
+        "directory of them, or `table` (rows of rag.answer_rules); see "
+        "[workflow.md](workflow.md); empty: none",
         factory=lambda: str(default_rules()),
         read=_verbatim,
         kind="path",
         shown="`rules/answers.toml`",
+        app=True,
+    )
+    answer_rules_reload_s: float = _workflow(
+        "FRESHET_ANSWER_RULES_RELOAD_S",
+        "how often (seconds) a web process or validator looks at the answer rules' source "
+        "again; a change applies to the next answer without a restart; 0: read once at start",
+        1.0,
+        read=_non_negative_float,
         app=True,
     )
     start_workflow: bool = _workflow(

@@ -1,7 +1,7 @@
 """The app's answer store and answer rules, from the answering core's factory.
 
 Asking itself (retrieve -> prompt -> answer -> judge -> keep) is ``freshet.answering.answers``;
-this module only keeps the store and the rules of one app in ``app.extensions``.
+this module only finds the store and the rules of one app.
 """
 
 from __future__ import annotations
@@ -23,16 +23,11 @@ def get_store(app: Flask | None = None) -> AnswerStore:
 
 
 def get_rules(app: Flask | None = None) -> RuleSet:
-    """The answer rules, loaded once per app from FRESHET_ANSWER_RULES."""
-    app = _app(app)
-    rules = app.extensions.get("freshet.answer_rules")
-    if rules is None:
-        from freshet.web.services import answering
+    """The answer rules in force now: FRESHET_ANSWER_RULES, looked at again every
+    FRESHET_ANSWER_RULES_RELOAD_S seconds (freshet/answering/live_rules.py)."""
+    from freshet.web.services import answering
 
-        rules = answering(app).rules()
-        app.extensions["freshet.answer_rules"] = rules
-    assert isinstance(rules, RuleSet)
-    return rules
+    return answering(_app(app)).rules()
 
 
 def init_app(app: Flask) -> None:

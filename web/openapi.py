@@ -123,6 +123,16 @@ SCHEMAS: dict[str, Any] = {
                 },
             },
             "error": {"type": "string"},
+            "withheld": {
+                "type": "boolean",
+                "description": "true when the answer rules rejected the answer: its text and "
+                "citations are not shown, `violations` says which rules it broke",
+            },
+            "rules_version": {
+                "type": "string",
+                "description": "the rule set that judged the answer: DIGEST@TIME (the digest of "
+                "the rules' text and when their source last changed)",
+            },
             "citations": {"type": "array", "items": _ref("Citation")},
             "as_of": {**_TS, "description": "newest source commit time among the citations"},
             "backend": {"type": "string"},

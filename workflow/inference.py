@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from freshet.answering.answers import compose
+from freshet.answering.answers import cited_sources, compose
 from freshet.answering.factory import Answering
 from freshet.answering.llm import Answerer, LLMError
 from freshet.answering.messages import RAW_ANSWERS, AnswerRequest, dumps
@@ -47,5 +47,11 @@ class Inference:
         except LLMError as exc:
             body["error"] = f"the answer backend failed: {exc}"
         else:
-            body.update(passages=passages, answer=answer.to_dict())
+            # The cited passages' texts travel with the answer: the validator's `grounded`
+            # rule checks the answer against them.
+            body.update(
+                passages=len(passages),
+                answer=answer.to_dict(),
+                sources={str(n): text for n, text in cited_sources(answer, passages).items()},
+            )
         return [Output(RAW_ANSWERS, request.id.encode(), dumps(body))]

@@ -7,6 +7,7 @@ Writing the table is an upsert by request id, so a redelivered raw answer change
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from freshet.answering.answers import AnswerStore, StoredAnswer, judge
@@ -24,8 +25,11 @@ from freshet.consumer import Output
 
 
 class Validator:
-    def __init__(self, rules: RuleSet, store: AnswerStore) -> None:
-        self.rules = rules
+    """``rules``: a rule set, or a callable giving the one in force now (LiveRules.current:
+    a rule changed by its owners applies to the next answer, no restart)."""
+
+    def __init__(self, rules: RuleSet | Callable[[], RuleSet], store: AnswerStore) -> None:
+        self.rules: Callable[[], RuleSet] = (lambda: rules) if isinstance(rules, RuleSet) else rules
         self.store = store
 
     def __call__(self, record: Any) -> list[Output]:
@@ -33,6 +37,7 @@ class Validator:
         answer_id = request_id(body)
         question = str(body.get("question") or "")
         user = user_of(body)
+        rules = self.rules()
         if "error" in body:
             stored = StoredAnswer(answer_id, question, user, "failed", error=str(body["error"]))
         else:
@@ -40,13 +45,15 @@ class Validator:
             passages = body.get("passages")
             if not isinstance(answer, dict) or not isinstance(passages, int):
                 raise MessageError("a raw answer needs `answer` (object) and `passages` (int)")
+            sources = body.get("sources")
             try:
-                stored = judge(answer_id, question, user, answer, passages, self.rules)
-            except (KeyError, TypeError, ValueError) as exc:
+                cited = None if sources is None else {int(n): str(t) for n, t in sources.items()}
+                stored = judge(answer_id, question, user, answer, passages, rules, cited)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise MessageError(f"the raw answer cannot be judged: {exc!r}") from None
         self.store.put(stored)
         out = stored.to_dict()
-        out["rules"] = self.rules.digest
+        out["rules"] = rules.label
         if stored.status == "rejected":
             out["withheld"] = stored.answer
         topic = APPROVED if stored.status == "approved" else REJECTED

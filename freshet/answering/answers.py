@@ -14,6 +14,8 @@ capability (its secret or the asker's session, see freshet/answering/capability.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import uuid
@@ -31,13 +33,30 @@ from psycopg_pool import ConnectionPool
 from freshet.answering.capability import NO_KEYS, Keys
 from freshet.answering.llm import Answer, Answerer
 from freshet.answering.retrieval import NO_FILTERS, Filters, Passage, Retriever
-from freshet.answering.rules import Judged, RuleSet, Violation
+from freshet.answering.rules import Judged, Outcome, RuleSet, Violation
 from freshet.answering.users import ANONYMOUS, User
 
 logger = logging.getLogger(__name__)
 
 STATUSES = ("pending", "approved", "rejected", "failed")
 WITHHELD = "This answer was withheld: it did not pass the answer rules."
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the audit keeps of one judgement: the answer judged (a digest), the rule set
+    (digest, version, source) and each rule's outcome."""
+
+    answer_digest: str
+    rules: RuleSet
+    outcomes: tuple[Outcome, ...]
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any], rules: RuleSet, outcomes: Sequence[Outcome]) -> Verdict:
+        judged = {k: body.get(k) for k in ("answer", "citations", "markers", "declined")}
+        canonical = json.dumps(judged, sort_keys=True, separators=(",", ":"), default=str)
+        digest = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return cls(digest, rules, tuple(outcomes))
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,10 @@ class StoredAnswer:
     error: str | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     keys: Keys = NO_KEYS
+    # The rule set's digest@version that judged it (answers judged before versions: None).
+    rules_version: str | None = None
+    # Set when the answer was judged just now: what the audit records (not read back).
+    verdict: Verdict | None = field(default=None, compare=False)
 
     def visible_to(self, user: User, secret: str | None = None, session: str | None = None) -> bool:
         """An admin; the asker by their token (the text may quote passages of their groups);
@@ -76,7 +99,10 @@ class StoredAnswer:
         elif self.status == "rejected":
             backend = (self.answer or {}).get("backend", "")
             body.update(answer=WITHHELD, citations=[], as_of=None, backend=backend)
+            body["withheld"] = True
             body["violations"] = [v.to_dict() for v in self.violations]
+        if self.rules_version is not None and self.status in ("approved", "rejected"):
+            body["rules_version"] = self.rules_version
         elif self.status == "failed":
             body["error"] = self.error or "answering failed"
         return body
@@ -89,19 +115,32 @@ def judge(
     answer: Answer | Mapping[str, Any],
     passages: int,
     rules: RuleSet,
+    sources: Mapping[int, str] | None = None,
 ) -> StoredAnswer:
-    """The answer with the rules' verdict: approved, or rejected with its violations."""
+    """The answer with the rules' verdict: approved, or rejected with its violations.
+    ``sources``: the text of each cited passage by its [n] (None: not known)."""
     body = answer.to_dict() if isinstance(answer, Answer) else dict(answer)
-    violations = tuple(rules.check(Judged.of(body, passages)))
+    outcomes = rules.outcomes(Judged.of(body, passages, question, sources))
+    violations = tuple(Violation(o.rule, o.message or "") for o in outcomes if not o.passed)
     if violations:
         logger.warning(
-            "answer %s rejected by %s: %s",
+            "answer %s rejected by %s (%s): %s",
             answer_id,
             rules.source,
+            rules.label,
             "; ".join(f"{v.rule}: {v.message}" for v in violations),
         )
     status = "rejected" if violations else "approved"
-    return StoredAnswer(answer_id, question, owner, status, body, violations)
+    return StoredAnswer(
+        answer_id,
+        question,
+        owner,
+        status,
+        body,
+        violations,
+        rules_version=rules.label,
+        verdict=Verdict.of(body, rules, outcomes),
+    )
 
 
 class AnswerStore(ABC):
@@ -153,14 +192,17 @@ class PgAnswerStore(AnswerStore):
         self._pool = pool
 
     def put(self, answer: StoredAnswer) -> None:
-        with self._pool().connection() as conn:
+        """The answer by its id, and its verdict appended to rag.answer_audit (once per
+        request and rule set: a redelivered answer adds no row), in one transaction."""
+        with self._pool().connection() as conn, conn.transaction():
             conn.execute(
                 "INSERT INTO rag.answers (id, question, asked_by, status, answer, violations,"
-                " error, created_at, secret_hash, session_hash)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " error, created_at, secret_hash, session_hash, rules_version)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status,"
                 " answer = EXCLUDED.answer, violations = EXCLUDED.violations,"
                 " error = EXCLUDED.error, updated_at = now(),"
+                " rules_version = EXCLUDED.rules_version,"
                 # The validator's verdict carries no keys: the asker's stay.
                 " secret_hash = coalesce(EXCLUDED.secret_hash, rag.answers.secret_hash),"
                 " session_hash = coalesce(EXCLUDED.session_hash, rag.answers.session_hash)",
@@ -175,14 +217,32 @@ class PgAnswerStore(AnswerStore):
                     answer.created_at,
                     answer.keys.secret_hash,
                     answer.keys.session_hash,
+                    answer.rules_version,
                 ),
             )
+            verdict = answer.verdict
+            if verdict is not None:
+                conn.execute(
+                    "INSERT INTO rag.answer_audit (request_id, answer_digest, rules_digest,"
+                    " rules_version, rules_source, status, outcomes)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT ON CONSTRAINT uq_answer_audit_verdict DO NOTHING",
+                    (
+                        answer.id,
+                        verdict.answer_digest,
+                        verdict.rules.digest,
+                        verdict.rules.version,
+                        verdict.rules.source,
+                        answer.status,
+                        Jsonb([o.to_dict() for o in verdict.outcomes]),
+                    ),
+                )
 
     def get(self, answer_id: str) -> StoredAnswer | None:
         with self._pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(
                 "SELECT id, question, asked_by, status, answer, violations, error, created_at,"
-                " secret_hash, session_hash FROM rag.answers WHERE id = %s",
+                " secret_hash, session_hash, rules_version FROM rag.answers WHERE id = %s",
                 (answer_id,),
             ).fetchone()
         if row is None:
@@ -197,6 +257,7 @@ class PgAnswerStore(AnswerStore):
             error=row["error"],
             created_at=row["created_at"],
             keys=Keys(row["secret_hash"], row["session_hash"]),
+            rules_version=row["rules_version"],
         )
 
 
@@ -218,11 +279,16 @@ def compose(
     user: User,
     k: int,
     filters: Filters = NO_FILTERS,
-) -> tuple[Answer, int]:
-    """Retrieve what ``user`` may see and answer from it; the answer and how many passages it
-    was given. Raises LLMError when the backend fails."""
+) -> tuple[Answer, list[Passage]]:
+    """Retrieve what ``user`` may see and answer from it; the answer and the passages it was
+    given. Raises LLMError when the backend fails."""
     passages = answerer.fit(question, retrieve(retriever, question, user, k, filters))
-    return answerer.answer(question, passages), len(passages)
+    return answerer.answer(question, passages), passages
+
+
+def cited_sources(answer: Answer, passages: Sequence[Passage]) -> dict[int, str]:
+    """The text of each passage the answer cites, by its [n] (what `grounded` checks)."""
+    return {c.n: passages[c.n - 1].text for c in answer.citations if 0 < c.n <= len(passages)}
 
 
 def answer_question(
@@ -242,10 +308,11 @@ def answer_question(
         "answered %s for %s with %d passages, %d citations",
         answer_id,
         user.name,
-        passages,
+        len(passages),
         len(answer.citations),
     )
-    return judge(answer_id, question, user, answer, passages, rules)
+    sources = cited_sources(answer, passages)
+    return judge(answer_id, question, user, answer, len(passages), rules, sources)
 
 
 def ask(
@@ -298,7 +365,15 @@ class AnswerStream:
             parts.append(piece)
             yield piece
         answer = self.answerer.finish("".join(parts), self.passages)
-        judged = judge(self.id, self.question, self.user, answer, len(self.passages), self.rules)
+        judged = judge(
+            self.id,
+            self.question,
+            self.user,
+            answer,
+            len(self.passages),
+            self.rules,
+            cited_sources(answer, self.passages),
+        )
         self.result = replace(judged, keys=self.keys)
         self.store.put(self.result)
 
@@ -321,4 +396,12 @@ def ask_stream(
 
 
 def failed(stored: StoredAnswer, error: str) -> StoredAnswer:
-    return replace(stored, status="failed", answer=None, violations=(), error=error)
+    return replace(
+        stored,
+        status="failed",
+        answer=None,
+        violations=(),
+        error=error,
+        rules_version=None,
+        verdict=None,
+    )

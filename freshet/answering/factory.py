@@ -18,9 +18,10 @@ from psycopg_pool import ConnectionPool
 
 from freshet.answering.answers import AnswerStore, InMemoryAnswerStore, PgAnswerStore
 from freshet.answering.bm25 import BM25
+from freshet.answering.live_rules import LiveRules
 from freshet.answering.llm import Answerer, make_answerer
 from freshet.answering.retrieval import EmbedThread, PgRetriever, Retriever
-from freshet.answering.rules import RuleSet, load_rules
+from freshet.answering.rules import RuleSet
 from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -130,15 +131,29 @@ class Answering:
 
         return self._once("store", build)
 
-    def rules(self) -> RuleSet:
-        def build() -> RuleSet:
-            rules = load_rules(self.settings.answer_rules)
-            logger.info(
-                "answer rules: %d from %s (%s)", len(rules.rules), rules.source, rules.digest
-            )
-            return rules
+    def live_rules(self) -> LiveRules:
+        """The answer rules of FRESHET_ANSWER_RULES, looked at again every
+        FRESHET_ANSWER_RULES_RELOAD_S seconds (freshet/answering/live_rules.py)."""
 
-        return self._once("rules", build)
+        def build() -> LiveRules:
+            live = LiveRules(
+                self.settings.answer_rules,
+                reload_s=self.settings.answer_rules_reload_s,
+                connect=lambda: self.pool().connection(),
+                # The model loads on the first answer a banned_topics rule judges, not before.
+                embed=lambda texts: self.embed().many(texts),
+            )
+            rules = live.current()
+            logger.info(
+                "answer rules: %d from %s (%s)", len(rules.rules), rules.source, rules.label
+            )
+            return live
+
+        return self._once("live_rules", build)
+
+    def rules(self) -> RuleSet:
+        """The answer rules in force now."""
+        return self.live_rules().current()
 
     def close(self) -> None:
         """Close what this factory opened (its own pool), not what it was handed."""

@@ -14,10 +14,25 @@ and the kind's parameters:
   (``Answer.markers``, see ``freshet.answering.llm.base.added_markers``);
 - ``forbidden_pattern``: ``pattern`` (a Python regular expression, case-insensitive unless
   ``ignore_case = false``) must not occur in the text; ``message`` says why;
-- ``max_chars``: the text is at most ``limit`` characters.
+- ``max_chars``: the text is at most ``limit`` characters;
+- ``max_sentences``: the text has at most ``limit`` sentences;
+- ``requires_disclaimer``: when the question matches ``question_pattern`` (a regular
+  expression, case-insensitive unless ``ignore_case = false``), the answer's text contains
+  ``text`` (compared case-insensitively); ``message`` says why;
+- ``grounded``: every sentence is supported by a passage it cites: at least ``min_overlap``
+  (default 0.6) of its content words occur in that passage; sentences of fewer than
+  ``min_words`` (default 3) content words are not judged. The violation quotes the unsupported
+  sentences;
+- ``banned_topics``: ``topics`` (a list of descriptions) and ``threshold`` (default 0.3): the
+  answer, and each of its sentences, has a cosine similarity below ``threshold`` to every
+  topic's embedding (the index's embedding model; loaded by a validator only when such a rule
+  exists).
 
 A rule may set ``enabled = false``. An unknown kind or a missing parameter is refused when the
 file is loaded, naming the file and the rule.
+
+Where the rules live (a file, a directory of files, or the table ``rag.answer_rules``) and how a
+change reaches running processes without a restart: ``freshet.answering.live_rules``.
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ import hashlib
 import re
 import tomllib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -61,14 +76,23 @@ class Judged:
     # The [n] markers the model added (None: every marker of the text, for an answer made
     # before answers carried them).
     added: tuple[int, ...] | None = None
+    question: str = ""
+    # The text of each cited passage by its [n]; None when the caller does not know them.
+    sources: Mapping[int, str] | None = None
 
     @property
     def markers(self) -> tuple[int, ...]:
         return tuple(markers(self.text)) if self.added is None else self.added
 
     @classmethod
-    def of(cls, answer: Mapping[str, Any], passages: int) -> Judged:
-        """From an answer's JSON form (``Answer.to_dict()``)."""
+    def of(
+        cls,
+        answer: Mapping[str, Any],
+        passages: int,
+        question: str = "",
+        sources: Mapping[int, str] | None = None,
+    ) -> Judged:
+        """From an answer's JSON form (``Answer.to_dict()``) and the question it answers."""
         citations = answer.get("citations") or []
         added = answer.get("markers")
         if added is not None and not isinstance(added, list):
@@ -79,11 +103,14 @@ class Judged:
             passages,
             bool(answer.get("declined", False)),
             None if added is None else tuple(int(n) for n in added),
+            question,
+            sources,
         )
 
 
 class Rule(ABC):
     kind: ClassVar[str]
+    needs_embedder: ClassVar[bool] = False
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -150,18 +177,218 @@ class MaxChars(Rule):
         return f"the answer is {len(answer.text)} characters long; the limit is {self.limit}"
 
 
+# A sentence ends at . ! or ? (and any closing quote or bracket) before white space or the end.
+# Citation markers right after the punctuation ("... quickly. [2]") belong to that sentence.
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?:\s*\[\d{1,3}\])*(?=\s|$)")
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of ``text``, stripped, empty ones left out."""
+    found, start = [], 0
+    for end in _SENTENCE_END.finditer(text):
+        found.append(text[start : end.end()].strip())
+        start = end.end()
+    found.append(text[start:].strip())
+    return [s for s in found if s]
+
+
+class MaxSentences(Rule):
+    kind = "max_sentences"
+
+    def __init__(self, name: str, limit: int) -> None:
+        super().__init__(name)
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+
+    def check(self, answer: Judged) -> str | None:
+        count = len(sentences(answer.text))
+        if count <= self.limit:
+            return None
+        return f"the answer has {count} sentences; the limit is {self.limit}"
+
+
+class RequiresDisclaimer(Rule):
+    kind = "requires_disclaimer"
+
+    def __init__(
+        self,
+        name: str,
+        question_pattern: str,
+        text: str,
+        message: str = "",
+        ignore_case: bool = True,
+    ) -> None:
+        super().__init__(name)
+        try:
+            self.question = re.compile(question_pattern, re.IGNORECASE if ignore_case else 0)
+        except re.error as exc:
+            raise ValueError(
+                f"question_pattern {question_pattern!r} is not a regular expression: {exc}"
+            ) from None
+        if not text.strip():
+            raise ValueError("text must not be empty")
+        self.text = text
+        self.message = message or f"the answer lacks the required disclaimer {text!r}"
+
+    def check(self, answer: Judged) -> str | None:
+        if answer.declined or not self.question.search(answer.question):
+            return None
+        return None if self.text.casefold() in answer.text.casefold() else self.message
+
+
+_WORD = re.compile(r"[^\W_]+")
+_MARKER = re.compile(r"\[(\d{1,3})\]")
+# Words that carry no claim: a sentence is grounded by what it says, not by its glue.
+_STOPWORDS = """a about above after again against all also an and any are as at be because
+    been before
+    being below between both but by can could did do does doing down during each few for from
+    further had has have having he her here hers him his how i if in into is it its itself just
+    me more most my no nor not now of off on once only or other our ours out over own same she
+    should so some such than that the their theirs them then there these they this those
+    through to too under until up very was we were what when where which while who whom why
+    will with would you your yours"""
+STOPWORDS = frozenset(_STOPWORDS.split())  # noqa: SIM905 - a word list, wrapped
+
+
+def content_words(text: str) -> set[str]:
+    """The lower-cased words of ``text`` that can carry a claim (no stopwords, no markers)."""
+    return {w for w in _WORD.findall(_MARKER.sub(" ", text).casefold()) if w not in STOPWORDS}
+
+
+class Grounded(Rule):
+    """Every sentence of the answer is supported by a passage it cites: at least
+    ``min_overlap`` of the sentence's content words occur in one cited passage (the passages
+    the sentence itself cites with [n], else any passage the answer cites). Sentences of fewer
+    than ``min_words`` content words ("Yes.") are not judged."""
+
+    kind = "grounded"
+
+    def __init__(self, name: str, min_overlap: float = 0.6, min_words: int = 3) -> None:
+        super().__init__(name)
+        if not 0 < min_overlap <= 1:
+            raise ValueError("min_overlap must be in (0, 1]")
+        if min_words < 1:
+            raise ValueError("min_words must be at least 1")
+        self.min_overlap = min_overlap
+        self.min_words = min_words
+
+    def check(self, answer: Judged) -> str | None:
+        if answer.declined or answer.passages == 0:
+            return None
+        if not answer.cited:
+            return "the answer cites no passage, so nothing supports it"
+        if answer.sources is None:
+            return "the cited passages' texts are not available, so grounding cannot be checked"
+        cited = {n: content_words(t) for n, t in answer.sources.items() if n in answer.cited}
+        unsupported = []
+        for sentence in sentences(answer.text):
+            words = content_words(sentence)
+            if len(words) < self.min_words:
+                continue
+            own = {int(n) for n in _MARKER.findall(sentence)} & set(cited)
+            candidates = [cited[n] for n in sorted(own)] if own else list(cited.values())
+            best = max((len(words & c) / len(words) for c in candidates), default=0.0)
+            if best < self.min_overlap:
+                unsupported.append(sentence if len(sentence) <= 160 else sentence[:157] + "...")
+        if not unsupported:
+            return None
+        return "not supported by a cited passage: " + " | ".join(f'"{s}"' for s in unsupported)
+
+
+Embed = Callable[[Sequence[str]], Any]  # texts -> unit vectors, one row per text
+
+
+class BannedTopics(Rule):
+    """The answer is not about a listed topic: the cosine similarity of the answer's embedding
+    (and of each of its sentences) to each topic's description stays below ``threshold``.
+    Needs the embedding model: a process gives it to the rules (``bind``); without it the
+    rule fails closed."""
+
+    kind = "banned_topics"
+    needs_embedder = True
+
+    def __init__(self, name: str, topics: list[str], threshold: float = 0.3) -> None:
+        super().__init__(name)
+        if (
+            not isinstance(topics, list)
+            or not topics
+            or not all(isinstance(t, str) and t.strip() for t in topics)
+        ):
+            raise ValueError("topics must be a non-empty list of descriptions")
+        if not -1 < threshold < 1:
+            raise ValueError("threshold must be in (-1, 1)")
+        self.topics = topics
+        self.threshold = threshold
+        self.embed: Embed | None = None
+        self._topic_vectors: Any = None
+
+    def check(self, answer: Judged) -> str | None:
+        if answer.declined or not answer.text.strip():
+            return None
+        if self.embed is None:
+            return "no embedding model was given to this rule, so the topics cannot be checked"
+        if self._topic_vectors is None:
+            self._topic_vectors = self.embed(self.topics)
+        texts = [answer.text, *sentences(answer.text)]
+        similarity = self.embed(texts) @ self._topic_vectors.T  # unit vectors: cosines
+        row, column = divmod(int(similarity.argmax()), len(self.topics))
+        best = float(similarity[row, column])
+        if best < self.threshold:
+            return None
+        return (
+            f"the answer is about a banned topic: {self.topics[column]!r}"
+            f" (similarity {best:.2f} >= {self.threshold})"
+        )
+
+
 KINDS: dict[str, type[Rule]] = {
-    r.kind: r for r in (MinCitations, CitationsResolve, ForbiddenPattern, MaxChars)
+    r.kind: r
+    for r in (
+        MinCitations,
+        CitationsResolve,
+        ForbiddenPattern,
+        MaxChars,
+        MaxSentences,
+        RequiresDisclaimer,
+        Grounded,
+        BannedTopics,
+    )
 }
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """One rule's outcome for one answer (what the audit keeps)."""
+
+    rule: str
+    kind: str
+    passed: bool
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "kind": self.kind,
+            "passed": self.passed,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True)
 class RuleSet:
-    """The loaded rules and a short digest of the file, recorded with every verdict."""
+    """The loaded rules, a short digest of their text and their version (when the source last
+    changed, ISO 8601), recorded with every verdict."""
 
     rules: tuple[Rule, ...]
     source: str
     digest: str
+    version: str = ""
+
+    @property
+    def label(self) -> str:
+        """The digest and the version, as verdicts show it."""
+        return f"{self.digest}@{self.version}" if self.version else self.digest
 
     @property
     def can_withhold(self) -> bool:
@@ -169,33 +396,37 @@ class RuleSet:
         Every kind of rule can reject an answer, so any enabled rule counts."""
         return bool(self.rules)
 
-    def check(self, answer: Judged) -> list[Violation]:
+    def bind(self, embed: Embed | None) -> RuleSet:
+        """Gives the rules that need it the embedding model (called lazily, on first use)."""
+        for rule in self.rules:
+            if rule.needs_embedder:
+                rule.embed = embed  # type: ignore[attr-defined]
+        return self
+
+    def outcomes(self, answer: Judged) -> list[Outcome]:
         found = []
         for rule in self.rules:
             reason = rule.check(answer)
-            if reason is not None:
-                found.append(Violation(rule.name, reason))
+            found.append(Outcome(rule.name, rule.kind, reason is None, reason))
         return found
+
+    def check(self, answer: Judged) -> list[Violation]:
+        return [Violation(o.rule, o.message or "") for o in self.outcomes(answer) if not o.passed]
 
 
 NO_RULES = RuleSet((), "no rules", "none")
 
 
-def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
-    """Rules from the TOML ``text`` of a rules file named ``source`` (for messages)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise RulesError(f"{source}: not valid TOML: {exc}") from None
-    entries = data.get("rule", [])
-    if not isinstance(entries, list):
-        raise RulesError(f"{source}: `rule` must be an array of tables ([[rule]])")
+def build_rules(entries: Iterable[tuple[str, Mapping[str, Any]]]) -> tuple[Rule, ...]:
+    """Rules from ``(where, table)`` pairs: ``where`` names the table's origin in messages
+    (a file and position, a row), the table holds ``name``, ``kind``, ``enabled``,
+    ``description`` and the kind's parameters. Names are unique across all entries."""
     rules: list[Rule] = []
     names: set[str] = set()
-    for i, entry in enumerate(entries, start=1):
+    for origin, entry in entries:
         params = dict(entry)
-        name = str(params.pop("name", "") or f"rule {i}")
-        where = f"{source}: rule {i} ({name})"
+        name = str(params.pop("name", "") or origin)
+        where = f"{origin} ({name})"
         if name in names:
             raise RulesError(f"{where}: the name is used twice")
         names.add(name)
@@ -211,18 +442,35 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
             raise RulesError(f"{where}: wrong parameters for {kind}: {exc}") from None
         except ValueError as exc:
             raise RulesError(f"{where}: {exc}") from None
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return RuleSet(tuple(rules), source, digest)
+    return tuple(rules)
+
+
+def rule_tables(text: str, source: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """The ``[[rule]]`` tables of a rules file's TOML ``text``, each with its origin."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RulesError(f"{source}: not valid TOML: {exc}") from None
+    entries = data.get("rule", [])
+    if not isinstance(entries, list):
+        raise RulesError(f"{source}: `rule` must be an array of tables ([[rule]])")
+    return [(f"{source}: rule {i}", entry) for i, entry in enumerate(entries, start=1)]
+
+
+def digest_of(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def parse_rules(text: str, source: str = "<rules>", version: str = "") -> RuleSet:
+    """Rules from the TOML ``text`` of a rules file named ``source`` (for messages)."""
+    return RuleSet(build_rules(rule_tables(text, source)), source, digest_of(text), version)
 
 
 def load_rules(path: Path | str | None) -> RuleSet:
-    """The rules of the file at ``path``; no path means no rules."""
+    """The rules at ``path`` (a file, or a directory of ``*.toml`` files) once; no path means
+    no rules. The table source and reloading: ``freshet.answering.live_rules``."""
+    from freshet.answering.live_rules import read_path
+
     if path is None or str(path) == "":
         return NO_RULES
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RulesError(
-            f"FRESHET_ANSWER_RULES={str(path)!r} cannot be read: {exc.strerror or exc}"
-        ) from None
-    return parse_rules(text, str(path))
+    return read_path(Path(path))

@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -708,3 +710,89 @@ def test_deeply_nested_json_is_a_400(
 ) -> None:
     response = client.open(url, method=method, data=body, content_type="application/json")
     assert error_of(response, 400)["field"] == field
+
+
+def test_rules_in_the_table_apply_to_the_next_answer_and_every_verdict_is_audited(
+    make_client: Any, corpus: Corpus
+) -> None:
+    """FRESHET_ANSWER_RULES=table: a rule the policy owners insert through SQL applies to the
+    next answer of a running app (no restart); each verdict lands once in the append-only
+    rag.answer_audit with the rule set's version."""
+    question = "What does the with statement do with a context manager?"
+    client = make_client(ANSWER_RULES="table", ANSWER_RULES_RELOAD_S=0.2)
+    with connect(corpus.url, autocommit=True) as conn:
+        try:
+            first = client.post("/api/v1/ask", json={"question": question}).get_json()
+            assert first["status"] == "approved", first
+            conn.execute(
+                "INSERT INTO rag.answer_rules (name, kind, params) VALUES"
+                " ('no-context-managers', 'forbidden_pattern', %s)",
+                (Jsonb({"pattern": "context manager", "message": "off policy"}),),
+            )
+            time.sleep(0.5)
+            second = client.post("/api/v1/ask", json={"question": question}).get_json()
+            assert second["status"] == "rejected" and second["withheld"] is True, second
+            assert second["violations"] == [
+                {"rule": "no-context-managers", "message": "off policy"}
+            ]
+            assert second["rules_version"] != first["rules_version"]
+            # A broken row: refused, the last good rules stay in force.
+            conn.execute(
+                "INSERT INTO rag.answer_rules (name, kind) VALUES ('typo', 'no_such_kind')"
+            )
+            time.sleep(0.5)
+            third = client.post("/api/v1/ask", json={"question": question}).get_json()
+            assert third["status"] == "rejected"
+            assert third["rules_version"] == second["rules_version"]
+
+            rows = conn.execute(
+                "SELECT request_id, status, rules_version, rules_source, outcomes"
+                " FROM rag.answer_audit WHERE request_id = ANY(%s) ORDER BY id",
+                ([first["id"], second["id"]],),
+            ).fetchall()
+            assert [(r[0], r[1]) for r in rows] == [
+                (first["id"], "approved"),
+                (second["id"], "rejected"),
+            ]
+            assert {r[3] for r in rows} == {"rag.answer_rules"}
+            assert rows[1][4] == [
+                {
+                    "rule": "no-context-managers",
+                    "kind": "forbidden_pattern",
+                    "passed": False,
+                    "message": "off policy",
+                }
+            ]
+            assert second["rules_version"].endswith(rows[1][2])
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                conn.execute("UPDATE rag.answer_audit SET status = 'approved'")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                conn.execute("DELETE FROM rag.answer_audit")
+        finally:
+            conn.execute("DELETE FROM rag.answer_rules")
+
+
+def test_grounded_withholds_a_made_up_sentence_and_approves_extractive_answers(
+    make_client: Any, chat_server: ChatServer, tmp_path: Path
+) -> None:
+    rules = tmp_path / "grounded.toml"
+    rules.write_text('[[rule]]\nname = "grounded"\nkind = "grounded"\n')
+    chat_server.reply = (
+        "The refund desk is staffed by three purple giraffes every Tuesday afternoon [1]."
+    )
+    made_up = make_client(**openai_config(chat_server), ANSWER_RULES=str(rules))
+    body = made_up.post(
+        "/api/v1/ask", json={"question": "What is the refund policy?"}, headers=STAFF
+    ).get_json()
+    assert body["status"] == "rejected" and body["withheld"] is True, body
+    [violation] = body["violations"]
+    assert violation["rule"] == "grounded" and "purple giraffes" in violation["message"]
+
+    extractive = make_client(ANSWER_RULES=str(rules))
+    for question in (
+        "What does the with statement do with a context manager?",
+        "How do I read a CSV file?",
+        "What is the refund policy?",
+    ):
+        body = extractive.post("/api/v1/ask", json={"question": question}, headers=STAFF).get_json()
+        assert body["status"] == "approved" and body["citations"], (question, body)

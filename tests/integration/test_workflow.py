@@ -5,15 +5,19 @@ rag.answers / rag.answers.rejected and table rag.answers, read back by request i
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 from kafka import KafkaProducer
 
+from freshet.answering.live_rules import read_path
 from freshet.answering.messages import APPROVED, DEAD_LETTERS, REJECTED, REQUESTS
 from freshet.cdc.services import LocalInference, LocalValidator
+from freshet.db import connect, database_url
 from freshet.settings import PROJECT_ROOT, Settings
 from freshet.web import close_app, create_app
 from tests.conftest import freshet, wait_for
@@ -200,3 +204,49 @@ def test_status_lists_the_workflow_workers(workflow_env: dict[str, str]) -> None
 def test_unknown_answer_ids_are_404(client: FlaskClient) -> None:
     response = client.get("/api/v1/answers/no-such-request")
     assert response.status_code == 404 and response.get_json()["error"]["message"]
+
+
+def test_a_rule_added_while_the_validator_runs_applies_to_the_next_request(
+    client: FlaskClient, running_stack: Settings, workflow_env: dict[str, str]
+) -> None:
+    """The policy owners edit their rules file; the running validator process (and this web
+    app) apply the new rule to the next answer, with the new rule set's version, and every
+    verdict is audited once."""
+    path = Path(workflow_env["FRESHET_ANSWER_RULES"])
+    before = path.read_text()
+    question = "When does the lighthouse keeper feed the cat?"
+    try:
+        approved = outcome(client, ask_async(client, question))
+        assert approved["status"] == "approved", approved
+        path.write_text(
+            before + '\n[[rule]]\nname = "no-lighthouses"\nkind = "forbidden_pattern"\n'
+            'pattern = "lighthouse"\nmessage = "lighthouses are closed today"\n'
+        )
+        version = read_path(path).label
+        time.sleep(1.5)  # FRESHET_ANSWER_RULES_RELOAD_S is 1 s
+        answer_id = ask_async(client, question)
+        body = outcome(client, answer_id)
+        assert body["status"] == "rejected" and body["withheld"] is True, body
+        assert {"rule": "no-lighthouses", "message": "lighthouses are closed today"} in body[
+            "violations"
+        ]
+        assert body["rules_version"] == version
+        published = on_topic(running_stack, REJECTED, answer_id)
+        assert published is not None and published["rules"] == version
+        # The synchronous path of a running web app applies it too.
+        sync = client.post("/api/v1/ask", json={"question": question, "k": 3}).get_json()
+        assert sync["status"] == "rejected" and sync["rules_version"] == version
+        with connect(database_url(running_stack), autocommit=True) as conn:
+            audit = conn.execute(
+                "SELECT request_id, status, rules_version FROM rag.answer_audit"
+                " WHERE request_id = ANY(%s) ORDER BY id",
+                ([approved["id"], answer_id],),
+            ).fetchall()
+        assert [(r[0], r[1]) for r in audit] == [
+            (approved["id"], "approved"),
+            (answer_id, "rejected"),
+        ]
+        assert version.endswith(audit[1][2])
+    finally:
+        path.write_text(before)
+        time.sleep(1.5)

@@ -142,7 +142,8 @@ async function ask(question, k) {
           out.textContent = data.answer;
           renderCitations(data);
           if (data.status === "rejected") {
-            error.textContent = "Withheld by the answer rules: " +
+            error.textContent = "Withheld by the answer rules" +
+              (data.rules_version ? " (rule set " + data.rules_version + ")" : "") + ": " +
               data.violations.map((v) => v.rule + " (" + v.message + ")").join("; ");
           }
         }
