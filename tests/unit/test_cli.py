@@ -41,6 +41,7 @@ COMMANDS = {
     "reindex-text": "freshet.sync.commands",
     "infer": "freshet.workflow.commands",
     "validate": "freshet.workflow.commands",
+    "rules": "freshet.workflow.commands",
     "web": "freshet.web.commands",
     "ask": "freshet.web.commands",
     "embed": "freshet.commands",
@@ -137,6 +138,7 @@ def test_every_command_is_registered_by_its_stage() -> None:
             "ask": ["q"],
             "embed": ["t"],
             "bench": ["all"],
+            "rules": ["check"],
         }
         args = parser.parse_args([name, *extra.get(name, [])])
         assert args.handler.__module__ == module, name
@@ -263,3 +265,29 @@ def test_bench_runs_the_benchmark_modules_then_the_charts(
     monkeypatch.setattr(settings, "PROJECT_ROOT", tmp_path)
     with pytest.raises(FreshetError, match="source checkout"):
         commands.cmd_bench(Settings(), args)
+
+
+def test_rules_check_says_valid_or_names_the_problem(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[[rule]]\nname = "brief"\nkind = "max_sentences"\nlimit = 5\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[rule]]\nname = "brief"\nkind = "max_sentence"\n')
+    env = {**os.environ, "FRESHET_HOME": str(tmp_path / "home")}
+    for path, rc, expected in ((good, 0, "1 rule(s), valid"), (bad, 1, "kind must be one of")):
+        done = subprocess.run(
+            [sys.executable, "-m", "freshet.cli", "rules", "check", str(path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == rc, done.stdout + done.stderr
+        assert expected in done.stdout + done.stderr
+    shown = subprocess.run(
+        [sys.executable, "-m", "freshet.cli", "rules", "show", str(good)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert shown.returncode == 0 and "brief (max_sentences)" in shown.stdout
