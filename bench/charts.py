@@ -100,9 +100,11 @@ def _against_batch(ax: Any, phases: dict[str, dict[str, Any]]) -> None:
         ax.bar_label(bars, notes, fontsize="x-small", padding=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(phases))], list(phases))
     ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high * 10)  # room for the legend above the bars
     ax.set_ylabel("median staleness (ms, log scale)")
     ax.set_title("Streaming vs a batch job (bar labels: embeddings computed)", fontsize="medium")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", ncols=len(methods))
 
 
 RECOVERY_STEPS = (
