@@ -20,6 +20,7 @@ time per chunk measured in the same run: its staleness and the embeddings it com
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import statistics
@@ -296,6 +297,7 @@ def main() -> None:
                     after = worker_progress(settings)
                     worker = {k: round(after[k] - before[k], 3) for k in after}
                     phases[label]["embeddings"] = int(worker["embeddings"])
+                    phases[label]["loadavg_1m"] = os.getloadavg()[0]  # at the phase's end
                     phases[label]["worker"] = worker
             finally:
                 reader.stop.set()
@@ -323,7 +325,8 @@ def main() -> None:
         rows.append(
             (
                 f"{label} worker",
-                f"{w['batches']:.0f} batches, {w['embed_calls']:.0f} embedding calls; seconds"
+                f"load {s['loadavg_1m']:.2f}; {w['batches']:.0f} batches,"
+                f" {w['embed_calls']:.0f} embedding calls; seconds"
                 f" embedding {w['embed_seconds']:.1f}, writing {w['write_seconds']:.1f},"
                 f" planning {w['plan_seconds']:.1f}, in batches {w['batch_seconds']:.1f}",
             )
