@@ -16,27 +16,50 @@ from freshet.settings import Settings
 
 
 def cmd_workflow_step(settings: Settings, args: argparse.Namespace) -> int:
-    """One member of an async workflow step's group in the foreground, until SIGINT/SIGTERM."""
+    """`freshet infer` / `freshet validate`: the default workflow's `answer` / `validate`
+    step (workflows/default.toml), in the groups FRESHET_INFERENCE_GROUP /
+    FRESHET_VALIDATOR_GROUP, until SIGINT/SIGTERM."""
     from freshet.answering.factory import Answering
-    from freshet.answering.messages import RAW_ANSWERS, REQUESTS
-    from freshet.workflow.inference import Inference
-    from freshet.workflow.step import Handler, Step
-    from freshet.workflow.validator import Validator
+    from freshet.workflow.definition import load_workflow
+    from freshet.workflow.kinds import build
+    from freshet.workflow.step import Step
 
     stop = install_stop_handlers()
     # The answering core with no Flask app: the same factory and Settings the web app uses.
     answering = Answering(settings)
-    handler: Handler
     if args.command == "infer":
-        name, topic, group = "inference", REQUESTS, settings.inference_group
-        handler = Inference.from_answering(answering)
+        name, spec, group = "inference", load_workflow().step("answer"), settings.inference_group
     else:
-        name, topic, group = "validator", RAW_ANSWERS, settings.validator_group
-        handler = Validator(answering.rules, answering.store())
-    step = Step(name, topic, group, settings.bootstrap_servers, handler)
+        name, spec, group = "validator", load_workflow().step("validate"), settings.validator_group
+    step = Step(name, spec.input, group, settings.bootstrap_servers, build(spec, answering))
     gc.collect()
     gc.freeze()
     say(f"{step.name}: consuming {step.topic} in group {step.group}")
+    step.run(stop)
+    return 0
+
+
+def cmd_step(settings: Settings, args: argparse.Namespace) -> int:
+    """`freshet step NAME [--workflow PATH]`: one member of a declared workflow step's group,
+    in the foreground, until SIGINT/SIGTERM."""
+    from freshet.answering.factory import Answering
+    from freshet.workflow.definition import WorkflowError, load_workflow
+    from freshet.workflow.kinds import build
+    from freshet.workflow.step import Step
+
+    try:
+        spec = load_workflow(args.workflow).step(args.name)
+    except WorkflowError as exc:
+        print(f"freshet step: {exc}", file=sys.stderr)
+        return 2
+    stop = install_stop_handlers()
+    answering = Answering(settings)
+    step = Step(
+        spec.name, spec.input, spec.group, settings.bootstrap_servers, build(spec, answering)
+    )
+    gc.collect()
+    gc.freeze()
+    say(f"{step.name} ({spec.kind}): consuming {step.topic} in group {step.group}")
     step.run(stop)
     return 0
 
@@ -71,6 +94,16 @@ def cmd_rules(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Subparsers) -> None:
+    step = subparsers.add_parser(
+        "step", help="run one worker of a declared workflow's step (docs/workflow.md)"
+    )
+    step.add_argument("name", help="the step's name in the workflow file")
+    step.add_argument(
+        "--workflow",
+        default=None,
+        help="the workflow file (default: the shipped default workflow)",
+    )
+    step.set_defaults(handler=cmd_step)
     rules = subparsers.add_parser(
         "rules",
         help="check an answer rules source, or show the rules in force (FRESHET_ANSWER_RULES)",

@@ -42,6 +42,7 @@ COMMANDS = {
     "infer": "freshet.workflow.commands",
     "validate": "freshet.workflow.commands",
     "rules": "freshet.workflow.commands",
+    "step": "freshet.workflow.commands",
     "web": "freshet.web.commands",
     "ask": "freshet.web.commands",
     "embed": "freshet.commands",
@@ -139,6 +140,7 @@ def test_every_command_is_registered_by_its_stage() -> None:
             "embed": ["t"],
             "bench": ["all"],
             "rules": ["check"],
+            "step": ["answer"],
         }
         args = parser.parse_args([name, *extra.get(name, [])])
         assert args.handler.__module__ == module, name

@@ -185,3 +185,9 @@ class Answerer(ABC):
     def finish(self, text: str, passages: Sequence[Passage]) -> Answer:
         """The Answer for a streamed text, with its citations."""
         return make_answer(text, passages, self.name)
+
+    def complete(self, instruction: str, text: str) -> str | None:
+        """``text`` transformed as ``instruction`` says (a workflow step's own LLM call, such
+        as rewriting a question); None when this backend cannot follow instructions (the
+        extractive one), and the step falls back to its own rules."""
+        return None

@@ -125,6 +125,23 @@ class OpenAIAnswerer(Answerer):
             raise LLMError(f"the LLM endpoint {self.url} sent an unexpected reply") from exc
         return self.finish(text, passages)
 
+    def complete(self, instruction: str, text: str) -> str | None:
+        body = {
+            "model": self.model,
+            "messages": [
+                {"role": "system", "content": instruction},
+                {"role": "user", "content": text},
+            ],
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+            "stream": False,
+        }
+        response = self._post(body, stream=False)
+        try:
+            return str(response.json()["choices"][0]["message"]["content"] or "").strip()
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise LLMError(f"the LLM endpoint {self.url} sent an unexpected reply") from exc
+
     def stream(self, question: str, passages: Sequence[Passage]) -> Iterator[str]:
         response = self._post(self._body(question, passages, stream=True), stream=True)
         with response:

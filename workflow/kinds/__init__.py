@@ -1,0 +1,34 @@
+"""Step kinds of a declared workflow (workflow/definition.py): one module per kind, each with
+``build(step, answering) -> handler``; a handler takes one Kafka record and returns what to
+produce (``Output``s), and is idempotent (records are redelivered after a crash).
+
+Messages between steps are the request (rag.requests' JSON) with what earlier steps added:
+``query`` (rewrite: the standalone search query), ``passages`` (retrieve: what the asker may
+see, as JSON), and for a decomposed question ``parent``, ``part``, ``parts`` and
+``parent_question``. The ``answer`` kind turns such a message into a raw answer
+(rag.answers.raw's shape, with the same extra fields); ``synthesize`` gathers the raw answers
+of one parent; ``validate`` judges a raw answer and writes the result.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from freshet.answering.factory import Answering
+    from freshet.workflow.definition import StepSpec
+
+Handler = Callable[[Any], list[Any]]
+
+KINDS = ("rewrite", "decompose", "retrieve", "answer", "synthesize", "validate", "noop")
+# Kinds whose outputs are fixed (validate: rag.answers, rag.answers.rejected, the table).
+OUTPUT_FIXED = frozenset({"validate"})
+
+
+def build(step: StepSpec, answering: Answering) -> Handler:
+    """The handler of ``step``: module freshet.workflow.kinds.<kind>'s ``build``."""
+    module = importlib.import_module(f"freshet.workflow.kinds.{step.kind}")
+    handler: Handler = module.build(step, answering)
+    return handler

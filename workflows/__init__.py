@@ -1,0 +1,1 @@
+"""Declared async answer workflows (TOML), shipped with Freshet: see docs/workflow.md."""
