@@ -55,6 +55,12 @@ def private_stack(tag: str, keep: Path | None = None, **overrides: str) -> Itera
     )
     settings = Settings.from_env(env)
     print(f"starting a private stack in {home} ...", flush=True)
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(f"benchmark stopped by signal {signum}")
+
+    # A benchmark stopped with SIGTERM (a timeout, kill) still stops its stack below.
+    signal.signal(signal.SIGTERM, stop)
     try:
         stack.up(settings)
         yield Bench(settings, env)
