@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import KafkaConsumer
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
 from freshet.answering.messages import DEAD_LETTERS, MessageError
 from freshet.consumer import MAX_ATTEMPTS, ConsumerRuntime, Output, PerRecord
@@ -61,6 +61,7 @@ class Step:
             poll_ms=self.poll_ms,
             max_records=self.batch,
             log_prefix=f"{self.name}: ",
+            listener=_Assignment(self.name),
         )
         self.records = PerRecord(
             self.runtime, self.handler, unreadable=(MessageError,), backoff=self.backoff
@@ -94,3 +95,17 @@ class Step:
             auto_offset_reset="earliest",
             client_id=f"freshet-{self.name}",
         )
+
+
+class _Assignment(ConsumerRebalanceListener):
+    """Logs which partitions this member holds (how a step's workers share the load)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        names = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "none"
+        logger.info("%s: partitions assigned: %s", self.name, names)
