@@ -73,6 +73,7 @@ BENCHMARKS = {
     "quality": "bench.quality",
     "query": "bench.query",
     "recovery": "bench.recovery",
+    "workflow": "bench.workflow",
 }
 
 
