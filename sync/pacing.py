@@ -9,7 +9,11 @@ of the batch is embedded (measured by bench.recovery at 40 edits/s: 475 records,
 change of its documents, so coalescing (the newest version of a document wins, and it is
 embedded once) is exactly as in one transaction, and each document's changes stay in order.
 How many documents fit in a transaction is learned from the batches applied so far (seconds
-of embedding per document, a moving average).
+of embedding per document, a moving average). Only the first transaction of a batch needs to
+be short: each one after it is twice as long as the one before (GROWTH), so a large batch (a
+backfill, a long backlog) is applied in a few transactions whose embedding calls are large
+enough to stay efficient. Measured by bench.sync_throughput on 1,500 SciFact rows: equal parts
+of 1 s made the backfill ... slower than one transaction per batch.
 """
 
 from __future__ import annotations
@@ -23,24 +27,29 @@ from freshet.sync.changes import Change, Kind
 SMOOTHING = 0.3
 # Documents in a transaction before anything is measured (a worker's first batch).
 FIRST_DOCUMENTS = 4
+# Each transaction of a batch is this many times as long as the one before it.
+GROWTH = 2
 
 
-def by_document(changes: Sequence[Change], per_part: int) -> list[list[Change]]:
-    """``changes`` in parts of at most ``per_part`` documents each, every document's changes
-    in one part and in record order, documents in the order of their first change. A TRUNCATE
+def by_document(changes: Sequence[Change], per_part: int, growth: int = 1) -> list[list[Change]]:
+    """``changes`` in parts of whole documents: the first of at most ``per_part`` documents,
+    each later one ``growth`` times as many as the one before; every document's changes in one
+    part and in record order, documents in the order of their first change. A TRUNCATE
     concerns every document of its table, so a batch holding one stays whole."""
-    if per_part < 1:
-        raise ValueError("per_part must be at least 1")
+    if per_part < 1 or growth < 1:
+        raise ValueError("per_part and growth must be at least 1")
     if any(c.kind is Kind.TRUNCATE for c in changes):
         return [list(changes)] if changes else []
     documents: dict[tuple[str, str], list[Change]] = {}
     for change in changes:
         documents.setdefault((change.table, change.doc_key), []).append(change)
     groups = list(documents.values())
-    return [
-        [change for group in groups[i : i + per_part] for change in group]
-        for i in range(0, len(groups), per_part)
-    ]
+    parts, start, size = [], 0, per_part
+    while start < len(groups):
+        parts.append([change for group in groups[start : start + size] for change in group])
+        start += size
+        size *= growth
+    return parts
 
 
 def documents_in(changes: Sequence[Change]) -> int:
@@ -49,8 +58,8 @@ def documents_in(changes: Sequence[Change]) -> int:
 
 @dataclass
 class Pacer:
-    """Splits batches so that each transaction embeds for about ``target_seconds``
-    (0: one transaction per batch)."""
+    """Splits batches so that the first transaction embeds for about ``target_seconds`` and
+    each later one for twice as long as the one before (0: one transaction per batch)."""
 
     target_seconds: float
     seconds_per_document: float | None = None
@@ -66,7 +75,7 @@ class Pacer:
             per_part = len(changes)
         else:
             per_part = max(1, int(self.target_seconds / self.seconds_per_document))
-        return by_document(changes, per_part)
+        return by_document(changes, per_part, GROWTH)
 
     def observe(self, documents: int, embed_seconds: float) -> None:
         """A transaction of ``documents`` documents spent ``embed_seconds`` embedding."""

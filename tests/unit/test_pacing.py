@@ -8,7 +8,7 @@ import pytest
 from freshet.cdc.events import RecordPosition
 from freshet.sync.changes import Change, Kind
 from freshet.sync.mapping import DEFAULT_MAPPINGS, Mappings
-from freshet.sync.pacing import FIRST_DOCUMENTS, Pacer, by_document, documents_in
+from freshet.sync.pacing import Pacer, by_document, documents_in
 
 ARTICLES = Mappings.load(DEFAULT_MAPPINGS).tables["app.articles"]
 
@@ -48,14 +48,25 @@ def test_a_batch_with_a_truncate_is_never_split() -> None:
 def test_the_pacer_starts_small_then_sizes_parts_from_measured_embedding_time() -> None:
     batch = [change(str(i), i) for i in range(40)]
     pacer = Pacer(target_seconds=1.0)
-    assert [documents_in(p) for p in pacer.split(batch)][:2] == [FIRST_DOCUMENTS] * 2
+    # The first part is short; each later one twice as long as the one before.
+    assert [documents_in(p) for p in pacer.split(batch)] == [4, 8, 16, 12]
     pacer.observe(documents=4, embed_seconds=0.8)  # 0.2 s per document: 5 per second
-    assert {documents_in(p) for p in pacer.split(batch)} == {5}
+    assert [documents_in(p) for p in pacer.split(batch)] == [5, 10, 20, 5]
     for _ in range(20):  # slower now (a busy machine): 0.5 s per document
         pacer.observe(documents=5, embed_seconds=2.5)
-    assert {documents_in(p) for p in pacer.split(batch)} == {2}
+    assert [documents_in(p) for p in pacer.split(batch)] == [2, 4, 8, 16, 10]
     pacer.observe(documents=3, embed_seconds=0.0)  # stale or metadata-only changes
-    assert max(documents_in(p) for p in pacer.split(batch)) >= 2
+    assert documents_in(pacer.split(batch)[0]) >= 2
+
+
+def test_parts_grow_and_nothing_is_lost() -> None:
+    batch = [change(str(i % 13), i) for i in range(60)]
+    for first in range(1, 6):
+        parts = by_document(batch, first, 2)
+        sizes = [documents_in(p) for p in parts]
+        assert sizes[0] == min(first, 13)
+        assert all(b <= 2 * a for a, b in zip(sizes, sizes[1:], strict=False))
+        assert sorted(c.position.offset for p in parts for c in p) == list(range(60))
 
 
 def test_a_zero_target_keeps_one_transaction_per_batch() -> None:
