@@ -92,8 +92,8 @@ def test_a_hundred_two_part_questions_through_five_steps_with_a_worker_killed(
     try:
         for i, rid in enumerate(ids):
             question = (
-                "Could you tell me when the keeper feeds the cat, and when does the farmer "
-                f"feed the ferret? (visit {i})"
+                f"Could you tell me when the keeper feeds the cat on visit {i}, and when does"
+                " the farmer feed the ferret?"
             )
             request = AnswerRequest(rid, question, 3, User("ann"), Filters(("app.articles",)))
             producer.send(f"it.{tag}.requests", key=rid.encode(), value=request.encode())

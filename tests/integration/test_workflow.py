@@ -212,6 +212,20 @@ def test_a_rule_added_while_the_validator_runs_applies_to_the_next_request(
     """The policy owners edit their rules file; the running validator process (and this web
     app) apply the new rule to the next answer, with the new rule set's version, and every
     verdict is audited once."""
+    # The module's anonymous asks share one rate-limit bucket: this test asks on its own.
+    app = create_app(
+        {"POOL_MAX_SIZE": 2, "RATE_LIMIT_BACKEND": "off"},
+        settings=Settings.from_env(workflow_env),
+    )
+    try:
+        _rule_added_applies(app.test_client(), running_stack, workflow_env)
+    finally:
+        close_app(app)
+
+
+def _rule_added_applies(
+    client: FlaskClient, running_stack: Settings, workflow_env: dict[str, str]
+) -> None:
     path = Path(workflow_env["FRESHET_ANSWER_RULES"])
     before = path.read_text()
     question = "When does the lighthouse keeper feed the cat?"
