@@ -282,7 +282,7 @@ def compose(
 ) -> tuple[Answer, list[Passage]]:
     """Retrieve what ``user`` may see and answer from it; the answer and the passages it was
     given. Raises LLMError when the backend fails."""
-    passages = answerer.fit(question, retrieve(retriever, question, user, k, filters))
+    passages = list(answerer.fit(question, retrieve(retriever, question, user, k, filters)))
     return answerer.answer(question, passages), passages
 
 

@@ -12,8 +12,9 @@ from freshet.workflow.definition import StepSpec
 
 def build(step: StepSpec, answering: Answering) -> Any:
     assert step.output is not None
+    output = step.output
 
     def handle(record: Any) -> list[Output]:
-        return [Output(step.output, record.key, record.value)]
+        return [Output(output, record.key, record.value)]
 
     return handle
