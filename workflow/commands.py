@@ -21,7 +21,7 @@ def cmd_workflow_step(settings: Settings, args: argparse.Namespace) -> int:
     FRESHET_VALIDATOR_GROUP, until SIGINT/SIGTERM."""
     from freshet.answering.factory import Answering
     from freshet.workflow.definition import load_workflow
-    from freshet.workflow.kinds import build
+    from freshet.workflow.kinds import batch_of, build
     from freshet.workflow.step import Step
 
     stop = install_stop_handlers()
@@ -31,7 +31,14 @@ def cmd_workflow_step(settings: Settings, args: argparse.Namespace) -> int:
         name, spec, group = "inference", load_workflow().step("answer"), settings.inference_group
     else:
         name, spec, group = "validator", load_workflow().step("validate"), settings.validator_group
-    step = Step(name, spec.input, group, settings.bootstrap_servers, build(spec, answering))
+    step = Step(
+        name,
+        spec.input,
+        group,
+        settings.bootstrap_servers,
+        build(spec, answering),
+        batch=batch_of(spec),
+    )
     gc.collect()
     gc.freeze()
     say(f"{step.name}: consuming {step.topic} in group {step.group}")
@@ -44,7 +51,7 @@ def cmd_step(settings: Settings, args: argparse.Namespace) -> int:
     in the foreground, until SIGINT/SIGTERM."""
     from freshet.answering.factory import Answering
     from freshet.workflow.definition import WorkflowError, load_workflow
-    from freshet.workflow.kinds import build
+    from freshet.workflow.kinds import batch_of, build
     from freshet.workflow.step import Step
 
     try:
@@ -55,7 +62,12 @@ def cmd_step(settings: Settings, args: argparse.Namespace) -> int:
     stop = install_stop_handlers()
     answering = Answering(settings)
     step = Step(
-        spec.name, spec.input, spec.group, settings.bootstrap_servers, build(spec, answering)
+        spec.name,
+        spec.input,
+        spec.group,
+        settings.bootstrap_servers,
+        build(spec, answering),
+        batch=batch_of(spec),
     )
     gc.collect()
     gc.freeze()

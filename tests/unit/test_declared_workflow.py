@@ -18,6 +18,7 @@ from freshet.answering.rules import NO_RULES, RuleSet
 from freshet.answering.users import User
 from freshet.settings import PROJECT_ROOT, Settings
 from freshet.workflow.definition import WorkflowError, load_workflow, parse_workflow
+from freshet.workflow.kinds import batch_of
 from freshet.workflow.kinds.decompose import split_question
 from freshet.workflow.kinds.rewrite import standalone
 from freshet.workflow.kinds.synthesize import combine
@@ -259,3 +260,24 @@ def test_adding_a_noop_step_to_the_default_workflow_changes_no_answer() -> None:
         noop = ask(with_noop, FakeAnswering(), question, f"a{i}")
         plain.pop("created_at"), noop.pop("created_at")
         assert noop == plain
+
+
+def test_steps_that_call_a_model_poll_few_records_at_once() -> None:
+    multi = load_workflow(MULTI)
+    assert batch_of(multi.step("answer")) == 2
+    assert batch_of(multi.step("validate")) == 50
+    custom = parse_workflow(
+        steps(("a", "answer", "rag.requests", "raw", "g1"), VALIDATE).replace(
+            'group = "g1"\n', 'group = "g1"\nparams = { batch = 8 }\n'
+        ),
+        "custom.toml",
+    )
+    assert batch_of(custom.step("a")) == 8
+    bad = parse_workflow(
+        steps(("a", "answer", "rag.requests", "raw", "g1"), VALIDATE).replace(
+            'group = "g1"\n', 'group = "g1"\nparams = { batch = 0 }\n'
+        ),
+        "bad.toml",
+    )
+    with pytest.raises(ValueError, match="batch must be"):
+        batch_of(bad.step("a"))

@@ -25,6 +25,18 @@ Handler = Callable[[Any], list[Any]]
 KINDS = ("rewrite", "decompose", "retrieve", "answer", "synthesize", "validate", "noop")
 # Kinds whose outputs are fixed (validate: rag.answers, rag.answers.rejected, the table).
 OUTPUT_FIXED = frozenset({"validate"})
+# Records a worker polls at once, per kind (param `batch` overrides): a batch's outputs are
+# produced when all its records are handled, so a kind that takes a model call per record
+# polls few, and its first answers do not wait for the rest of a burst.
+BATCH = {"answer": 2, "rewrite": 4, "decompose": 4, "retrieve": 8}
+DEFAULT_BATCH = 50
+
+
+def batch_of(step: StepSpec) -> int:
+    value = step.params.get("batch", BATCH.get(step.kind, DEFAULT_BATCH))
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"step {step.name}: batch must be a positive integer")
+    return value
 
 
 def build(step: StepSpec, answering: Answering) -> Handler:
