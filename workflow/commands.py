@@ -10,70 +10,53 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+from typing import Any
 
 from freshet.commands import Subparsers, install_stop_handlers, say
 from freshet.settings import Settings
 
 
-def cmd_workflow_step(settings: Settings, args: argparse.Namespace) -> int:
-    """`freshet infer` / `freshet validate`: the default workflow's `answer` / `validate`
-    step (workflows/default.toml), in the groups FRESHET_INFERENCE_GROUP /
-    FRESHET_VALIDATOR_GROUP, until SIGINT/SIGTERM."""
+def _run_step(settings: Settings, spec: Any, name: str, group: str) -> int:
+    """One member of ``spec``'s step in group ``group``, in the foreground, until
+    SIGINT/SIGTERM. The answering core is built with no Flask app: the same factory and
+    Settings the web app uses."""
     from freshet.answering.factory import Answering
-    from freshet.workflow.definition import load_workflow
     from freshet.workflow.kinds import batch_of, build
     from freshet.workflow.step import Step
 
     stop = install_stop_handlers()
-    # The answering core with no Flask app: the same factory and Settings the web app uses.
-    answering = Answering(settings)
-    if args.command == "infer":
-        name, spec, group = "inference", load_workflow().step("answer"), settings.inference_group
-    else:
-        name, spec, group = "validator", load_workflow().step("validate"), settings.validator_group
-    step = Step(
-        name,
-        spec.input,
-        group,
-        settings.bootstrap_servers,
-        build(spec, answering),
-        batch=batch_of(spec),
-    )
+    handler = build(spec, Answering(settings))
+    step = Step(name, spec.input, group, settings.bootstrap_servers, handler, batch=batch_of(spec))
     gc.collect()
     gc.freeze()
-    say(f"{step.name}: consuming {step.topic} in group {step.group}")
+    say(f"{step.name} ({spec.kind}): consuming {step.topic} in group {step.group}")
     step.run(stop)
     return 0
 
 
+def cmd_workflow_step(settings: Settings, args: argparse.Namespace) -> int:
+    """`freshet infer` / `freshet validate`: the default workflow's `answer` / `validate`
+    step (workflows/default.toml), in the groups FRESHET_INFERENCE_GROUP /
+    FRESHET_VALIDATOR_GROUP."""
+    from freshet.workflow.definition import load_workflow
+
+    if args.command == "infer":
+        spec = load_workflow().step("answer")
+        return _run_step(settings, spec, "inference", settings.inference_group)
+    spec = load_workflow().step("validate")
+    return _run_step(settings, spec, "validator", settings.validator_group)
+
+
 def cmd_step(settings: Settings, args: argparse.Namespace) -> int:
-    """`freshet step NAME [--workflow PATH]`: one member of a declared workflow step's group,
-    in the foreground, until SIGINT/SIGTERM."""
-    from freshet.answering.factory import Answering
+    """`freshet step NAME [--workflow PATH]`: one member of a declared workflow step's group."""
     from freshet.workflow.definition import WorkflowError, load_workflow
-    from freshet.workflow.kinds import batch_of, build
-    from freshet.workflow.step import Step
 
     try:
         spec = load_workflow(args.workflow).step(args.name)
     except WorkflowError as exc:
         print(f"freshet step: {exc}", file=sys.stderr)
         return 2
-    stop = install_stop_handlers()
-    answering = Answering(settings)
-    step = Step(
-        spec.name,
-        spec.input,
-        spec.group,
-        settings.bootstrap_servers,
-        build(spec, answering),
-        batch=batch_of(spec),
-    )
-    gc.collect()
-    gc.freeze()
-    say(f"{step.name} ({spec.kind}): consuming {step.topic} in group {step.group}")
-    step.run(stop)
-    return 0
+    return _run_step(settings, spec, spec.name, spec.group)
 
 
 def cmd_rules(settings: Settings, args: argparse.Namespace) -> int:

@@ -162,14 +162,18 @@ class ForbiddenPattern(Rule):
         return self.message if self.pattern.search(answer.text) else None
 
 
-class MaxChars(Rule):
-    kind = "max_chars"
+class _Limit(Rule):
+    """A rule with a positive ``limit``."""
 
     def __init__(self, name: str, limit: int) -> None:
         super().__init__(name)
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self.limit = limit
+
+
+class MaxChars(_Limit):
+    kind = "max_chars"
 
     def check(self, answer: Judged) -> str | None:
         if len(answer.text) <= self.limit:
@@ -192,14 +196,8 @@ def sentences(text: str) -> list[str]:
     return [s for s in found if s]
 
 
-class MaxSentences(Rule):
+class MaxSentences(_Limit):
     kind = "max_sentences"
-
-    def __init__(self, name: str, limit: int) -> None:
-        super().__init__(name)
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        self.limit = limit
 
     def check(self, answer: Judged) -> str | None:
         count = len(sentences(answer.text))
