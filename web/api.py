@@ -72,9 +72,9 @@ _FALSE = {"0", "false", "no", "off"}
 def parse_k(raw: Any, default: int, maximum: int) -> int:
     """k as an int in 1..maximum; anything else is a 400 naming the allowed range. The default
     and the maximum are settings (FRESHET_DEFAULT_K, FRESHET_MAX_SEARCH_K, FRESHET_MAX_ASK_K)."""
-    if raw is None or raw == "":
+    if raw is None:
         return default
-    if isinstance(raw, bool):
+    if isinstance(raw, bool) or raw == "":  # `k=` is no integer: leave k out for the default
         raise ApiError(f"k must be an integer between 1 and {maximum}", 400, {"field": "k"})
     try:
         k = int(raw)

@@ -105,6 +105,7 @@ def test_tokens_file_replaces_demo_tokens(tmp_path: Path) -> None:
         ("q=", "q"),
         ("q=%20%20", "q"),
         ("q=x&k=0", "k"),
+        ("q=x&k=", "k"),
         ("q=x&k=101", "k"),
         ("q=x&k=abc", "k"),
         ("q=x&k=2.5", "k"),

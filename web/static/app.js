@@ -186,7 +186,8 @@ function searchParams() {
   });
   const table = document.getElementById("table").value;
   if (table) params.set("table", table);
-  params.set("k", document.getElementById("k").value);
+  const k = document.getElementById("k").value;
+  if (k) params.set("k", k);  // an empty field: the API's default, not `k=` (a 400)
   if (document.getElementById("dedupe").checked) params.set("dedupe", "true");
   return params;
 }
