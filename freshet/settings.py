@@ -875,6 +875,22 @@ class Settings:
         read=_non_negative_float,
         app=True,
     )
+    ask_deadline_s: float = _workflow(
+        "FRESHET_ASK_DEADLINE_S",
+        "seconds an async ask (`async: true`) may take before it ends as `timeout` with what was "
+        "done so far; a request may ask for less or more with `deadline_s` (at most "
+        "FRESHET_MAX_ASK_DEADLINE_S)",
+        120.0,
+        read=_positive_float,
+        app=True,
+    )
+    max_ask_deadline_s: float = _workflow(
+        "FRESHET_MAX_ASK_DEADLINE_S",
+        "the longest `deadline_s` an async ask may give",
+        3600.0,
+        read=_positive_float,
+        app=True,
+    )
     start_workflow: bool = _workflow(
         "FRESHET_START_WORKFLOW",
         "`freshet up` starts one inference and one validator worker, the async answer path",

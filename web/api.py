@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -87,6 +88,18 @@ def parse_k(raw: Any, default: int, maximum: int) -> int:
     if not 1 <= k <= maximum:
         raise ApiError(f"k must be between 1 and {maximum}, got {k}", 400, {"field": "k"})
     return k
+
+
+def parse_deadline(raw: Any, default: float, maximum: float) -> float:
+    """An async ask's ``deadline_s``: seconds in (0, maximum]; None: the default setting."""
+    if raw is None:
+        return default
+    message = f"deadline_s must be a number of seconds above 0 and at most {maximum:g}"
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise ApiError(message, 400, {"field": "deadline_s"})
+    if not (0 < raw <= maximum):  # NaN fails this too
+        raise ApiError(message, 400, {"field": "deadline_s"})
+    return float(raw)
 
 
 def parse_bool(raw: Any, name: str, default: bool = False) -> bool:
@@ -274,11 +287,20 @@ def ask() -> Any:
     k = parse_k(body.get("k"), int(config["DEFAULT_K"]), int(config["MAX_ASK_K"]))
     filters = parse_filters(body.get("table"), body.get("metadata"))
     run_async = parse_bool(body.get("async"), "async")
+    deadline_s = parse_deadline(
+        body.get("deadline_s"),
+        float(config["ASK_DEADLINE_S"]),
+        float(config["MAX_ASK_DEADLINE_S"]),
+    )
+    if body.get("deadline_s") is not None and not run_async:
+        raise ApiError(
+            "deadline_s applies to async asks only (async: true)", 400, {"field": "deadline_s"}
+        )
     stream = _wants_stream(body)
     limits.admit("ask", user)  # after validation: a mistyped request costs no budget
     asker = Asker(user)
     if run_async:
-        return _submit(question, user, k, filters, asker)
+        return _submit(question, user, k, filters, asker, deadline_s)
     store = get_store()
     rules = get_rules()
     retriever, answerer = get_retriever(), get_answerer()
@@ -316,20 +338,29 @@ def ask() -> Any:
     return asker.respond(jsonify(asker.body(stored.to_dict())), stored.id)
 
 
-def _submit(question: str, user: User, k: int, filters: Filters, asker: Asker) -> Any:
-    """The async path: keep a pending answer, publish the request, answer 202 at once."""
+def _submit(
+    question: str, user: User, k: int, filters: Filters, asker: Asker, deadline_s: float
+) -> Any:
+    """The async path: keep a pending answer, publish the request, answer 202 at once. The
+    request ends as ``timeout`` if it is not answered ``deadline_s`` seconds from now."""
     store = get_store()
-    pending = answers_mod.StoredAnswer(answers_mod.new_id(), question, user, keys=asker.keys)
+    asked = datetime.now(UTC)
+    deadline = asked + timedelta(seconds=deadline_s)
+    pending = answers_mod.StoredAnswer(
+        answers_mod.new_id(), question, user, created_at=asked, keys=asker.keys, deadline=deadline
+    )
     try:
         store.put(pending)
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise _unavailable(exc) from None
     try:
-        get_publisher().publish(AnswerRequest(pending.id, question, k, user, filters))
+        get_publisher().publish(
+            AnswerRequest(pending.id, question, k, user, filters, asked, deadline)
+        )
     except QueueUnavailable as exc:
         store.put(answers_mod.failed(pending, str(exc)))
         raise ApiError(str(exc), 503, asker.body({"id": pending.id})) from None
-    response = jsonify(asker.body(pending.to_dict()))
+    response = jsonify(asker.body({**pending.to_dict(), "steps": []}))
     response.status_code = 202
     return asker.respond(response, pending.id)
 
@@ -406,7 +437,13 @@ def get_answer(answer_id: str) -> Any:
     session = capability.valid_key(request.cookies.get(capability.SESSION_COOKIE))
     if stored is None or not stored.visible_to(user, secret, session):
         raise ApiError("no such answer, or it is not yours", 404, {"id": answer_id})
-    return jsonify(stored.to_dict())
+    body = stored.to_dict()
+    if stored.deadline is not None:  # an async ask: the workflow steps done so far
+        try:
+            body["steps"] = answers_mod.progress(get_store().steps(answer_id))
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise _unavailable(exc) from None
+    return jsonify(body)
 
 
 @bp.get("/documents/<source>/<path:key>")

@@ -23,10 +23,22 @@ def _run_step(settings: Settings, spec: Any, name: str, group: str) -> int:
     from freshet.answering.factory import Answering
     from freshet.workflow.kinds import batch_of, build
     from freshet.workflow.step import Step
+    from freshet.workflow.tracking import Sweeper
 
     stop = install_stop_handlers()
-    handler = build(spec, Answering(settings))
-    step = Step(name, spec.input, group, settings.bootstrap_servers, handler, batch=batch_of(spec))
+    answering = Answering(settings)
+    handler = build(spec, answering)
+    # Every validate worker also ends the requests past their deadline that no step holds.
+    sweeper = Sweeper(answering.store()) if spec.kind == "validate" else None
+    step = Step(
+        name,
+        spec.input,
+        group,
+        settings.bootstrap_servers,
+        handler,
+        batch=batch_of(spec),
+        between=sweeper,
+    )
     gc.collect()
     gc.freeze()
     say(f"{step.name} ({spec.kind}): consuming {step.topic} in group {step.group}")

@@ -48,6 +48,8 @@ class Step:
     handler: Handler
     batch: int = 50
     poll_ms: int = 200
+    # Run after every poll (the validate step's deadline sweep), with or without records.
+    between: Callable[[threading.Event], None] | None = None
     # Between two attempts at a failing record: 0.5 s doubling to 30 s (jittered).
     backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, cap=30.0), repr=False)
 
@@ -62,6 +64,7 @@ class Step:
             max_records=self.batch,
             log_prefix=f"{self.name}: ",
             listener=_Assignment(self.name),
+            between=self.between,
         )
         self.records = PerRecord(
             self.runtime, self.handler, unreadable=(MessageError,), backoff=self.backoff

@@ -6,7 +6,11 @@ inference and validator groups of ``workflow/`` run the same steps and record th
 the same store, where GET /api/v1/answers/<id> finds it from any web process.
 
 Statuses: ``pending`` (queued), ``approved`` (passed every rule), ``rejected`` (broke a rule: the
-text and citations are withheld, the violations say why), ``failed`` (the answer backend failed).
+text and citations are withheld, the violations say why), ``failed`` (the answer backend failed),
+``timeout`` (an async request passed its deadline first: the error says where it was and what
+was done). Only a pending answer can time out, and a timed-out one stays so: an answer that
+arrives after the deadline changes nothing. The steps that finished an async request are kept
+too (`AnswerStore.steps`): the ask page shows them as they complete.
 
 An answer is read back by its asker's token, or, for an anonymous asker, with the answer's own
 capability (its secret or the asker's session, see freshet/answering/capability.py).
@@ -38,7 +42,9 @@ from freshet.answering.users import ANONYMOUS, User
 
 logger = logging.getLogger(__name__)
 
-STATUSES = ("pending", "approved", "rejected", "failed")
+STATUSES = ("pending", "approved", "rejected", "failed", "timeout")
+# Statuses an answer never leaves once it has one.
+FINAL = frozenset({"timeout"})
 WITHHELD = "This answer was withheld: it did not pass the answer rules."
 
 
@@ -74,6 +80,8 @@ class StoredAnswer:
     keys: Keys = NO_KEYS
     # The rule set's digest@version that judged it (answers judged before versions: None).
     rules_version: str | None = None
+    # When a pending async request ends as ``timeout`` (None: no deadline).
+    deadline: datetime | None = None
     # Set when the answer was judged just now: what the audit records (not read back).
     verdict: Verdict | None = field(default=None, compare=False)
 
@@ -105,7 +113,57 @@ class StoredAnswer:
             body["rules_version"] = self.rules_version
         elif self.status == "failed":
             body["error"] = self.error or "answering failed"
+        elif self.status == "timeout":
+            body["error"] = self.error or "the request passed its deadline"
+        if self.deadline is not None:
+            body["deadline"] = self.deadline.isoformat()
         return body
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """A workflow step that finished (part of) an async request: ``part`` is the sub-question
+    (1-based, of ``parts``), 0 for the whole request."""
+
+    step: str
+    done_at: datetime
+    part: int = 0
+    parts: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"step": self.step, "done_at": self.done_at.isoformat()}
+        if self.part:
+            body.update(part=self.part, parts=self.parts)
+        return body
+
+
+def progress(steps: Sequence[StepDone]) -> list[dict[str, Any]]:
+    """The steps of a request in the order they first finished, a fanned-out step once with
+    how many of its parts are done: [{step, done_at, parts_done?, parts?}]."""
+    out: dict[str, dict[str, Any]] = {}
+    for done in sorted(steps, key=lambda d: d.done_at):
+        entry = out.get(done.step)
+        if entry is None:
+            entry = out[done.step] = {"step": done.step, "done_at": done.done_at.isoformat()}
+        else:
+            entry["done_at"] = done.done_at.isoformat()
+        if done.part:
+            entry["parts_done"] = entry.get("parts_done", 0) + 1
+            entry["parts"] = max(entry.get("parts", 0), done.parts)
+    return list(out.values())
+
+
+def timeout_detail(step: str | None, steps: Sequence[StepDone], deadline: datetime | None) -> str:
+    """What a timed-out request says: when its deadline was, where it was, what was done."""
+    when = f" ({deadline.isoformat(timespec='seconds')})" if deadline else ""
+    where = f" while waiting for step {step!r}" if step else ""
+    done = [
+        e["step"] + (f" ({e['parts_done']} of {e['parts']} parts)" if "parts" in e else "")
+        for e in progress(steps)
+    ]
+    return f"the request passed its deadline{when}{where}; steps done: " + (
+        ", ".join(done) if done else "none"
+    )
 
 
 def judge(
@@ -153,6 +211,24 @@ class AnswerStore(ABC):
     @abstractmethod
     def get(self, answer_id: str) -> StoredAnswer | None: ...
 
+    @abstractmethod
+    def time_out(self, answer: StoredAnswer, step: str | None) -> bool:
+        """End ``answer`` (its id, question, asker, deadline) as ``timeout`` unless it already
+        has an outcome; True when this call ended it. ``step``: the step it was waiting for."""
+
+    @abstractmethod
+    def step_done(self, request_id: str, step: str, part: int = 0, parts: int = 0) -> None:
+        """Record that ``step`` finished (part ``part`` of) the request (first time counts)."""
+
+    @abstractmethod
+    def steps(self, request_id: str) -> list[StepDone]:
+        """The steps that finished the request, oldest first."""
+
+    @abstractmethod
+    def sweep(self, grace_s: float = 0.0) -> list[str]:
+        """End as ``timeout`` every pending answer more than ``grace_s`` past its deadline
+        (requests no step is handling); their ids."""
+
 
 class InMemoryAnswerStore(AnswerStore):
     """A thread-safe LRU of the newest ``capacity`` answers of this process (tests, no DB)."""
@@ -162,13 +238,18 @@ class InMemoryAnswerStore(AnswerStore):
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self._items: OrderedDict[str, StoredAnswer] = OrderedDict()
+        self._steps: dict[str, dict[tuple[str, int], StepDone]] = {}
         self._lock = threading.Lock()
 
     def put(self, answer: StoredAnswer) -> None:
         with self._lock:
             known = self._items.get(answer.id)
+            if known is not None and known.status in FINAL:
+                return  # a timed-out request stays so
             if known is not None and answer.keys == NO_KEYS:
                 answer = replace(answer, keys=known.keys)  # as the SQL upsert keeps them
+            if known is not None and answer.deadline is None:
+                answer = replace(answer, deadline=known.deadline)
             self._items[answer.id] = answer
             self._items.move_to_end(answer.id)
             while len(self._items) > self.capacity:
@@ -184,6 +265,43 @@ class InMemoryAnswerStore(AnswerStore):
     def __len__(self) -> int:
         return len(self._items)
 
+    def time_out(self, answer: StoredAnswer, step: str | None) -> bool:
+        with self._lock:
+            known = self._items.get(answer.id)
+            if known is not None and known.status != "pending":
+                return False
+            base = known or answer
+            done = self._steps.get(answer.id, {}).values()
+            detail = timeout_detail(step, list(done), base.deadline or answer.deadline)
+            self._items[answer.id] = replace(
+                base, status="timeout", error=detail, deadline=base.deadline or answer.deadline
+            )
+            self._items.move_to_end(answer.id)
+            return True
+
+    def step_done(self, request_id: str, step: str, part: int = 0, parts: int = 0) -> None:
+        with self._lock:
+            kept = self._steps.setdefault(request_id, {})
+            kept.setdefault((step, part), StepDone(step, datetime.now(UTC), part, parts))
+            while len(self._steps) > self.capacity:
+                self._steps.pop(next(iter(self._steps)))
+
+    def steps(self, request_id: str) -> list[StepDone]:
+        with self._lock:
+            return sorted(self._steps.get(request_id, {}).values(), key=lambda d: d.done_at)
+
+    def sweep(self, grace_s: float = 0.0) -> list[str]:
+        now = datetime.now(UTC)
+        with self._lock:
+            late = [
+                a
+                for a in self._items.values()
+                if a.status == "pending"
+                and a.deadline is not None
+                and (now - a.deadline).total_seconds() > grace_s
+            ]
+        return [a.id for a in late if self.time_out(a, None)]
+
 
 class PgAnswerStore(AnswerStore):
     """Answers in table rag.answers: every web process and workflow step sees the same ones."""
@@ -195,17 +313,20 @@ class PgAnswerStore(AnswerStore):
         """The answer by its id, and its verdict appended to rag.answer_audit (once per
         request and rule set: a redelivered answer adds no row), in one transaction."""
         with self._pool().connection() as conn, conn.transaction():
-            conn.execute(
+            written = conn.execute(
                 "INSERT INTO rag.answers (id, question, asked_by, status, answer, violations,"
-                " error, created_at, secret_hash, session_hash, rules_version)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " error, created_at, secret_hash, session_hash, rules_version, deadline)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status,"
                 " answer = EXCLUDED.answer, violations = EXCLUDED.violations,"
                 " error = EXCLUDED.error, updated_at = now(),"
                 " rules_version = EXCLUDED.rules_version,"
                 # The validator's verdict carries no keys: the asker's stay.
                 " secret_hash = coalesce(EXCLUDED.secret_hash, rag.answers.secret_hash),"
-                " session_hash = coalesce(EXCLUDED.session_hash, rag.answers.session_hash)",
+                " session_hash = coalesce(EXCLUDED.session_hash, rag.answers.session_hash),"
+                " deadline = coalesce(EXCLUDED.deadline, rag.answers.deadline)"
+                # A timed-out request stays so: a late answer changes nothing.
+                " WHERE rag.answers.status <> 'timeout' RETURNING id",
                 (
                     answer.id,
                     answer.question,
@@ -218,10 +339,11 @@ class PgAnswerStore(AnswerStore):
                     answer.keys.secret_hash,
                     answer.keys.session_hash,
                     answer.rules_version,
+                    answer.deadline,
                 ),
-            )
+            ).fetchone()
             verdict = answer.verdict
-            if verdict is not None:
+            if verdict is not None and written is not None:
                 conn.execute(
                     "INSERT INTO rag.answer_audit (request_id, answer_digest, rules_digest,"
                     " rules_version, rules_source, status, outcomes)"
@@ -242,7 +364,8 @@ class PgAnswerStore(AnswerStore):
         with self._pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(
                 "SELECT id, question, asked_by, status, answer, violations, error, created_at,"
-                " secret_hash, session_hash, rules_version FROM rag.answers WHERE id = %s",
+                " secret_hash, session_hash, rules_version, deadline"
+                " FROM rag.answers WHERE id = %s",
                 (answer_id,),
             ).fetchone()
         if row is None:
@@ -258,7 +381,64 @@ class PgAnswerStore(AnswerStore):
             created_at=row["created_at"],
             keys=Keys(row["secret_hash"], row["session_hash"]),
             rules_version=row["rules_version"],
+            deadline=row["deadline"],
         )
+
+    def time_out(self, answer: StoredAnswer, step: str | None) -> bool:
+        with self._pool().connection() as conn, conn.transaction():
+            known = conn.execute(
+                "SELECT status, deadline FROM rag.answers WHERE id = %s FOR UPDATE", (answer.id,)
+            ).fetchone()
+            if known is not None and known[0] != "pending":
+                return False
+            deadline = (known[1] if known is not None else None) or answer.deadline
+            detail = timeout_detail(step, self._steps(conn, answer.id), deadline)
+            if known is None:  # published by something other than the web tier
+                conn.execute(
+                    "INSERT INTO rag.answers (id, question, asked_by, status, error, deadline)"
+                    " VALUES (%s, %s, %s, 'timeout', %s, %s) ON CONFLICT (id) DO NOTHING",
+                    (answer.id, answer.question, answer.owner.name, detail, deadline),
+                )
+            else:
+                conn.execute(
+                    "UPDATE rag.answers SET status = 'timeout', error = %s, updated_at = now()"
+                    " WHERE id = %s AND status = 'pending'",
+                    (detail, answer.id),
+                )
+        logger.warning("answer %s timed out: %s", answer.id, detail)
+        return True
+
+    def step_done(self, request_id: str, step: str, part: int = 0, parts: int = 0) -> None:
+        with self._pool().connection() as conn:
+            conn.execute(
+                "INSERT INTO rag.answer_steps (request_id, step, part, parts)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (request_id, step, part, parts),
+            )
+
+    def steps(self, request_id: str) -> list[StepDone]:
+        with self._pool().connection() as conn:
+            return self._steps(conn, request_id)
+
+    @staticmethod
+    def _steps(conn: Any, request_id: str) -> list[StepDone]:
+        rows = conn.execute(
+            "SELECT step, done_at, part, parts FROM rag.answer_steps WHERE request_id = %s"
+            " ORDER BY done_at, step, part",
+            (request_id,),
+        ).fetchall()
+        return [StepDone(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def sweep(self, grace_s: float = 0.0) -> list[str]:
+        with self._pool().connection() as conn:
+            rows = conn.execute(
+                "SELECT id, question, asked_by, deadline FROM rag.answers"
+                " WHERE status = 'pending' AND deadline IS NOT NULL"
+                " AND deadline < now() - make_interval(secs => %s) ORDER BY deadline LIMIT 500",
+                (grace_s,),
+            ).fetchall()
+        late = [StoredAnswer(r[0], r[1], User(r[2]), deadline=r[3]) for r in rows]
+        return [a.id for a in late if self.time_out(a, None)]
 
 
 def new_id() -> str:

@@ -1,7 +1,8 @@
 """The async answer path's topics and message shapes (JSON, keyed by request id).
 
     rag.requests       {id, question, k, filters: {tables, metadata}, user: {user, groups, admin},
-                        asked_at}
+                        asked_at, deadline?}  (deadline: ISO 8601; every step passes it on, and
+                        a step that gets a message past it ends the request as ``timeout``)
     rag.answers.raw    {id, question, user, passages, answer: {answer, citations, as_of, backend}}
                        or, when the answer backend failed, {id, question, user, error}
     rag.answers        the approved answer as GET /api/v1/answers/<id> returns it
@@ -43,8 +44,10 @@ class AnswerRequest:
     user: User
     filters: Filters = field(default_factory=Filters)
     asked_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    deadline: datetime | None = None
 
     def encode(self) -> bytes:
+        extra = {"deadline": self.deadline.isoformat()} if self.deadline else {}
         return dumps(
             {
                 "id": self.id,
@@ -56,6 +59,7 @@ class AnswerRequest:
                 },
                 "user": self.user.to_dict(),
                 "asked_at": self.asked_at.isoformat(),
+                **extra,
             }
         )
 
@@ -87,6 +91,7 @@ class AnswerRequest:
                 user=user_of(body),
                 filters=Filters(tuple(tables), metadata),
                 asked_at=datetime.fromisoformat(body["asked_at"]),
+                deadline=deadline_of(body),
             )
         except MessageError:
             raise
@@ -119,6 +124,20 @@ def request_id(body: Mapping[str, Any]) -> str:
     if not isinstance(value, str) or not value or len(value) > 64:
         raise MessageError("id must be a string of 1 to 64 characters")
     return value
+
+
+def deadline_of(body: Mapping[str, Any]) -> datetime | None:
+    """The message's deadline (timezone-aware), or None when it has none."""
+    value = body.get("deadline")
+    if value is None:
+        return None
+    try:
+        stamp = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        stamp = None
+    if stamp is None:
+        raise MessageError("deadline must be an ISO 8601 timestamp")
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
 def user_of(body: Mapping[str, Any]) -> User:

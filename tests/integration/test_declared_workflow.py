@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +72,19 @@ def start_step(
             stderr=subprocess.STDOUT,
             cwd=PROJECT_ROOT,
         )
+
+
+def stop_all(processes: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every step still running, then wait (SIGKILL after 60 s)."""
+    running = list(processes)
+    for process in running:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in running:
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
 
 
 def test_a_hundred_two_part_questions_through_five_steps_with_a_worker_killed(
@@ -146,11 +159,95 @@ def test_a_hundred_two_part_questions_through_five_steps_with_a_worker_killed(
             ), key
     finally:
         producer.close()
-        for process in processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
+        stop_all(processes.values())
+
+
+def test_requests_past_their_deadline_end_as_timeout_with_what_was_done(
+    running_stack: Settings,
+    running_stack_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """No answer worker runs: the questions are rewritten and split, then wait. The validate
+    worker's sweep ends them as `timeout` past their deadline, naming the steps done; an
+    answer worker started afterwards consumes the parts without answering them, and the
+    requests stay timed out."""
+    from datetime import UTC, datetime, timedelta
+
+    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+    tag = uuid.uuid4().hex[:8]
+    workflow = workflow_file(tmp_path, tag)
+    ids = [f"{tag}-late-{n}" for n in range(3)]
+    deadline = datetime.now(UTC) + timedelta(seconds=20)
+    question = "When does the keeper feed the cat, and when does the farmer feed the ferret?"
+    with connect(database_url(running_stack), autocommit=True) as conn:
+        for rid in ids:  # the pending answers POST /ask {async: true} keeps
+            conn.execute(
+                "INSERT INTO rag.answers (id, question, asked_by, status, deadline)"
+                " VALUES (%s, %s, 'ann', 'pending', %s)",
+                (rid, question, deadline),
+            )
+    processes = {
+        name: start_step(running_stack_env, name, workflow, tmp_path / f"{name}.log")
+        for name in ("rewrite", "decompose", "validate")
+    }
+    producer = KafkaProducer(bootstrap_servers=running_stack.bootstrap_servers)
+
+    def rows() -> dict[str, tuple[str, str | None]]:
+        with connect(database_url(running_stack), autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT id, status, error FROM rag.answers WHERE id = ANY(%s)", (ids,)
+            ).fetchall()
+        return {r[0]: (r[1], r[2]) for r in found}
+
+    try:
+        for rid in ids:
+            request = AnswerRequest(
+                rid, question, 3, User("ann"), Filters(("app.articles",)), deadline=deadline
+            )
+            producer.send(f"it.{tag}.requests", key=rid.encode(), value=request.encode())
+        producer.flush()
+        assert wait_for(
+            lambda: {s for s, _ in rows().values()} == {"timeout"}, 120, interval=0.5
+        ), f"{rows()}; logs in {tmp_path}"
+        assert datetime.now(UTC) >= deadline
+        for rid, (_, error) in rows().items():
+            assert error is not None and "steps done: rewrite, decompose" in error, (rid, error)
+        with connect(database_url(running_stack), autocommit=True) as conn:
+            steps = conn.execute(
+                "SELECT DISTINCT step FROM rag.answer_steps WHERE request_id = ANY(%s)", (ids,)
+            ).fetchall()
+        assert {s for (s,) in steps} == {"rewrite", "decompose"}
+        # An answer worker now: it reads the six parts, past their deadline, and answers none.
+        processes["answer"] = start_step(
+            running_stack_env, "answer", workflow, tmp_path / "answer.log"
+        )
+        topic = f"it.{tag}.questions"
+        probe = KafkaConsumer(bootstrap_servers=running_stack.bootstrap_servers)
+        admin = KafkaAdminClient(bootstrap_servers=running_stack.bootstrap_servers)
+        try:
+            ends = probe.end_offsets(
+                [TopicPartition(topic, p) for p in probe.partitions_for_topic(topic) or ()]
+            )
+
+            def consumed() -> bool:
+                group = f"it-{tag}-answer"
+                done = admin.list_group_offsets({group: None}).get(group) or {}
+                return all(tp in done and done[tp].offset >= end for tp, end in ends.items())
+
+            assert sum(ends.values()) == 2 * len(ids)
+            assert wait_for(consumed, 180, interval=1), f"logs in {tmp_path}"
+        finally:
+            probe.close()
+            admin.close()
+        assert {s for s, _ in rows().values()} == {"timeout"}
+        with connect(database_url(running_stack), autocommit=True) as conn:
+            answered = conn.execute(
+                "SELECT count(*) FROM rag.answer_steps WHERE request_id = ANY(%s)"
+                " AND step = 'answer'",
+                (ids,),
+            ).fetchone()
+        assert answered == (0,)
+    finally:
+        producer.close()
+        stop_all(processes.values())

@@ -40,7 +40,10 @@ def batch_of(step: StepSpec) -> int:
 
 
 def build(step: StepSpec, answering: Answering) -> Handler:
-    """The handler of ``step``: module freshet.workflow.kinds.<kind>'s ``build``."""
+    """The handler of ``step``: module freshet.workflow.kinds.<kind>'s ``build``, with the
+    request's deadline and progress kept around it (freshet/workflow/tracking.py)."""
+    from freshet.workflow.tracking import Tracked
+
     module = importlib.import_module(f"freshet.workflow.kinds.{step.kind}")
     handler: Handler = module.build(step, answering)
-    return handler
+    return Tracked(step.name, handler, answering.store())

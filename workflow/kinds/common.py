@@ -10,7 +10,7 @@ from freshet.answering.messages import AnswerRequest, MessageError, loads
 from freshet.answering.retrieval import Passage
 
 # Fields an answer carries on from its request, for synthesize and the validator.
-CARRIED = ("parent", "part", "parts", "parent_question")
+CARRIED = ("parent", "part", "parts", "parent_question", "deadline")
 
 
 def request_of(record: Any, max_k: int) -> tuple[AnswerRequest, dict[str, Any]]:

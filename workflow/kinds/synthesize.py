@@ -137,6 +137,8 @@ def build(step: StepSpec, answering: Answering) -> Any:
             return []
         question = str(body.get("parent_question") or body.get("question") or "")
         whole = combine(parent, question, body.get("user"), gathered)
+        if body.get("deadline"):
+            whole["deadline"] = body["deadline"]
         return [Output(output, parent.encode(), dumps(whole))]
 
     return handle
