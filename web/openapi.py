@@ -109,9 +109,29 @@ SCHEMAS: dict[str, Any] = {
             "question": {"type": "string"},
             "status": {
                 "type": "string",
-                "enum": ["pending", "approved", "rejected", "failed"],
+                "enum": ["pending", "approved", "rejected", "failed", "timeout"],
                 "description": "pending: queued (async); approved: passed the answer rules; "
-                "rejected: broke one (text withheld, see violations); failed: see error",
+                "rejected: broke one (text withheld, see violations); failed: see error; "
+                "timeout: an async ask passed its deadline first (error: where it was, which "
+                "steps were done)",
+            },
+            "deadline": {
+                **_TS,
+                "description": "async asks: when a request not yet answered ends as timeout",
+            },
+            "steps": {
+                "type": "array",
+                "description": "async asks: the workflow steps done so far, in the order they "
+                "first finished; a fanned-out step once, with its parts done",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "step": {"type": "string"},
+                        "done_at": {"type": "string", "format": "date-time"},
+                        "parts_done": {"type": "integer"},
+                        "parts": {"type": "integer"},
+                    },
+                },
             },
             "created_at": {"type": "string", "format": "date-time"},
             "answer": {"type": "string"},
@@ -167,6 +187,12 @@ SCHEMAS: dict[str, Any] = {
                 "default": False,
                 "description": "answer through the async workflow (rag.requests): 202 with "
                 "the pending answer's id; poll GET /answers/{id}",
+            },
+            "deadline_s": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 0,
+                "description": "async asks: seconds until a request not yet answered ends as "
+                "timeout (default FRESHET_ASK_DEADLINE_S); a synchronous ask ignores it",
             },
             "stream": {
                 "type": ["boolean", "null"],
@@ -386,6 +412,8 @@ def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
     doc = copy.deepcopy(DOCUMENT)
     ask_k = doc["components"]["schemas"]["AskRequest"]["properties"]["k"]
     ask_k.update(maximum=settings.max_ask_k, default=settings.default_k)
+    ask_deadline = doc["components"]["schemas"]["AskRequest"]["properties"]["deadline_s"]
+    ask_deadline.update(maximum=settings.max_ask_deadline_s, default=settings.ask_deadline_s)
     [search_k] = [
         p for p in doc["paths"]["/api/v1/search"]["get"]["parameters"] if p["name"] == "k"
     ]

@@ -5,13 +5,10 @@ once in effect, even when one answer worker is killed with SIGKILL mid-run."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from freshet.settings import PROJECT_ROOT, Settings
 from tests.conftest import wait_for
 from tests.integration.conftest import WorkerThread
 from tests.integration.sync_support import caught_up, source
+from tests.integration.workflow_support import start_step, stop_all
 
 pytestmark = pytest.mark.integration
 
@@ -59,32 +57,6 @@ def indexed(running_stack: Settings, start_worker: Callable[..., WorkerThread]) 
     yield
     with source(running_stack) as conn:
         conn.execute("DELETE FROM app.articles WHERE id = ANY(%s)", ([r[0] for r in ROWS],))
-
-
-def start_step(
-    env: dict[str, str], name: str, workflow: Path, log: Path
-) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "freshet.cli", "-v", "step", name, "--workflow", str(workflow)],
-            env={**env, "PYTHONWARNINGS": "ignore"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=PROJECT_ROOT,
-        )
-
-
-def stop_all(processes: Iterable[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM every step still running, then wait (SIGKILL after 60 s)."""
-    running = list(processes)
-    for process in running:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in running:
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
 
 
 def test_a_hundred_two_part_questions_through_five_steps_with_a_worker_killed(

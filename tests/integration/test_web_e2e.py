@@ -34,6 +34,7 @@ from freshet.web import close_app, create_app
 from tests.conftest import wait_for
 from tests.integration.conftest import WorkerThread
 from tests.integration.sync_support import caught_up, chunk_texts, index, source
+from tests.integration.workflow_support import start_step, stop_all
 
 pytestmark = pytest.mark.integration
 
@@ -215,6 +216,61 @@ def test_ask_page_cites_a_committed_row_and_its_update(
             assert browser.find_element(By.ID, "doc-error").text == ""
         finally:
             src.execute("DELETE FROM app.articles WHERE id = %s", (key,))
+
+
+def test_a_queued_ask_shows_each_step_as_it_finishes_then_the_answer(
+    running_stack: Settings,
+    running_stack_env: dict[str, str],
+    start_worker: StartWorker,
+    web_server: WebServer,
+    browser: WebDriver,
+    tmp_path: Path,
+) -> None:
+    """An anonymous asker ticks "Queue it": the request goes through Kafka to the default
+    workflow's own `answer` and `validate` workers, and the page lists the steps done, then
+    the approved answer with its citation."""
+    caught_up(start_worker())
+    key = 880_000_000 + uuid.uuid4().int % 100_000_000
+    text = "The Nordholm lighthouse lamp is lit at 16:20 in December."
+    workers = {
+        name: start_step(running_stack_env, name, None, tmp_path / f"{name}.log")
+        for name in ("answer", "validate")
+    }
+    with source(running_stack) as src, index(running_stack) as idx:
+        try:
+            src.execute(
+                "INSERT INTO app.articles (id, title, body) VALUES (%s, 'Nordholm lamp', %s)",
+                (key, text),
+            )
+            assert wait_for(lambda: text in " ".join(chunk_texts(idx, ARTICLES, key)), 30)
+            browser.get(web_server.url + "/")
+            browser.find_element(By.ID, "ask-async").click()
+            box = browser.find_element(By.ID, "question")
+            box.send_keys("When is the Nordholm lighthouse lamp lit?")
+            box.send_keys(Keys.ENTER)
+
+            def finished(d: WebDriver) -> bool:
+                busy = d.find_element(By.ID, "answer").get_attribute("aria-busy")
+                sources = d.find_elements(By.CSS_SELECTOR, "#citations li a")
+                return busy == "false" and bool(sources or d.find_element(By.ID, "ask-error").text)
+
+            WebDriverWait(browser, 180, poll_frequency=0.1).until(finished)
+            screenshot(browser, "web-e2e-queued-ask.png")
+            assert browser.find_element(By.ID, "ask-error").text == ""
+            assert "16:20" in browser.find_element(By.ID, "answer").text
+            done = [
+                li.get_dom_attribute("data-step")
+                for li in browser.find_elements(By.CSS_SELECTOR, "#ask-steps li.done")
+            ]
+            assert done == ["answer", "validate"], done
+            hrefs = [
+                a.get_dom_attribute("href") or ""
+                for a in browser.find_elements(By.CSS_SELECTOR, "#citations li a")
+            ]
+            assert any(h.startswith(f"/documents/{ARTICLES}/{key}#chunk-") for h in hrefs), hrefs
+        finally:
+            src.execute("DELETE FROM app.articles WHERE id = %s", (key,))
+            stop_all(workers.values())
 
 
 def test_status_page_without_a_token_says_which_demo_token_to_paste(

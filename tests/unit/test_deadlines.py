@@ -165,12 +165,10 @@ def test_a_workflow_run_past_its_deadline_ends_as_timeout_with_the_parts_done() 
     assert steps[2]["parts_done"] == steps[2]["parts"] == 2
 
 
-@pytest.mark.parametrize("bad", [0, -1, "5", True, 3601, None])
+@pytest.mark.parametrize("bad", [0, -1, "5", True, 3601, float("nan")])
 def test_deadline_s_out_of_range_is_a_400_naming_the_field(tmp_path: Path, bad: Any) -> None:
     client = make_app(tmp_path).test_client()
     body = {"question": "q", "async": True, "deadline_s": bad}
-    if bad is None:
-        body = {"question": "q", "async": False, "deadline_s": 5}  # sync asks have no deadline
     error = error_of(client.post("/api/v1/ask", json=body, headers=STAFF), 400)
     assert error["field"] == "deadline_s" and "deadline_s" in error["message"]
 

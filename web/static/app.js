@@ -103,12 +103,81 @@ function renderCitations(answer) {
     answer.as_of ? "As of " + formatTime(answer.as_of) + " (newest cited source commit)" : "";
 }
 
+function showWithheld(data) {
+  document.getElementById("ask-error").textContent = "Withheld by the answer rules" +
+    (data.rules_version ? " (rule set " + data.rules_version + ")" : "") + ": " +
+    data.violations.map((v) => v.rule + " (" + v.message + ")").join("; ");
+}
+
+function clearAnswer() {
+  document.getElementById("answer").textContent = "";
+  document.getElementById("ask-error").textContent = "";
+  document.getElementById("citations").replaceChildren();
+  document.getElementById("as-of").textContent = "";
+  const steps = document.getElementById("ask-steps");
+  steps.replaceChildren();
+  steps.hidden = true;
+}
+
+/* The steps an async answer has finished, in order, then what it waits for. */
+function renderSteps(data, started) {
+  const list = document.getElementById("ask-steps");
+  list.hidden = false;
+  list.replaceChildren();
+  for (const s of data.steps || []) {
+    const seconds = ((new Date(s.done_at) - started) / 1000).toFixed(1);
+    const parts = s.parts ? " " + s.parts_done + " of " + s.parts + " parts" : "";
+    list.append(el("li", s.step + parts + " (" + seconds + " s)", { class: "done", "data-step": s.step }));
+  }
+  if (data.status === "pending") list.append(el("li", "waiting for the next step…", { class: "waiting" }));
+}
+
+/* An async ask: queue it, then read it back until a step has finished it or its deadline passed. */
+async function askQueued(question, k) {
+  const out = document.getElementById("answer");
+  const error = document.getElementById("ask-error");
+  clearAnswer();
+  out.setAttribute("aria-busy", "true");
+  try {
+    const body = { question: question, async: true };
+    if (k) body.k = k;
+    let data = await apiJson("/api/v1/ask", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    const started = new Date(data.created_at);
+    const until = Date.parse(data.deadline || "") + 10000 || Date.now() + 130000;
+    const extra = data.secret ? { "Freshet-Answer-Secret": data.secret } : {};
+    out.textContent = "Queued; the answer appears once every step has finished.";
+    renderSteps(data, started);
+    while (data.status === "pending" && Date.now() < until) {
+      await new Promise((resolve) => setTimeout(resolve, 400));
+      data = await apiJson("/api/v1/answers/" + encodeURIComponent(data.id), { headers: extra });
+      renderSteps(data, started);
+    }
+    if (data.status === "approved" || data.status === "rejected") {
+      out.textContent = data.answer;
+      renderCitations(data);
+      if (data.status === "rejected") showWithheld(data);
+    } else if (data.status === "pending") {
+      out.textContent = "";
+      error.textContent = "Still pending after its deadline: are the workflow's workers running?";
+    } else {
+      out.textContent = "";
+      error.textContent = (data.status === "timeout" ? "Timed out: " : "Failed: ") + data.error;
+    }
+  } catch (e) {
+    error.textContent = e.message;
+  } finally {
+    out.setAttribute("aria-busy", "false");
+  }
+}
+
 async function ask(question, k) {
   const out = document.getElementById("answer");
   const error = document.getElementById("ask-error");
-  out.textContent = ""; error.textContent = "";
-  document.getElementById("citations").replaceChildren();
-  document.getElementById("as-of").textContent = "";
+  clearAnswer();
   out.setAttribute("aria-busy", "true");
   try {
     const response = await fetch("/api/v1/ask", {
@@ -141,11 +210,7 @@ async function ask(question, k) {
         else if (name === "done") {
           out.textContent = data.answer;
           renderCitations(data);
-          if (data.status === "rejected") {
-            error.textContent = "Withheld by the answer rules" +
-              (data.rules_version ? " (rule set " + data.rules_version + ")" : "") + ": " +
-              data.violations.map((v) => v.rule + " (" + v.message + ")").join("; ");
-          }
+          if (data.status === "rejected") showWithheld(data);
         }
         else if (name === "error") {
           error.textContent = data.message;
@@ -172,7 +237,10 @@ function setupAsk() {
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     const text = question.value.trim();
-    if (text) ask(text, parseInt(document.getElementById("ask-k").value, 10) || 5);
+    const k = parseInt(document.getElementById("ask-k").value, 10) || 5;
+    if (!text) return;
+    if (document.getElementById("ask-async").checked) askQueued(text, k);
+    else ask(text, k);
   });
 }
 
