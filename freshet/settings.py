@@ -875,6 +875,14 @@ class Settings:
         read=_non_negative_float,
         app=True,
     )
+    ask_workflow: str = _workflow(
+        "FRESHET_ASK_WORKFLOW",
+        "the declared workflow file the synchronous `/ask` runs in process, with the step "
+        "workers' own code; empty: the shipped default (answer, validate). See "
+        "[workflow.md](workflow.md#declared-workflows)",
+        "",
+        app=True,
+    )
     ask_deadline_s: float = _workflow(
         "FRESHET_ASK_DEADLINE_S",
         "seconds an async ask (`async: true`) may take before it ends as `timeout` with what was "

@@ -31,8 +31,13 @@ def get_rules(app: Flask | None = None) -> RuleSet:
 
 
 def init_app(app: Flask) -> None:
-    if "freshet.answer_store" in app.extensions:
-        return
     from freshet.web.services import answering
 
+    chosen = answering(app).settings.ask_workflow.strip()
+    if chosen:  # a wrong FRESHET_ASK_WORKFLOW stops the app at start, naming the file
+        from freshet.workflow.definition import load_workflow
+
+        load_workflow(chosen)
+    if "freshet.answer_store" in app.extensions:
+        return
     app.extensions["freshet.answer_store"] = answering(app).store()

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,7 +34,7 @@ from freshet.web.errors import ApiError
 from freshet.web.inputs import storable
 from freshet.web.openapi import openapi_document
 from freshet.web.publisher import QueueUnavailable, get_publisher
-from freshet.web.services import get_answerer, get_retriever
+from freshet.web.services import get_answerer, get_ask_workflow, get_retriever
 
 logger = logging.getLogger(__name__)
 
@@ -317,22 +318,21 @@ def ask() -> Any:
             )
             response = _sse_response(pending, asker.secret, limits.detach())
             return asker.respond(response, pending.id)
-        stored = answers_mod.ask(
-            retriever,
-            answerer,
-            store,
-            rules,
-            question,
-            user,
-            k=k,
-            filters=filters,
-            keys=asker.keys,
-        )
+        request_ = AnswerRequest(answers_mod.new_id(), question, k, user, filters)
+        # The declared workflow's steps in process (FRESHET_ASK_WORKFLOW), the step
+        # workers' own code; a failing answer backend is a `failed` verdict, not kept.
+        stored = get_ask_workflow().answer(request_)
+        if stored.status != "failed":
+            stored = replace(stored, keys=asker.keys)
+            store.put(stored)
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise _unavailable(exc) from None
     except LLMError as exc:
         logger.warning("answer backend failed: %s", exc)
         raise ApiError(f"the answer backend failed: {exc}", 502) from None
+    if stored.status == "failed":
+        logger.warning("answer %s failed: %s", stored.id, stored.error)
+        raise ApiError(stored.error or "the answer backend failed", 502)
     return asker.respond(jsonify(asker.body(stored.to_dict())), stored.id)
 
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from flask import Flask, current_app
 
+from freshet.answering.answers import AnswerStore
 from freshet.answering.factory import Answering
 from freshet.answering.llm import Answerer
 from freshet.answering.retrieval import EmbedThread, Retriever
+
+if TYPE_CHECKING:
+    from freshet.workflow.synchronous import InProcessWorkflow
 
 T = TypeVar("T")
 _lock = threading.RLock()
@@ -35,21 +39,53 @@ def _lazy(app: Flask, key: str, build: Callable[[], T]) -> T:
     return value
 
 
-def answering(app: Flask | None = None) -> Answering:
-    """The app's answering factory: its Settings, its pool, its (or an injected) embedder."""
-    app = app or _app()
+class AppAnswering(Answering):
+    """The answering factory of one app: what a test injected (RETRIEVER, ANSWERER,
+    ANSWER_STORE) wins over what the settings would build, so the workflow step kinds the
+    synchronous /ask runs use the same objects as the rest of the app."""
 
-    def build() -> Answering:
+    def __init__(self, app: Flask) -> None:
         from freshet.web import app_settings
         from freshet.web.db import get_pool
 
-        return Answering(
+        super().__init__(
             app_settings(app),
             pool=lambda: get_pool(app),
             embedder=app.extensions.get("freshet.embedder"),
         )
+        self.app = app
 
-    return _lazy(app, "freshet.answering", build)
+    def retriever(self) -> Retriever:
+        given = self.app.extensions.get("freshet.retriever")
+        return given if isinstance(given, Retriever) else super().retriever()
+
+    def answerer(self) -> Answerer:
+        given = self.app.extensions.get("freshet.answerer")
+        return given if isinstance(given, Answerer) else super().answerer()
+
+    def store(self) -> AnswerStore:
+        given = self.app.extensions.get("freshet.answer_store")
+        return given if isinstance(given, AnswerStore) else super().store()
+
+
+def answering(app: Flask | None = None) -> Answering:
+    """The app's answering factory: its Settings, its pool, its (or an injected) embedder."""
+    app = app or _app()
+    return _lazy(app, "freshet.answering", lambda: AppAnswering(app))
+
+
+def get_ask_workflow(app: Flask | None = None) -> InProcessWorkflow:
+    """The workflow the synchronous /ask runs in process (FRESHET_ASK_WORKFLOW)."""
+    app = app or _app()
+
+    def build() -> InProcessWorkflow:
+        from freshet.workflow.definition import load_workflow
+        from freshet.workflow.synchronous import InProcessWorkflow
+
+        chosen = answering(app).settings.ask_workflow.strip()
+        return InProcessWorkflow(load_workflow(chosen or None), answering(app))
+
+    return _lazy(app, "freshet.ask_workflow", build)
 
 
 def get_embed(app: Flask | None = None) -> EmbedThread:

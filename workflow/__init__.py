@@ -5,6 +5,7 @@
       -> rag.answers (approved) | rag.answers.rejected, and rag.answers the table, which
          GET /api/v1/answers/<id> reads from any web process.
 
-The synchronous path (web/api.py over freshet/answering/answers.py) runs the same
-retrieve -> answer -> judge steps.
+The synchronous path (web/api.py) runs the same steps in the web process, with the same
+handlers and no Kafka in between (synchronous.py, runner.py); a streamed answer runs the
+answering core's retrieve -> answer -> judge (freshet/answering/answers.py).
 """

@@ -33,28 +33,32 @@ class Validator:
         self.store = store
 
     def __call__(self, record: Any) -> list[Output]:
-        body = loads(record.value)
+        stored = self.judge(loads(record.value))
+        self.store.put(stored)
+        out = stored.to_dict()
+        out["rules"] = stored.rules_version or self.rules().label
+        if stored.status == "rejected":
+            out["withheld"] = stored.answer
+        topic = APPROVED if stored.status == "approved" else REJECTED
+        return [Output(topic, stored.id.encode(), dumps(out))]
+
+    def judge(self, body: dict[str, Any]) -> StoredAnswer:
+        """The verdict on a raw answer by the rules in force now (kept by the caller): the
+        validate step writes it to the answers table, the synchronous /ask with the asker's
+        keys."""
         answer_id = request_id(body)
         question = str(body.get("question") or "")
         user = user_of(body)
         rules = self.rules()
         if "error" in body:
-            stored = StoredAnswer(answer_id, question, user, "failed", error=str(body["error"]))
-        else:
-            answer = body.get("answer")
-            passages = body.get("passages")
-            if not isinstance(answer, dict) or not isinstance(passages, int):
-                raise MessageError("a raw answer needs `answer` (object) and `passages` (int)")
-            sources = body.get("sources")
-            try:
-                cited = None if sources is None else {int(n): str(t) for n, t in sources.items()}
-                stored = judge(answer_id, question, user, answer, passages, rules, cited)
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise MessageError(f"the raw answer cannot be judged: {exc!r}") from None
-        self.store.put(stored)
-        out = stored.to_dict()
-        out["rules"] = rules.label
-        if stored.status == "rejected":
-            out["withheld"] = stored.answer
-        topic = APPROVED if stored.status == "approved" else REJECTED
-        return [Output(topic, answer_id.encode(), dumps(out))]
+            return StoredAnswer(answer_id, question, user, "failed", error=str(body["error"]))
+        answer = body.get("answer")
+        passages = body.get("passages")
+        if not isinstance(answer, dict) or not isinstance(passages, int):
+            raise MessageError("a raw answer needs `answer` (object) and `passages` (int)")
+        sources = body.get("sources")
+        try:
+            cited = None if sources is None else {int(n): str(t) for n, t in sources.items()}
+            return judge(answer_id, question, user, answer, passages, rules, cited)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MessageError(f"the raw answer cannot be judged: {exc!r}") from None

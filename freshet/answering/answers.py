@@ -1,9 +1,10 @@
 """Asking: retrieve -> prompt -> answer -> judge by the answer rules -> keep by request id.
 
-The synchronous path runs every step in the web process. The async path (``async: true``)
-keeps a pending answer, publishes the request to ``rag.requests`` and returns at once; the
-inference and validator groups of ``workflow/`` run the same steps and record the outcome in
-the same store, where GET /api/v1/answers/<id> finds it from any web process.
+The synchronous path runs the declared workflow's steps in the web process
+(freshet/workflow/synchronous.py); a streamed answer runs `ask_stream` here. The async path
+(``async: true``) keeps a pending answer, publishes the request to ``rag.requests`` and returns
+at once; the workflow's step workers run the same steps and record the outcome in the same
+store, where GET /api/v1/answers/<id> finds it from any web process.
 
 Statuses: ``pending`` (queued), ``approved`` (passed every rule), ``rejected`` (broke a rule: the
 text and citations are withheld, the violations say why), ``failed`` (the answer backend failed),
@@ -452,68 +453,9 @@ def retrieve(
     return retriever.search(question, user, k=k, mode="hybrid", filters=filters, dedupe=True)
 
 
-def compose(
-    retriever: Retriever,
-    answerer: Answerer,
-    question: str,
-    user: User,
-    k: int,
-    filters: Filters = NO_FILTERS,
-) -> tuple[Answer, list[Passage]]:
-    """Retrieve what ``user`` may see and answer from it; the answer and the passages it was
-    given. Raises LLMError when the backend fails."""
-    passages = list(answerer.fit(question, retrieve(retriever, question, user, k, filters)))
-    return answerer.answer(question, passages), passages
-
-
 def cited_sources(answer: Answer, passages: Sequence[Passage]) -> dict[int, str]:
     """The text of each passage the answer cites, by its [n] (what `grounded` checks)."""
     return {c.n: passages[c.n - 1].text for c in answer.citations if 0 < c.n <= len(passages)}
-
-
-def answer_question(
-    retriever: Retriever,
-    answerer: Answerer,
-    rules: RuleSet,
-    answer_id: str,
-    question: str,
-    user: User,
-    *,
-    k: int,
-    filters: Filters = NO_FILTERS,
-) -> StoredAnswer:
-    """Retrieve what ``user`` may see, answer, and judge: the steps both paths run."""
-    answer, passages = compose(retriever, answerer, question, user, k, filters)
-    logger.info(
-        "answered %s for %s with %d passages, %d citations",
-        answer_id,
-        user.name,
-        len(passages),
-        len(answer.citations),
-    )
-    sources = cited_sources(answer, passages)
-    return judge(answer_id, question, user, answer, len(passages), rules, sources)
-
-
-def ask(
-    retriever: Retriever,
-    answerer: Answerer,
-    store: AnswerStore,
-    rules: RuleSet,
-    question: str,
-    user: User,
-    *,
-    k: int,
-    filters: Filters = NO_FILTERS,
-    keys: Keys = NO_KEYS,
-) -> StoredAnswer:
-    """Answer ``question`` for ``user`` now, and keep the judged answer with ``keys``."""
-    stored = answer_question(
-        retriever, answerer, rules, new_id(), question, user, k=k, filters=filters
-    )
-    stored = replace(stored, keys=keys)
-    store.put(stored)
-    return stored
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """The layers import only downwards: web/ and workflow/ are adapters over the answering core
-(freshet.answering), which imports neither Flask nor Kafka; web/ and workflow/ never import each
-other, and `freshet infer` / `freshet validate` build no Flask app.
+(freshet.answering), which imports neither Flask nor Kafka; workflow/ never imports web/, and
+`freshet infer` / `freshet validate` build no Flask app. The web runs a declared workflow's
+steps in process for the synchronous /ask (workflow/synchronous.py: the definition, the step
+kinds, the in-process runner), never a step worker (a consumer group: workflow/step.py) or the
+workflow's commands.
 
 Checked twice: statically over every import statement (lazy ones inside functions included) and
 at run time, by importing every module of a package in a fresh interpreter and looking at
@@ -21,7 +24,7 @@ from freshet.resources import package_dir
 
 #: package -> prefixes of modules it must never import.
 FORBIDDEN = {
-    "freshet.web": ("freshet.workflow",),
+    "freshet.web": ("freshet.workflow.step", "freshet.workflow.commands"),
     "freshet.workflow": ("freshet.web", "flask", "werkzeug"),
     "freshet.answering": ("freshet.web", "freshet.workflow", "flask", "werkzeug", "kafka"),
 }

@@ -39,11 +39,12 @@ def batch_of(step: StepSpec) -> int:
     return value
 
 
-def build(step: StepSpec, answering: Answering) -> Handler:
-    """The handler of ``step``: module freshet.workflow.kinds.<kind>'s ``build``, with the
-    request's deadline and progress kept around it (freshet/workflow/tracking.py)."""
+def build(step: StepSpec, answering: Answering, *, tracked: bool = True) -> Handler:
+    """The handler of ``step``: module freshet.workflow.kinds.<kind>'s ``build``; ``tracked``:
+    with the request's deadline and progress kept around it (freshet/workflow/tracking.py),
+    as the step workers run it (the synchronous /ask has neither)."""
     from freshet.workflow.tracking import Tracked
 
     module = importlib.import_module(f"freshet.workflow.kinds.{step.kind}")
     handler: Handler = module.build(step, answering)
-    return Tracked(step.name, handler, answering.store())
+    return Tracked(step.name, handler, answering.store()) if tracked else handler
