@@ -135,6 +135,15 @@ class LocalValidator(LocalWorker):
 
 
 @dataclass(frozen=True)
+class LocalStaleWatch(LocalWorker):
+    """`freshet stale-watch`: change topics -> answers whose cited rows changed -> stale."""
+
+    service_name = "stale watcher"
+    file_stem = "stale-watch"
+    command = "stale-watch"
+
+
+@dataclass(frozen=True)
 class LocalSupervisor(LocalWorker):
     """`freshet supervise`: restarts what `up` started when it dies (cdc/supervisor.py)."""
 

@@ -26,6 +26,7 @@ from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.processes import PortTakenError, StackError, pid_alive, port_in_use
 from freshet.cdc.services import (
     LocalInference,
+    LocalStaleWatch,
     LocalSupervisor,
     LocalSyncWorker,
     LocalValidator,
@@ -111,9 +112,13 @@ def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
         report("sync worker: starting (log in FRESHET_HOME/logs/sync.log)")
         started["sync"] = LocalSyncWorker(settings).start()
     if settings.start_workflow:
-        report("async answer workflow: starting an inference and a validator worker")
+        report(
+            "async answer workflow: starting an inference and a validator worker, and the"
+            " stale watcher"
+        )
         started["infer"] = LocalInference(settings).start()
         started["validate"] = LocalValidator(settings).start()
+        started["stale-watch"] = LocalStaleWatch(settings).start()
     if settings.start_web:
         report(f"web app: starting ({settings.web_url})")
         started["web"] = LocalWeb(settings).start()
@@ -188,6 +193,7 @@ def down(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     supervisor.clear_state(settings)
     for name, component in (
         ("web", LocalWeb(settings)),
+        ("stale-watch", LocalStaleWatch(settings)),
         ("validate", LocalValidator(settings)),
         ("infer", LocalInference(settings)),
         ("sync", LocalSyncWorker(settings)),
@@ -259,6 +265,7 @@ def status(settings: Settings) -> dict[str, Any]:
         for name, step in (
             ("infer", LocalInference(settings)),
             ("validate", LocalValidator(settings)),
+            ("stale-watch", LocalStaleWatch(settings)),
         )
     }
     if settings.start_workflow or any(workflow.values()):

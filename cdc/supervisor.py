@@ -26,7 +26,13 @@ from freshet.cdc.connect import ConnectClient, ConnectError, LocalConnect
 from freshet.cdc.kafka import LocalKafka
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.processes import StackError
-from freshet.cdc.services import LocalInference, LocalSyncWorker, LocalValidator, LocalWeb
+from freshet.cdc.services import (
+    LocalInference,
+    LocalStaleWatch,
+    LocalSyncWorker,
+    LocalValidator,
+    LocalWeb,
+)
 from freshet.retry import Backoff
 from freshet.settings import Settings
 
@@ -55,6 +61,7 @@ def services(settings: Settings) -> dict[str, Service]:
     if settings.start_workflow:
         found["infer"] = LocalInference(settings)
         found["validate"] = LocalValidator(settings)
+        found["stale-watch"] = LocalStaleWatch(settings)
     if settings.start_web:
         found["web"] = LocalWeb(settings)
     return found

@@ -901,7 +901,8 @@ class Settings:
     )
     start_workflow: bool = _workflow(
         "FRESHET_START_WORKFLOW",
-        "`freshet up` starts one inference and one validator worker, the async answer path",
+        "`freshet up` starts one inference and one validator worker (the async answer path) "
+        "and the stale watcher (`freshet stale-watch`)",
         True,
         read=_bool,
     )
@@ -910,6 +911,12 @@ class Settings:
     )
     validator_group: str = _workflow(
         "FRESHET_VALIDATOR_GROUP", "the validators' Kafka consumer group", "rag-validate"
+    )
+    stale_group: str = _workflow(
+        "FRESHET_STALE_GROUP",
+        "the stale watcher's Kafka consumer group (`freshet stale-watch`: marks answers whose "
+        "cited rows changed)",
+        "rag-stale",
     )
 
     @classmethod

@@ -119,6 +119,33 @@ SCHEMAS: dict[str, Any] = {
                 **_TS,
                 "description": "async asks: when a request not yet answered ends as timeout",
             },
+            "stale": {
+                "type": "object",
+                "description": "present once a row the answer cited has changed or gone since "
+                "it was cited: when first, and each change (one event each on "
+                "rag.answers.stale)",
+                "properties": {
+                    "since": {"type": "string", "format": "date-time"},
+                    "changes": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "source_table": {"type": "string"},
+                                "doc_key": {"type": "string"},
+                                "cited_lsn": {"type": "integer"},
+                                "changed_lsn": {"type": "integer"},
+                                "op": {
+                                    "type": "string",
+                                    "enum": ["update", "delete", "oversized", "truncate"],
+                                },
+                                "committed_at": _TS,
+                                "detected_at": {"type": "string", "format": "date-time"},
+                            },
+                        },
+                    },
+                },
+            },
             "steps": {
                 "type": "array",
                 "description": "async asks: the workflow steps done so far, in the order they "

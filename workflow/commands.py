@@ -71,6 +71,20 @@ def cmd_step(settings: Settings, args: argparse.Namespace) -> int:
     return _run_step(settings, spec, spec.name, spec.group)
 
 
+def cmd_stale_watch(settings: Settings, args: argparse.Namespace) -> int:
+    """`freshet stale-watch`: one member of the stale watcher's group (FRESHET_STALE_GROUP),
+    in the foreground until SIGINT/SIGTERM (freshet/workflow/stale.py)."""
+    from freshet.db import connect, database_url
+    from freshet.workflow.stale import StaleWatch
+
+    stop = install_stop_handlers()
+    url = database_url(settings)
+    watch = StaleWatch(settings, lambda: connect(url, autocommit=True))
+    say(f"stale-watch: marking answers whose cited rows change (group {settings.stale_group})")
+    watch.run(stop)
+    return 0
+
+
 def cmd_rules(settings: Settings, args: argparse.Namespace) -> int:
     """`freshet rules check [SOURCE]`: is this rules source valid (before it is put in place);
     `freshet rules show`: the rules in force now, with their version."""
@@ -111,6 +125,12 @@ def register(subparsers: Subparsers) -> None:
         help="the workflow file (default: the shipped default workflow)",
     )
     step.set_defaults(handler=cmd_step)
+    watch = subparsers.add_parser(
+        "stale-watch",
+        help="mark answers whose cited rows changed, and publish rag.answers.stale",
+    )
+    watch.add_argument("--tag", default="", help=argparse.SUPPRESS)
+    watch.set_defaults(handler=cmd_stale_watch)
     rules = subparsers.add_parser(
         "rules",
         help="check an answer rules source, or show the rules in force (FRESHET_ANSWER_RULES)",

@@ -83,6 +83,10 @@ class StoredAnswer:
     rules_version: str | None = None
     # When a pending async request ends as ``timeout`` (None: no deadline).
     deadline: datetime | None = None
+    # When a row it cited first changed after it was cited, and each such change (read back
+    # from the store; the stale watcher, freshet/workflow/stale.py, finds them).
+    stale_at: datetime | None = None
+    stale: tuple[Mapping[str, Any], ...] = ()
     # Set when the answer was judged just now: what the audit records (not read back).
     verdict: Verdict | None = field(default=None, compare=False)
 
@@ -118,6 +122,8 @@ class StoredAnswer:
             body["error"] = self.error or "the request passed its deadline"
         if self.deadline is not None:
             body["deadline"] = self.deadline.isoformat()
+        if self.stale_at is not None:
+            body["stale"] = {"since": self.stale_at.isoformat(), "changes": list(self.stale)}
         return body
 
 
@@ -343,6 +349,8 @@ class PgAnswerStore(AnswerStore):
                     answer.deadline,
                 ),
             ).fetchone()
+            if written is not None and answer.status == "approved":
+                self._cite(conn, answer)
             verdict = answer.verdict
             if verdict is not None and written is not None:
                 conn.execute(
@@ -361,14 +369,59 @@ class PgAnswerStore(AnswerStore):
                     ),
                 )
 
+    @staticmethod
+    def _cite(conn: Any, answer: StoredAnswer) -> None:
+        """The rows the approved answer cites, for the stale watcher; stale at once if one of
+        them changed after the cited version already (a change seen before the answer was
+        kept)."""
+        cited: dict[tuple[str, str], int] = {}
+        for c in (answer.answer or {}).get("citations") or ():
+            try:
+                row = (str(c["source_table"]), str(c["doc_key"]))
+                lsn = int(c["source_lsn"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            cited[row] = min(lsn, cited.get(row, lsn))
+        if not cited:
+            return
+        conn.execute(
+            "INSERT INTO rag.answer_citations (answer_id, source_table, doc_key, source_lsn)"
+            " SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+            " ON CONFLICT DO NOTHING",
+            (answer.id, [t for t, _ in cited], [k for _, k in cited], list(cited.values())),
+        )
+        late = conn.execute(
+            "INSERT INTO rag.answer_stale (answer_id, source_table, doc_key, cited_lsn,"
+            " changed_lsn, op, committed_at)"
+            " SELECT c.answer_id, c.source_table, c.doc_key, c.source_lsn, s.lsn, s.op,"
+            " s.committed_at FROM rag.answer_citations c JOIN rag.source_changes s"
+            " ON s.source_table = c.source_table AND (s.doc_key = '' OR s.doc_key = c.doc_key)"
+            " WHERE c.answer_id = %s AND s.lsn > c.source_lsn ON CONFLICT DO NOTHING"
+            " RETURNING answer_id",
+            (answer.id,),
+        ).fetchall()
+        if late:
+            conn.execute(
+                "UPDATE rag.answers SET stale_at = coalesce(stale_at, now()) WHERE id = %s",
+                (answer.id,),
+            )
+
     def get(self, answer_id: str) -> StoredAnswer | None:
         with self._pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(
                 "SELECT id, question, asked_by, status, answer, violations, error, created_at,"
-                " secret_hash, session_hash, rules_version, deadline"
+                " secret_hash, session_hash, rules_version, deadline, stale_at"
                 " FROM rag.answers WHERE id = %s",
                 (answer_id,),
             ).fetchone()
+            stale: list[dict[str, Any]] = []
+            if row is not None and row["stale_at"] is not None:
+                stale = cur.execute(
+                    "SELECT source_table, doc_key, cited_lsn, changed_lsn, op, committed_at,"
+                    " detected_at FROM rag.answer_stale WHERE answer_id = %s"
+                    " ORDER BY detected_at, changed_lsn",
+                    (answer_id,),
+                ).fetchall()
         if row is None:
             return None
         return StoredAnswer(
@@ -383,6 +436,11 @@ class PgAnswerStore(AnswerStore):
             keys=Keys(row["secret_hash"], row["session_hash"]),
             rules_version=row["rules_version"],
             deadline=row["deadline"],
+            stale_at=row["stale_at"],
+            stale=tuple(
+                {k: v.isoformat() if isinstance(v, datetime) else v for k, v in c.items()}
+                for c in stale
+            ),
         )
 
     def time_out(self, answer: StoredAnswer, step: str | None) -> bool:

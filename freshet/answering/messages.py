@@ -7,6 +7,9 @@
                        or, when the answer backend failed, {id, question, user, error}
     rag.answers        the approved answer as GET /api/v1/answers/<id> returns it
     rag.answers.rejected  the rejected one, with its violations and the withheld text
+    rag.answers.stale  an answer whose cited row changed or went since (freshet/workflow/
+                       stale.py): {format, answer_id, source_table, doc_key, cited_lsn,
+                       changed_lsn, op, committed_at, detected_at}, keyed by answer id
     rag.workflow.dlq   a message a step gave up on, in the consumer runtime's dead-letter
                        envelope (freshet/consumer.py): where it came from, why, what it held
 
@@ -30,6 +33,8 @@ RAW_ANSWERS = "rag.answers.raw"
 APPROVED = "rag.answers"
 REJECTED = "rag.answers.rejected"
 DEAD_LETTERS = "rag.workflow.dlq"
+# An answer whose cited row changed since (workflow/stale.py), keyed by answer id.
+STALE = "rag.answers.stale"
 
 
 class MessageError(ValueError):

@@ -199,6 +199,7 @@ def test_status_lists_the_workflow_workers(workflow_env: dict[str, str]) -> None
     report = json.loads(result.stdout)
     assert report["workflow"]["infer"]["state"] == "RUNNING"
     assert report["workflow"]["validate"]["state"] == "RUNNING"
+    assert report["workflow"]["stale-watch"]["state"] == "RUNNING"
 
 
 def test_unknown_answer_ids_are_404(client: FlaskClient) -> None:

@@ -43,6 +43,7 @@ COMMANDS = {
     "validate": "freshet.workflow.commands",
     "rules": "freshet.workflow.commands",
     "step": "freshet.workflow.commands",
+    "stale-watch": "freshet.workflow.commands",
     "web": "freshet.web.commands",
     "ask": "freshet.web.commands",
     "embed": "freshet.commands",
@@ -161,7 +162,7 @@ def test_options_are_kept() -> None:
     assert (args.action, args.ids) == ("replay", [3, 4])
     args = parser.parse_args(["ask", "why?", "-k", "3", "--token", "t", "--json"])
     assert (args.question, args.k, args.token, args.json) == ("why?", 3, "t", True)
-    for name in ("supervise", "infer", "validate", "web"):
+    for name in ("supervise", "infer", "validate", "stale-watch", "web"):
         assert parser.parse_args([name, "--tag", "m"]).tag == "m"
 
 

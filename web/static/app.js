@@ -109,7 +109,49 @@ function showWithheld(data) {
     data.violations.map((v) => v.rule + " (" + v.message + ")").join("; ");
 }
 
+/* After an answer is shown: look at it again every few seconds while the page is open, and
+   say so when a row it cites has changed since (the stale watcher marks it). */
+let staleWatch = null;
+const STALE_EVERY_MS = 3000;
+const STALE_FOR_MS = 10 * 60 * 1000;
+
+function stopStaleWatch() {
+  if (staleWatch) clearTimeout(staleWatch.timer);
+  staleWatch = null;
+  document.getElementById("stale-banner").hidden = true;
+}
+
+function watchStale(id, secret, question, k) {
+  stopStaleWatch();
+  const watch = { id: id, until: Date.now() + STALE_FOR_MS, timer: null };
+  staleWatch = watch;
+  const extra = secret ? { "Freshet-Answer-Secret": secret } : {};
+  const look = async () => {
+    if (staleWatch !== watch || Date.now() > watch.until) return;
+    try {
+      const data = await apiJson("/api/v1/answers/" + encodeURIComponent(id), { headers: extra });
+      if (data.stale) {
+        const c = data.stale.changes[0] || {};
+        document.getElementById("stale-text").textContent =
+          "A source this answer cites has changed since (" + (c.source_table || "?") + " / " +
+          (c.doc_key || "?") + ": " + (c.op || "changed") + ", " + formatTime(c.committed_at) +
+          "). The answer may be out of date.";
+        const banner = document.getElementById("stale-banner");
+        banner.hidden = false;
+        document.getElementById("re-ask").onclick = () => {
+          if (document.getElementById("ask-async").checked) askQueued(question, k);
+          else ask(question, k);
+        };
+        return;
+      }
+    } catch (e) { /* the next look tries again */ }
+    watch.timer = setTimeout(look, STALE_EVERY_MS);
+  };
+  watch.timer = setTimeout(look, STALE_EVERY_MS);
+}
+
 function clearAnswer() {
+  stopStaleWatch();
   document.getElementById("answer").textContent = "";
   document.getElementById("ask-error").textContent = "";
   document.getElementById("citations").replaceChildren();
@@ -160,6 +202,7 @@ async function askQueued(question, k) {
       out.textContent = data.answer;
       renderCitations(data);
       if (data.status === "rejected") showWithheld(data);
+      else watchStale(data.id, extra["Freshet-Answer-Secret"], question, k);
     } else if (data.status === "pending") {
       out.textContent = "";
       error.textContent = "Still pending after its deadline: are the workflow's workers running?";
@@ -190,6 +233,7 @@ async function ask(question, k) {
       try { body = await response.json(); } catch (e) { body = null; }
       throw new Error(response.status + ": " + (body && body.error ? body.error.message : response.statusText));
     }
+    let secret = null;
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -197,6 +241,7 @@ async function ask(question, k) {
       const { value, done } = await reader.read();
       if (done) break;
       buffer = parseEvents(buffer + decoder.decode(value, { stream: true }), (name, data) => {
+        if (name === "start") secret = data.secret || null;
         if (name === "start" && data.buffered) {
           // Answer rules are configured: no text is sent before they have judged it.
           out.textContent = "Reading " + data.passages + " passage(s); the answer appears once the answer rules have checked it.";
@@ -211,6 +256,7 @@ async function ask(question, k) {
           out.textContent = data.answer;
           renderCitations(data);
           if (data.status === "rejected") showWithheld(data);
+          else watchStale(data.id, secret, question, k);
         }
         else if (name === "error") {
           error.textContent = data.message;
