@@ -211,7 +211,7 @@ class Output:
 
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone (compacted topics)
     record: Any = field(default=None, repr=False, compare=False)
     dead_letter: bool = False
 
@@ -300,6 +300,8 @@ class ConsumerRuntime:
     # Where else a dead letter the broker refuses for good is kept, for the log line.
     refused_note: str = ""
     commit_timeout_ms: int = 10_000
+    # The largest message the runtime's producer sends (kafka-python's max_request_size).
+    max_request_bytes: int = 1_048_576
     consumer: Any = None
     producer: Any = None
     # Per partition: the offset after the last record done, and the last committed.
@@ -599,7 +601,10 @@ class ConsumerRuntime:
     def _producer_or_new(self) -> Any:
         if self.producer is None:
             self.producer = KafkaProducer(
-                bootstrap_servers=self.bootstrap_servers, acks="all", max_block_ms=10_000
+                bootstrap_servers=self.bootstrap_servers,
+                acks="all",
+                max_block_ms=10_000,
+                max_request_size=self.max_request_bytes,
             )
         return self.producer
 

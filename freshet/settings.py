@@ -514,6 +514,14 @@ class Settings:
         1.0,
         read=_non_negative_float,
     )
+    publish_chunks: bool = _sync(
+        "FRESHET_PUBLISH_CHUNKS",
+        "the sync worker publishes every document it changes, with its chunks and embeddings, "
+        "to the compacted topic `freshet.chunks` (tombstone on delete); see "
+        "[sync.md](sync.md#the-chunk-stream)",
+        False,
+        read=_bool,
+    )
     sync_batch: int = _sync(
         "FRESHET_SYNC_BATCH",
         "most records applied in one database transaction",

@@ -121,6 +121,37 @@ def cmd_reindex_text(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish_chunks(settings: Settings, args: argparse.Namespace) -> int:
+    """Publish every live document of the index to the chunk stream (freshet.chunks)."""
+    from freshet.db import connect, database_url
+    from freshet.sync import chunk_stream
+    from freshet.sync.text_index import progress_bar
+
+    stop = install_stop_handlers()
+    model = chunk_stream.Model.of(settings.embedding_model)
+    started = time.monotonic()
+    with connect(database_url(settings), autocommit=True, vector=True) as conn:
+        done = chunk_stream.publish_all(
+            conn,
+            settings.bootstrap_servers,
+            model,
+            page=args.batch,
+            progress=progress_bar("documents", "publishing chunks"),
+            stop=stop.is_set,
+        )
+    say(
+        f"published {done:,} documents to {chunk_stream.TOPIC} in"
+        f" {time.monotonic() - started:.1f}s"
+        + ("; stopped before the end (run again)" if stop.is_set() else "")
+    )
+    if not settings.publish_chunks:
+        say(
+            "FRESHET_PUBLISH_CHUNKS is off: the sync worker does not publish later changes;"
+            " turn it on to keep the topic current"
+        )
+    return 1 if stop.is_set() else 0
+
+
 def register(subparsers: Subparsers) -> None:
     verify = subparsers.add_parser(
         "verify", help="compare every captured row with the index; --repair fixes differences"
@@ -163,6 +194,12 @@ def register(subparsers: Subparsers) -> None:
     )
     reindex.add_argument("--batch", type=int, default=500, help="chunks per transaction")
     reindex.set_defaults(handler=cmd_reindex_text)
+    publish = subparsers.add_parser(
+        "publish-chunks",
+        help="publish every indexed document with its chunks and embeddings to freshet.chunks",
+    )
+    publish.add_argument("--batch", type=int, default=200, help="documents per round")
+    publish.set_defaults(handler=cmd_publish_chunks)
     dlq = subparsers.add_parser("dlq", help="list or replay dead letters")
     dlq.set_defaults(handler=cmd_dlq)
     dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -128,7 +128,7 @@ def recount_differences(conn: psycopg.Connection) -> dict[str, int]:
     }
 
 
-def progress_bar() -> Progress:
+def progress_bar(unit: str = "chunk", what: str = "indexing text (BM25)") -> Progress:
     """A progress bar with ETA on a terminal; a log line every 10 s otherwise."""
     import sys
 
@@ -139,7 +139,7 @@ def progress_bar() -> Progress:
 
         def update(done: int, total: int) -> None:
             if "bar" not in bars:
-                bars["bar"] = tqdm(total=total, unit="chunk", desc="indexing text (BM25)")
+                bars["bar"] = tqdm(total=total, unit=unit, desc=what)
             bars["bar"].n = done
             bars["bar"].refresh()
             if done >= total:
@@ -155,6 +155,6 @@ def progress_bar() -> Progress:
         last[0] = now
         rate = done / max(now - started, 1e-9)
         eta = (total - done) / rate if rate > 0 else float("inf")
-        logger.warning("text index: %d/%d chunks (%.0f/s, ETA %.0fs)", done, total, rate, eta)
+        logger.warning("%s: %d/%d %s (%.0f/s, ETA %.0fs)", what, done, total, unit, rate, eta)
 
     return log

@@ -47,7 +47,7 @@ from freshet.db import connect, database_url, source_database_url
 from freshet.embedder import Embedder
 from freshet.retry import Backoff, Stopped, retry, transient_db_error
 from freshet.settings import Settings
-from freshet.sync import deadletters, lag
+from freshet.sync import chunk_stream, deadletters, lag
 from freshet.sync.changes import Change, KafkaRecord, Kind, Rejected, Router, topic_pattern
 from freshet.sync.chunking import Chunker, TokenChunker
 from freshet.sync.lane import EmbedGate, LargeLane
@@ -125,6 +125,7 @@ class SyncWorker:
             after=self._account,
             between=self._between,
             refused_note="; it is kept in rag.dead_letters",
+            max_request_bytes=(chunk_stream.MAX_MESSAGE_BYTES if s.publish_chunks else 1_048_576),
         )
 
     @property
@@ -138,6 +139,13 @@ class SyncWorker:
         try:
             self._conn = self._connect(stop)
             self.runtime.connect(stop)
+            if s.publish_chunks:
+                retry(
+                    lambda: chunk_stream.ensure_topic(s.bootstrap_servers),
+                    what=f"creating topic {chunk_stream.TOPIC}",
+                    stop=stop,
+                    transient=KAFKA_ERRORS,
+                )
             self._start_lane(stop)
             logger.info("sync worker %s joined group %s", self.worker_id, s.sync_group)
             for table in self.router.mappings.tables:
@@ -272,9 +280,14 @@ class SyncWorker:
         # A large batch goes in several transactions of whole documents (sync/pacing.py), so
         # its first changes are searchable before the last ones are embedded.
         stats = ApplyStats()
+        published: list[Output] = []
         parts = self.pacer.split(changes) or [[]]
         for i, part in enumerate(parts):
             done = self._apply_with_retry(part, routed.rejected if i == 0 else [], stop)
+            if self.settings.publish_chunks:  # the chunk stream, after the commit
+                later = {(c.table, c.doc_key) for c in done.deferred}
+                keys = chunk_stream.touched(part, done.truncated_keys) - later
+                published += self._chunk_messages(keys, stop)
             self.pacer.observe(documents_in(part), done.embed_seconds)
             if len(parts) > 1:
                 logger.debug(
@@ -291,7 +304,32 @@ class SyncWorker:
             self._observe(done)
             _merge(stats, done)
         dead = routed.rejected + stats.dead
-        return Handled.all_of(records, _letters(dead), detail=(routed, stats))
+        return Handled.all_of(records, published + _letters(dead), detail=(routed, stats))
+
+    def _chunk_messages(self, keys: set[tuple[str, str]], stop: threading.Event) -> list[Output]:
+        """The chunk stream's messages for ``keys``, read back from the index as committed
+        (sync/chunk_stream.py); waits out a database that is away."""
+        if not keys:
+            return []
+        model = chunk_stream.Model.of(self.settings.embedding_model)
+
+        def read() -> list[Output]:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect(stop)
+            try:
+                return chunk_stream.read_documents(self._conn, keys, model)
+            except psycopg.Error as exc:
+                if transient_db_error(exc) and self._conn is not None:
+                    self._conn.close()
+                raise
+
+        return retry(
+            read,
+            what="reading documents for the chunk stream",
+            stop=stop,
+            transient=(psycopg.Error,),
+            fatal=lambda exc: not transient_db_error(exc),
+        )
 
     def _account(self, records: Sequence[KafkaRecord], handled: Handled, started: float) -> None:
         """After the batch is committed: its figures, and the backlog's progress."""
@@ -373,6 +411,9 @@ class SyncWorker:
         for item in done:
             self._observe(item.stats)
             letters.extend(_letters(item.stats.dead))
+        if done and self.settings.publish_chunks:
+            keys = {(item.change.table, item.change.doc_key) for item in done}
+            letters = self._chunk_messages(keys, stop) + letters
         if done:
             self.runtime.complete(Handled(letters), stop)
 
@@ -579,6 +620,7 @@ def _merge(total: ApplyStats, part: ApplyStats) -> None:
     total.write_seconds += part.write_seconds
     total.dead.extend(part.dead)
     total.deferred.extend(part.deferred)
+    total.truncated_keys.extend(part.truncated_keys)
     total.problems.merge(part.problems)
 
 

@@ -55,6 +55,7 @@ class ApplyStats:
     metadata_only: int = 0
     hidden: int = 0
     truncated: int = 0  # documents removed by TRUNCATE
+    truncated_keys: list[tuple[str, str]] = field(default_factory=list)
     embeddings: int = 0
     embed_calls: int = 0  # calls of the embedder: one per batch unless one fails
     chunks_written: int = 0
@@ -229,10 +230,11 @@ class Writer:
                 "WITH gone AS (UPDATE rag.documents SET deleted_at = coalesce(deleted_at, now()),"
                 " hidden_reason = NULL, source_row = '{}'::jsonb, content_hash = NULL,"
                 " indexed_at = now() WHERE source_table = %s AND source_lsn < %s"
-                " AND (deleted_at IS NULL OR hidden_reason IS NOT NULL) RETURNING id),"
+                " AND (deleted_at IS NULL OR hidden_reason IS NOT NULL) RETURNING id, doc_key),"
                 " chunks AS (DELETE FROM rag.chunks WHERE document_id IN (SELECT id FROM gone)"
                 " RETURNING 1)"
-                " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM chunks)",
+                " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM chunks),"
+                " (SELECT coalesce(array_agg(doc_key), '{}') FROM gone)",
                 (table, lsn),
             ).fetchone()
             assert removed is not None
@@ -242,6 +244,7 @@ class Writer:
                 (removed[0], table),
             )
             stats.truncated += removed[0]
+            stats.truncated_keys.extend((table, key) for key in removed[2])
             stats.chunks_deleted += removed[1]
             stats.applied += sum(1 for c in changes if c.kind is Kind.TRUNCATE and c.table == table)
             logger.warning(

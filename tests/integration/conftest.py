@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -85,11 +86,17 @@ def start_worker(
     started: list[WorkerThread] = []
 
     def start(
-        *, group: str | None = None, own_embedder: bool = False, worker_id: str | None = None
+        *,
+        group: str | None = None,
+        own_embedder: bool = False,
+        worker_id: str | None = None,
+        **overrides: Any,
     ) -> WorkerThread:
         settings = running_stack
         if group is not None:
             settings = settings.with_overrides(sync_group=group)
+        if overrides:
+            settings = settings.with_overrides(**overrides)
         model = TransformersEmbedder() if own_embedder else embedder
         worker = SyncWorker(settings, model, TokenChunker(model.tokenizer))  # type: ignore[attr-defined]
         if worker_id:

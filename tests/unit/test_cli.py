@@ -39,6 +39,7 @@ COMMANDS = {
     "sync": "freshet.sync.commands",
     "dlq": "freshet.sync.commands",
     "reindex-text": "freshet.sync.commands",
+    "publish-chunks": "freshet.sync.commands",
     "infer": "freshet.workflow.commands",
     "validate": "freshet.workflow.commands",
     "rules": "freshet.workflow.commands",
