@@ -290,6 +290,14 @@ def _render_convergence(report: dict[str, Any]) -> list[str]:
         )
     elif "verify" in report:
         lines.append("verify        never run (`freshet verify`)")
+    runs = report.get("history") or []
+    if len(runs) > 1:
+        differing = [r for r in runs if not r["in_sync"]]
+        trend = " ".join(str(r["differences"]) for r in runs[-12:])
+        lines.append(
+            f"drift         {len(runs)} runs, {len(differing)} differing; differences, oldest"
+            f" first: {trend}"
+        )
     if report.get("hidden_documents"):
         lines.append(
             f"hidden        {report['hidden_documents']} documents (oversized rows or a mapping "

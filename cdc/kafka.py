@@ -68,10 +68,9 @@ class LocalKafka(LocalService):
         if (self.root / "data" / "meta.properties").exists():
             return
         cluster_id_file = self.root / "cluster.id"
-        if not cluster_id_file.exists():
-            # A KRaft cluster id is a base64url UUID of 22 characters.
-            raw = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            cluster_id_file.write_text(raw)
+        known = cluster_id_file.read_text().strip() if cluster_id_file.exists() else ""
+        if not known or known.startswith("-"):  # not formatted yet: a bad id can go
+            cluster_id_file.write_text(new_cluster_id())
         cluster_id = cluster_id_file.read_text().strip()
         argv = java_command(
             self.settings,
@@ -166,6 +165,16 @@ def describe_kafka(bootstrap_servers: str) -> dict[str, object]:
         return {"state": "DOWN", "error": str(exc)}
     finally:
         admin.close()
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id: a base64url UUID of 22 characters that does not start with '-'
+    (as Kafka's own Uuid.randomUuid() ensures): the storage tool would read such an id as an
+    option, and one fresh stack in 64 failed to format."""
+    while True:
+        raw = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not raw.startswith("-"):
+            return raw
 
 
 def ensure_topic_limits(bootstrap_servers: str, prefix: str, limit: int) -> list[str]:

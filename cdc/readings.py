@@ -114,6 +114,7 @@ def convergence(conn: Any) -> dict[str, Any]:
     """Whether the index equals its source: the last `freshet verify`, documents hidden on
     purpose, and mappings that no longer fit their tables ({} before the migrations)."""
     from freshet.sync import problems
+    from freshet.sync.drift import history
     from freshet.sync.verify import last_run
 
     if not has_table(conn, "rag.verify_runs"):
@@ -123,6 +124,7 @@ def convergence(conn: Any) -> dict[str, Any]:
     ).fetchone()
     return {
         "verify": last_run(conn),
+        "history": history(conn),
         "hidden_documents": int(hidden[0]) if hidden else 0,
         "mapping_problems": problems.current(conn),
     }

@@ -144,6 +144,15 @@ class LocalStaleWatch(LocalWorker):
 
 
 @dataclass(frozen=True)
+class LocalDriftWatch(LocalWorker):
+    """`freshet drift-watch`: `freshet verify` every FRESHET_VERIFY_EVERY_MIN minutes."""
+
+    service_name = "drift watcher"
+    file_stem = "drift-watch"
+    command = "drift-watch"
+
+
+@dataclass(frozen=True)
 class LocalSupervisor(LocalWorker):
     """`freshet supervise`: restarts what `up` started when it dies (cdc/supervisor.py)."""
 

@@ -25,6 +25,7 @@ from freshet.cdc.kafka import LocalKafka, describe_kafka, ensure_topic_limits, m
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.processes import PortTakenError, StackError, pid_alive, port_in_use
 from freshet.cdc.services import (
+    LocalDriftWatch,
     LocalInference,
     LocalStaleWatch,
     LocalSupervisor,
@@ -119,6 +120,9 @@ def up(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
         started["infer"] = LocalInference(settings).start()
         started["validate"] = LocalValidator(settings).start()
         started["stale-watch"] = LocalStaleWatch(settings).start()
+    if settings.verify_every_min > 0:
+        report(f"drift watcher: `freshet verify` every {settings.verify_every_min:g} min")
+        started["drift-watch"] = LocalDriftWatch(settings).start()
     if settings.start_web:
         report(f"web app: starting ({settings.web_url})")
         started["web"] = LocalWeb(settings).start()
@@ -194,6 +198,7 @@ def down(settings: Settings, report: Report = _quiet) -> dict[str, bool]:
     for name, component in (
         ("web", LocalWeb(settings)),
         ("stale-watch", LocalStaleWatch(settings)),
+        ("drift-watch", LocalDriftWatch(settings)),
         ("validate", LocalValidator(settings)),
         ("infer", LocalInference(settings)),
         ("sync", LocalSyncWorker(settings)),

@@ -27,6 +27,7 @@ from freshet.cdc.kafka import LocalKafka
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.processes import StackError
 from freshet.cdc.services import (
+    LocalDriftWatch,
     LocalInference,
     LocalStaleWatch,
     LocalSyncWorker,
@@ -62,6 +63,8 @@ def services(settings: Settings) -> dict[str, Service]:
         found["infer"] = LocalInference(settings)
         found["validate"] = LocalValidator(settings)
         found["stale-watch"] = LocalStaleWatch(settings)
+    if settings.verify_every_min > 0:
+        found["drift-watch"] = LocalDriftWatch(settings)
     if settings.start_web:
         found["web"] = LocalWeb(settings)
     return found

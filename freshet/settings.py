@@ -555,6 +555,13 @@ class Settings:
         5000,
         read=_non_negative,
     )
+    verify_every_min: float = _sync(
+        "FRESHET_VERIFY_EVERY_MIN",
+        "`freshet up` runs `freshet verify` every this many minutes in the background "
+        "(`freshet drift-watch`; results in status, the status page and the metrics); 0: off",
+        0.0,
+        read=_non_negative_float,
+    )
     verify_page: int = _sync(
         "FRESHET_VERIFY_PAGE", "source rows per `freshet verify` query", 500, read=_positive
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 
 from freshet.commands import Subparsers, install_stop_handlers, say
@@ -19,6 +20,24 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     from freshet.sync.verify_cli import run_verify
 
     return run_verify(settings, args)
+
+
+def cmd_drift_watch(settings: Settings, args: argparse.Namespace) -> int:
+    """`freshet verify` every FRESHET_VERIFY_EVERY_MIN minutes, until SIGINT/SIGTERM."""
+    from freshet.sync.drift import watch
+    from freshet.sync.verify_cli import chunker_for
+
+    if settings.verify_every_min <= 0:
+        print(
+            "freshet drift-watch: FRESHET_VERIFY_EVERY_MIN is 0 (off); set it to the minutes"
+            " between two runs of `freshet verify`",
+            file=sys.stderr,
+        )
+        return 2
+    stop = install_stop_handlers()
+    say(f"drift-watch: verifying the index every {settings.verify_every_min:g} min")
+    watch(settings, stop, chunker_for(settings))
+    return 0
 
 
 def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
@@ -194,6 +213,12 @@ def register(subparsers: Subparsers) -> None:
     )
     reindex.add_argument("--batch", type=int, default=500, help="chunks per transaction")
     reindex.set_defaults(handler=cmd_reindex_text)
+    drift = subparsers.add_parser(
+        "drift-watch",
+        help="run `freshet verify` every FRESHET_VERIFY_EVERY_MIN minutes (freshet up starts it)",
+    )
+    drift.add_argument("--tag", default="", help=argparse.SUPPRESS)
+    drift.set_defaults(handler=cmd_drift_watch)
     publish = subparsers.add_parser(
         "publish-chunks",
         help="publish every indexed document with its chunks and embeddings to freshet.chunks",

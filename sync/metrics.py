@@ -165,6 +165,12 @@ class SyncMetrics:
                 lines.append(f"freshet_verify_age_seconds {self.verify['age_s']}")
                 lines.append("# TYPE freshet_verify_rows_checked gauge")
                 lines.append(f"freshet_verify_rows_checked {self.verify['rows_checked']}")
+                lines.append("# TYPE freshet_verify_runs_total counter")
+                lines.append(f"freshet_verify_runs_total {self.verify.get('runs', 0)}")
+                lines.append("# TYPE freshet_verify_runs_differing_total counter")
+                lines.append(
+                    f"freshet_verify_runs_differing_total {self.verify.get('runs_differing', 0)}"
+                )
                 lines.append("# TYPE freshet_verify_differences gauge")
                 for kind, count in sorted(self.verify["counts"].items()):
                     lines.append(f'freshet_verify_differences{{kind="{kind}"}} {count}')

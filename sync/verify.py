@@ -413,8 +413,10 @@ def last_run(index: psycopg.Connection) -> dict[str, Any] | None:
     if not index.execute("SELECT to_regclass('rag.verify_runs') IS NOT NULL").fetchone()[0]:  # type: ignore[index]
         return None
     row = index.execute(
-        "SELECT finished_at, rows_checked, counts, in_sync, repair FROM rag.verify_runs"
-        " WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1"
+        "SELECT finished_at, rows_checked, counts, in_sync, repair,"
+        " (SELECT count(*) FROM rag.verify_runs WHERE finished_at IS NOT NULL),"
+        " (SELECT count(*) FROM rag.verify_runs WHERE finished_at IS NOT NULL AND NOT in_sync)"
+        " FROM rag.verify_runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1"
     ).fetchone()
     if row is None:
         return None
@@ -425,4 +427,6 @@ def last_run(index: psycopg.Connection) -> dict[str, Any] | None:
         "counts": row[2],
         "in_sync": row[3],
         "repaired": row[4] is not None,
+        "runs": row[5],
+        "runs_differing": row[6],
     }

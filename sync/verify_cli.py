@@ -11,7 +11,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from freshet.db import connect, database_url, source_database_url
@@ -84,21 +85,50 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
-def run_verify(settings: Settings, args: argparse.Namespace) -> int:
-    mappings = Mappings.load(settings.mappings_path)
-    chunker = chunker_for(settings)
+@contextmanager
+def databases(settings: Settings) -> Iterator[tuple[Any, Any]]:
+    """The source and the index, autocommit."""
     with (
         connect(source_database_url(settings), autocommit=True) as source,
         connect(database_url(settings), autocommit=True) as index,
     ):
-        report = verify(
+        yield source, index
+
+
+def compare(
+    settings: Settings,
+    source: Any,
+    index: Any,
+    chunker: Any,
+    *,
+    tables: list[str] | None = None,
+    settle: float,
+    progress: Callable[[int], Callable[[int], None]] | None = None,
+) -> Report:
+    """One verify with the settings' mappings, page size and rate limit."""
+    return verify(
+        source,
+        index,
+        Mappings.load(settings.mappings_path),
+        chunker,
+        tables=tables,
+        page=settings.verify_page,
+        rows_per_sec=settings.verify_rows_per_sec,
+        settle=settle,
+        progress=progress,
+    )
+
+
+def run_verify(settings: Settings, args: argparse.Namespace) -> int:
+    mappings = Mappings.load(settings.mappings_path)
+    chunker = chunker_for(settings)
+    with databases(settings) as (source, index):
+        report = compare(
+            settings,
             source,
             index,
-            mappings,
             chunker,
             tables=args.table,
-            page=settings.verify_page,
-            rows_per_sec=settings.verify_rows_per_sec,
             settle=args.settle,
             progress=_progress(not args.json),
         )

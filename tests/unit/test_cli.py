@@ -40,6 +40,7 @@ COMMANDS = {
     "dlq": "freshet.sync.commands",
     "reindex-text": "freshet.sync.commands",
     "publish-chunks": "freshet.sync.commands",
+    "drift-watch": "freshet.sync.commands",
     "infer": "freshet.workflow.commands",
     "validate": "freshet.workflow.commands",
     "rules": "freshet.workflow.commands",
@@ -163,7 +164,7 @@ def test_options_are_kept() -> None:
     assert (args.action, args.ids) == ("replay", [3, 4])
     args = parser.parse_args(["ask", "why?", "-k", "3", "--token", "t", "--json"])
     assert (args.question, args.k, args.token, args.json) == ("why?", 3, "t", True)
-    for name in ("supervise", "infer", "validate", "stale-watch", "web"):
+    for name in ("supervise", "infer", "validate", "stale-watch", "drift-watch", "web"):
         assert parser.parse_args([name, "--tag", "m"]).tag == "m"
 
 

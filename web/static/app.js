@@ -369,6 +369,36 @@ function row(cells) {
   return tr;
 }
 
+/* The verify runs over time: one bar per run, its height the differences found (green: in
+   sync). Built with DOM calls, no library. */
+function drawDrift(runs) {
+  const figure = document.getElementById("drift");
+  if (!figure) return;
+  figure.hidden = runs.length < 2;
+  const svg = document.getElementById("drift-chart");
+  const ns = "http://www.w3.org/2000/svg";
+  svg.replaceChildren();
+  const most = Math.max(1, ...runs.map((r) => r.differences));
+  const width = 480 / Math.max(runs.length, 1);
+  runs.forEach((r, i) => {
+    const h = r.in_sync ? 4 : 4 + 72 * (r.differences / most);
+    const bar = document.createElementNS(ns, "rect");
+    bar.setAttribute("x", String(i * width + 1));
+    bar.setAttribute("y", String(78 - h));
+    bar.setAttribute("width", String(Math.max(1, width - 2)));
+    bar.setAttribute("height", String(h));
+    bar.setAttribute("fill", r.in_sync ? "#2e7d32" : "#c62828");
+    const title = document.createElementNS(ns, "title");
+    title.textContent = formatTime(r.finished_at) + ": " +
+      (r.in_sync ? "in sync" : r.differences + " differences") + ", " + r.rows_checked + " rows";
+    bar.append(title);
+    svg.append(bar);
+  });
+  const differing = runs.filter((r) => !r.in_sync).length;
+  document.getElementById("drift-caption").textContent =
+    "freshet verify, last " + runs.length + " runs (oldest left): " + differing + " differing";
+}
+
 async function loadStatus() {
   const error = document.getElementById("status-error");
   const hint = document.getElementById("status-hint");
@@ -402,6 +432,7 @@ async function loadStatus() {
         ", " + verify.rows_checked + " rows" : "never run"),
       el("dt", "differences"), el("dd", differences),
       el("dt", "hidden documents"), el("dd", conv.hidden_documents === undefined ? "unknown" : conv.hidden_documents));
+    drawDrift(conv.history || []);
     document.getElementById("mapping-problems").replaceChildren(
       ...(conv.mapping_problems || []).map((p) => el("li",
         "mapping of " + p.table + " does not fit: column " + p.column + ": " + p.problem +
