@@ -514,6 +514,13 @@ class Settings:
         1.0,
         read=_non_negative_float,
     )
+    sync_overlap: bool = _sync(
+        "FRESHET_SYNC_OVERLAP",
+        "embed a batch's next transaction while the current one writes and commits (see "
+        "[sync.md](sync.md#overlap)); false: one after the other",
+        True,
+        read=_bool,
+    )
     publish_chunks: bool = _sync(
         "FRESHET_PUBLISH_CHUNKS",
         "the sync worker publishes every document it changes, with its chunks and embeddings, "

@@ -54,6 +54,7 @@ from freshet.sync.lane import EmbedGate, LargeLane
 from freshet.sync.mapping import Mappings
 from freshet.sync.metrics import SyncMetrics
 from freshet.sync.pacing import Pacer, documents_in
+from freshet.sync.prefetch import Prefetch, Prefetched
 from freshet.sync.source_rows import SourceRows
 from freshet.sync.verify import last_run as last_verify
 from freshet.sync.writer import ApplyStats, Writer, dead_letter
@@ -98,7 +99,15 @@ class SyncWorker:
             lambda: connect(source_database_url(self.settings), autocommit=True)
         )
         self.gate = EmbedGate(self.embedder)
-        self.writer = Writer(self.gate.foreground(), self.chunker, self.source)
+        self.prefetch = Prefetch(
+            self._pending_texts,
+            lambda texts: self.gate.foreground().embed(texts),
+            lambda: connect(database_url(self.settings), autocommit=True, vector=True),
+        )
+        self.writer = Writer(
+            Prefetched(self.gate.foreground(), self.prefetch), self.chunker, self.source
+        )
+        self._ahead: Writer | None = None
         self.metrics = SyncMetrics(self.worker_id)
         self.pacer = Pacer(self.settings.sync_txn_seconds)
         self.lane: LargeLane | None = None
@@ -214,6 +223,7 @@ class SyncWorker:
         self.lane.start()
 
     def _close(self) -> None:
+        self.prefetch.close()
         if self.lane is not None:
             self.lane.join(timeout=10)
         # The runtime's consumer leaves the group: its partitions move at once.
@@ -282,8 +292,19 @@ class SyncWorker:
         stats = ApplyStats()
         published: list[Output] = []
         parts = self.pacer.split(changes) or [[]]
+        overlap = self.settings.sync_overlap and len(parts) > 1
         for i, part in enumerate(parts):
-            done = self._apply_with_retry(part, routed.rejected if i == 0 else [], stop)
+            following = parts[i + 1] if overlap and i + 1 < len(parts) else None
+            if overlap:
+                self.prefetch.take()  # what was embedded for this part meanwhile
+
+            def ahead(following: list[Change] | None = following) -> None:
+                if following:
+                    self.prefetch.start(following)
+
+            done = self._apply_with_retry(
+                part, routed.rejected if i == 0 else [], stop, on_embedded=ahead
+            )
             if self.settings.publish_chunks:  # the chunk stream, after the commit
                 later = {(c.table, c.doc_key) for c in done.deferred}
                 keys = chunk_stream.touched(part, done.truncated_keys) - later
@@ -303,8 +324,21 @@ class SyncWorker:
                 self.lane.submit(change)
             self._observe(done)
             _merge(stats, done)
+        if overlap:
+            self.prefetch.cache = {}
         dead = routed.rejected + stats.dead
         return Handled.all_of(records, published + _letters(dead), detail=(routed, stats))
+
+    def _pending_texts(self, conn: Any, changes: Sequence[Change]) -> list[str]:
+        """What the next transaction will embed, asked of a writer of the prefetch thread's
+        own (its own tokenizer; no source reads: a row with unavailable TOAST values is left
+        to the transaction itself)."""
+        if self._ahead is None:
+            chunker = (
+                _own_tokenizer(self.chunker) if hasattr(self.chunker, "tokenizer") else self.chunker
+            )
+            self._ahead = Writer(self.gate.foreground(), chunker, None)
+        return self._ahead.pending_texts(conn, changes)
 
     def _chunk_messages(self, keys: set[tuple[str, str]], stop: threading.Event) -> list[Output]:
         """The chunk stream's messages for ``keys``, read back from the index as committed
@@ -440,14 +474,18 @@ class SyncWorker:
         )
 
     def _apply_with_retry(
-        self, changes: list[Change], rejected: list[Rejected], stop: threading.Event
+        self,
+        changes: list[Change],
+        rejected: list[Rejected],
+        stop: threading.Event,
+        on_embedded: Callable[[], None] | None = None,
     ) -> ApplyStats:
         backoff = Backoff()
         while True:
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = self._connect(stop)
-                return self._apply(changes, rejected)
+                return self._apply(changes, rejected, on_embedded)
             except Exception as exc:
                 if transient_db_error(exc):
                     self.metrics.last_error = f"database: {exc}"[:2000]
@@ -474,10 +512,15 @@ class SyncWorker:
                     _merge(total, part)
                 return total
 
-    def _apply(self, changes: list[Change], rejected: list[Rejected]) -> ApplyStats:
+    def _apply(
+        self,
+        changes: list[Change],
+        rejected: list[Rejected],
+        on_embedded: Callable[[], None] | None = None,
+    ) -> ApplyStats:
         assert self._conn is not None
         with self._conn.transaction():
-            stats = self.writer.apply(self._conn, changes)
+            stats = self.writer.apply(self._conn, changes, on_embedded)
             deadletters.store(self._conn, rejected + stats.dead)
         return stats
 

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -161,7 +161,14 @@ class Writer:
     # (ApplyStats.deferred), so one huge row cannot hold the batch; None: never.
     defer_above: int | None = None
 
-    def apply(self, conn: psycopg.Connection, changes: Sequence[Change]) -> ApplyStats:
+    def apply(
+        self,
+        conn: psycopg.Connection,
+        changes: Sequence[Change],
+        on_embedded: Callable[[], None] | None = None,
+    ) -> ApplyStats:
+        """``on_embedded``: called once the batch's texts are embedded, before it writes (the
+        worker starts embedding its next transaction then: sync/prefetch.py)."""
         stats = ApplyStats()
         if not changes:
             return stats
@@ -175,6 +182,8 @@ class Writer:
             planned = time.perf_counter()
             self._embed(intents, stats)
             embedded = time.perf_counter()
+            if on_embedded is not None:
+                on_embedded()
             for intent in intents:
                 self._write(conn, intent, stored.get(intent.key), stats)
             problems.record(conn, stats.problems)

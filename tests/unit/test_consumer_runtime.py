@@ -636,7 +636,9 @@ def test_the_sync_worker_runs_its_batches_through_the_runtime(
     assert runtime.pattern == topic_pattern(settings.topic_prefix)
     assert (runtime.poll_ms, runtime.max_records) == (200, settings.sync_batch)
     assert runtime.dead_letter_topic == deadletters.DLQ_TOPIC
-    monkeypatch.setattr(worker, "_apply_with_retry", lambda changes, rejected, stop: ApplyStats())
+    monkeypatch.setattr(
+        worker, "_apply_with_retry", lambda changes, rejected, stop, **kw: ApplyStats()
+    )
     topic = f"{settings.topic_prefix}.app.articles"
     batch = [
         FakeRecord(topic, 0, 0, b'{"id": 1}', b'{"op": "c", "after": {"id": 1'),  # not JSON
@@ -690,7 +692,9 @@ def test_a_large_batch_is_applied_in_transactions_of_whole_documents_then_commit
     worker.lane = None
     transactions: list[list[tuple[str, int]]] = []
 
-    def apply(changes: list[Any], rejected: list[Any], stop: threading.Event) -> ApplyStats:
+    def apply(
+        changes: list[Any], rejected: list[Any], stop: threading.Event, on_embedded: Any = None
+    ) -> ApplyStats:
         transactions.append([(c.doc_key, c.position.offset) for c in changes])
         return ApplyStats(applied=len(changes), embed_seconds=0.1 * len(changes))
 
