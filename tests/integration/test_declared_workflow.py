@@ -6,6 +6,7 @@ once in effect, even when one answer worker is killed with SIGKILL mid-run."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -59,6 +60,38 @@ def indexed(running_stack: Settings, start_worker: Callable[..., WorkerThread]) 
         conn.execute("DELETE FROM app.articles WHERE id = ANY(%s)", ([r[0] for r in ROWS],))
 
 
+def settle(
+    processes: dict[str, subprocess.Popen[bytes]],
+    logs: dict[str, Path],
+    restart: Callable[[str], subprocess.Popen[bytes]],
+    tag: str,
+    timeout: float = 900,
+) -> None:
+    """Until every step worker holds partitions of its topic. A worker that joined its group
+    and still has none a minute later is restarted once: kafka-python 3.0.12 was seen (one CI
+    run) stuck after a rebalance, its assignment never arriving. Workers that load the model
+    join only after it is loaded (minutes on a fresh clone, which compiles it)."""
+    joined: dict[str, float] = {}
+    restarted: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mark = f"partitions assigned: it.{tag}."
+        waiting = [k for k in logs if mark not in logs[k].read_text("utf-8", "replace")]
+        if not waiting:
+            return
+        for key in waiting:
+            if "Successfully joined group" not in logs[key].read_text("utf-8", "replace"):
+                continue
+            since = joined.setdefault(key, time.monotonic())
+            if time.monotonic() - since > 60 and key not in restarted:
+                print(f"{key}: joined its group 60 s ago and holds no partition; restarting it")
+                stop_all([processes[key]])
+                processes[key] = restart(key)
+                restarted.add(key)
+        time.sleep(1)
+    raise AssertionError(f"step workers without partitions after {timeout:.0f} s: {waiting}")
+
+
 def test_a_hundred_two_part_questions_through_five_steps_with_a_worker_killed(
     running_stack: Settings,
     running_stack_env: dict[str, str],
@@ -72,6 +105,12 @@ def test_a_hundred_two_part_questions_through_five_steps_with_a_worker_killed(
         key: start_step(running_stack_env, key.rsplit("-", 1)[0], workflow, log)
         for key, log in logs.items()
     }
+    settle(
+        processes,
+        logs,
+        lambda key: start_step(running_stack_env, key.rsplit("-", 1)[0], workflow, logs[key]),
+        tag,
+    )
     ids = [f"{tag}-{n:03d}" for n in range(ASKS)]
     producer = KafkaProducer(bootstrap_servers=running_stack.bootstrap_servers)
     try:
@@ -208,7 +247,8 @@ def test_requests_past_their_deadline_end_as_timeout_with_what_was_done(
                 return all(tp in done and done[tp].offset >= end for tp, end in ends.items())
 
             assert sum(ends.values()) == 2 * len(ids)
-            assert wait_for(consumed, 180, interval=1), f"logs in {tmp_path}"
+            # A fresh clone's worker compiles the model first (minutes on 2 cores).
+            assert wait_for(consumed, 600, interval=1), f"logs in {tmp_path}"
         finally:
             probe.close()
             admin.close()
