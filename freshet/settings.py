@@ -517,8 +517,8 @@ class Settings:
     sync_overlap: bool = _sync(
         "FRESHET_SYNC_OVERLAP",
         "embed a batch's next transaction while the current one writes and commits (see "
-        "[sync.md](sync.md#overlap)); false: one after the other",
-        True,
+        "[sync.md](sync.md#overlap)); off by default: on 2 CPU cores it gained nothing",
+        False,
         read=_bool,
     )
     publish_chunks: bool = _sync(

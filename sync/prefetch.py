@@ -71,6 +71,7 @@ class Prefetch:
         self._lock = threading.Lock()
         self.cache: dict[str, np.ndarray] = {}
         self.texts = 0
+        self.calls = 0
         self.seconds = 0.0
 
     def start(self, changes: Sequence[Change]) -> None:
@@ -95,6 +96,7 @@ class Prefetch:
             texts = list(dict.fromkeys(self._pending_texts(self._conn, changes)))
             if not texts:
                 return {}
+            self.calls += 1
             vectors = self._embed(texts)
         except Exception as exc:  # noqa: BLE001 - a cache miss, never a failure
             logger.info("prefetch skipped (%s: %s)", type(exc).__name__, exc)

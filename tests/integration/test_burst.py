@@ -59,9 +59,13 @@ def burst_settings(running_stack: Settings, tmp_path: Path) -> Iterator[Settings
     )
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 def test_a_burst_is_embedded_in_few_calls_and_a_hot_document_once_at_its_newest(
-    burst_settings: Settings, embedder: Embedder
+    burst_settings: Settings, embedder: Embedder, overlap: bool
 ) -> None:
+    """With FRESHET_SYNC_OVERLAP the next transaction's texts are embedded ahead, on the
+    prefetch thread: still every text once, the hot document once at its newest."""
+    burst_settings = burst_settings.with_overrides(sync_overlap=overlap)
     url = database_url(burst_settings)
     model = Recording(embedder)
 
@@ -114,6 +118,8 @@ def test_a_burst_is_embedded_in_few_calls_and_a_hot_document_once_at_its_newest(
             ), "the burst was not indexed"
             caught_up(second)
             counters = second.worker.metrics.snapshot()["counters"]
+            ahead = second.worker.prefetch
+            served = second.worker.writer.embedder.served  # type: ignore[attr-defined]
         finally:
             second.stop()
 
@@ -125,7 +131,14 @@ def test_a_burst_is_embedded_in_few_calls_and_a_hot_document_once_at_its_newest(
             f" superseded {counters['superseded']})"
         )
         assert 0 < len(model.calls) < changes
-        assert counters["embed_calls"] == len(model.calls)
+        assert len(embedded) == len(set(embedded))  # nothing embedded twice
+        if overlap:
+            print(f"{ahead.texts} texts embedded ahead in {ahead.calls} calls, {served} served")
+            assert ahead.texts > 0 and served > 0  # several transactions, overlapped
+            # A transaction's call served wholly from what was embedded ahead reaches no model.
+            assert len(model.calls) <= counters["embed_calls"] + ahead.calls
+        else:
+            assert ahead.calls == 0 and counters["embed_calls"] == len(model.calls)
         hot = [text for text in embedded if "hot document" in text]
         assert len(hot) == 1 and f"version {VERSIONS}" in hot[0], hot
         assert counters["superseded"] >= VERSIONS
