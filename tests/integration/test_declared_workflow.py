@@ -244,11 +244,13 @@ def test_requests_past_their_deadline_end_as_timeout_with_what_was_done(
             def consumed() -> bool:
                 group = f"it-{tag}-answer"
                 done = admin.list_group_offsets({group: None}).get(group) or {}
-                return all(tp in done and done[tp].offset >= end for tp, end in ends.items())
+                # A partition no part was keyed to has nothing to commit.
+                return all(
+                    end == 0 or (tp in done and done[tp].offset >= end) for tp, end in ends.items()
+                )
 
             assert sum(ends.values()) == 2 * len(ids)
-            # A fresh clone's worker compiles the model first (minutes on 2 cores).
-            assert wait_for(consumed, 600, interval=1), f"logs in {tmp_path}"
+            assert wait_for(consumed, 300, interval=1), f"logs in {tmp_path}"
         finally:
             probe.close()
             admin.close()
