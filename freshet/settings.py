@@ -472,7 +472,7 @@ class Settings:
     )
     embed_bf16: bool | None = _sync(
         "FRESHET_EMBED_BF16",
-        "bf16 autocast on CPU: `auto` (when the CPU has bf16 units), `true` or `false`",
+        "bf16 autocast on CPU: `auto` (when the CPU has AMX bf16 tiles), `true` or `false`",
         None,
         read=_auto,
         kind="boolean or auto",
@@ -597,7 +597,8 @@ class Settings:
     )
     hnsw_ef_search: int = _web(
         "FRESHET_HNSW_EF_SEARCH",
-        "`hnsw.ef_search` for dense search (raised to the candidate count when larger)",
+        "`hnsw.ef_search` for 10 candidates: a search that wants more (hybrid reads 20) "
+        "scales it with their count, up to 1000",
         100,
         read=_between(1, MAX_EF_SEARCH),
         app=True,

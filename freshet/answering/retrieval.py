@@ -47,6 +47,12 @@ MAX_CANDIDATES = 1000  # hnsw.ef_search cannot exceed 1000
 # hold 5% of the corpus; a search that finds fewer visible reads every candidate instead.
 TEXT_CANDIDATES_PER_RESULT = 50
 MIN_TEXT_CANDIDATES = 500
+# Visible BM25 candidates scored again exactly per result wanted (rag.text_rescore), at most
+# MAX_RESCORED unless more results are wanted (every result returned has its exact score).
+# Measured at 100,000 chunks, 20 results, cap 4000: recall@20 against uncapped BM25
+# 0.969 -> 0.999 for 100 rescored, +1.5 ms.
+RESCORED_PER_RESULT = 5
+MAX_RESCORED = 200
 
 _CHUNK_COLUMNS = sql.SQL(
     "c.id, c.document_id, c.source_table, c.doc_key, c.chunk_index, c.text, c.metadata, "
@@ -362,8 +368,11 @@ class PgRetriever(Retriever):
             cols=_CHUNK_COLUMNS,
             where=where_clause(user, self.public_documents, filters),
         )
-        # ef_search bounds the candidates; below LIMIT it would cut results short.
-        ef = max(self.ef_search, min(limit, MAX_CANDIDATES))
+        # ef_search is set for 10 candidates and grows with their count: HNSW's recall of the
+        # top 20 at the ef that gives 0.96 for the top 10 is 0.87 (100,000 chunks, ef 100);
+        # hybrid's 20 at ef 200: 0.91, fused recall@10 0.96. Never below LIMIT, which would
+        # cut results short.
+        ef = min(max(self.ef_search * -(-limit // 10), limit), MAX_CANDIDATES)
         # pgvector >= 0.8: with a filter, keep scanning the graph until LIMIT rows pass it
         # instead of silently returning fewer; relaxed order is re-sorted above.
         scan = "relaxed_order" if filters.active or not user.admin else "off"
@@ -395,7 +404,12 @@ class PgRetriever(Retriever):
         rag.text_top returns the best ``TEXT_CANDIDATES_PER_RESULT * limit`` candidates (at
         least ``MIN_TEXT_CANDIDATES``), sorted; should fewer than ``limit`` of those be visible
         (a small group, a narrow filter), the statement runs again over every candidate, so
-        the result never depends on that cut."""
+        the result never depends on that cut.
+
+        A capped read scores a chunk without the common terms whose postings lie past the cap,
+        so the best ``RESCORED_PER_RESULT * limit`` visible candidates are scored again exactly
+        (rag.text_rescore: every posting of every query term in each of them) and the result is
+        cut from those: every score returned is the exact BM25."""
         params = query_params(user, self.public_documents, filters)
         params.update(query=query, limit=limit, k1=self.bm25.k1, b=self.bm25.b)
         params.update(cap=cap or self.bm25.cap)
@@ -407,15 +421,21 @@ class PgRetriever(Retriever):
             " SELECT * FROM rag.text_top(%(query)s, %(k1)s, %(b)s, %(cap)s, %(top)s) AS s"
             # Sorted again (already in order, so cheap), for the planner: the CTE's order is what
             # lets the probes below stop at the limit instead of probing every candidate.
-            " ORDER BY s.score DESC, s.chunk_id)"
-            " SELECT {cols}, d.title, s.score AS rank FROM s"
+            " ORDER BY s.score DESC, s.chunk_id),"
+            " v AS MATERIALIZED ("
+            " SELECT {cols}, d.title, s.score AS capped FROM s"
             " CROSS JOIN LATERAL (SELECT * FROM rag.chunks AS c"
             "  WHERE c.id = s.chunk_id AND {where} LIMIT 1) AS c"
             " CROSS JOIN LATERAL (SELECT d.title FROM rag.documents AS d"
             "  WHERE d.id = c.document_id AND d.deleted_at IS NULL LIMIT 1) AS d"
-            " ORDER BY s.score DESC, s.chunk_id LIMIT %(limit)s"
+            " ORDER BY s.score DESC, s.chunk_id LIMIT %(rescored)s)"
+            " SELECT v.*, coalesce(r.score, v.capped) AS rank FROM v"
+            " LEFT JOIN rag.text_rescore(%(query)s, %(k1)s, %(b)s, ARRAY(SELECT v.id FROM v))"
+            "  AS r ON r.chunk_id = v.id"
+            " ORDER BY rank DESC, v.id LIMIT %(limit)s"
         ).format(cols=_CHUNK_COLUMNS, where=where_clause(user, self.public_documents, filters))
         top = max(TEXT_CANDIDATES_PER_RESULT * limit, MIN_TEXT_CANDIDATES)
+        params["rescored"] = max(limit, min(RESCORED_PER_RESULT * limit, MAX_RESCORED))
         with (
             timing.span("text-sql"),
             self._pool().connection() as conn,

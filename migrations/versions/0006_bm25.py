@@ -42,6 +42,36 @@ IMPACT_K1, IMPACT_B = 0.6, 0.75
 SQL_DEFAULTS = {"k1": 0.6, "b": 0.75, "cap": 1000, "text_weight": 1.2, "rrf_k": 5}
 
 
+# For psql: BM25 search (rag.search_text; 0012 rescores its candidates exactly).
+SEARCH_TEXT = """
+        CREATE FUNCTION rag.search_text(query text, k integer, groups text[] DEFAULT NULL,
+                                        public boolean DEFAULT true,
+                                        k1 double precision DEFAULT {k1},
+                                        b double precision DEFAULT {b},
+                                        cap integer DEFAULT {cap})
+        RETURNS TABLE (id bigint, document_id bigint, source_table text, doc_key text,
+                       chunk_index integer, text text, metadata jsonb, access_groups text[],
+                       source_lsn bigint, score double precision)
+        LANGUAGE sql STABLE
+        AS $$
+            WITH s AS MATERIALIZED (
+                SELECT * FROM rag.text_scores(query, k1, b, cap) AS s
+                ORDER BY s.score DESC, s.chunk_id
+            )
+            SELECT c.id, c.document_id, c.source_table, c.doc_key, c.chunk_index, c.text,
+                   c.metadata, c.access_groups, c.source_lsn, s.score
+            FROM s CROSS JOIN LATERAL (
+                SELECT * FROM rag.chunks AS c
+                WHERE c.id = s.chunk_id
+                  AND (groups IS NULL OR c.access_groups && groups
+                       OR (public AND c.access_groups = '{}'::text[]))
+                LIMIT 1
+            ) AS c
+            ORDER BY s.score DESC, s.chunk_id
+            LIMIT k
+        $$
+        """
+
 # PL/pgSQL, so that its plan is made for its own statements: the corpus statistics are read
 # into variables first, then each query term (a handful) is looked up by key and reads its
 # postings through the (term, impact) index; a planner estimate of the caller's cannot turn it
@@ -297,36 +327,7 @@ def upgrade() -> None:
     # For psql: BM25 search, and hybrid (dense + BM25, weighted reciprocal rank fusion). With
     # `groups` they return only chunks of those groups (and public ones when `public`), as the
     # API does; without, every chunk (operators only).
-    op.execute(
-        _with_defaults("""
-        CREATE FUNCTION rag.search_text(query text, k integer, groups text[] DEFAULT NULL,
-                                        public boolean DEFAULT true,
-                                        k1 double precision DEFAULT {k1},
-                                        b double precision DEFAULT {b},
-                                        cap integer DEFAULT {cap})
-        RETURNS TABLE (id bigint, document_id bigint, source_table text, doc_key text,
-                       chunk_index integer, text text, metadata jsonb, access_groups text[],
-                       source_lsn bigint, score double precision)
-        LANGUAGE sql STABLE
-        AS $$
-            WITH s AS MATERIALIZED (
-                SELECT * FROM rag.text_scores(query, k1, b, cap) AS s
-                ORDER BY s.score DESC, s.chunk_id
-            )
-            SELECT c.id, c.document_id, c.source_table, c.doc_key, c.chunk_index, c.text,
-                   c.metadata, c.access_groups, c.source_lsn, s.score
-            FROM s CROSS JOIN LATERAL (
-                SELECT * FROM rag.chunks AS c
-                WHERE c.id = s.chunk_id
-                  AND (groups IS NULL OR c.access_groups && groups
-                       OR (public AND c.access_groups = '{}'::text[]))
-                LIMIT 1
-            ) AS c
-            ORDER BY s.score DESC, s.chunk_id
-            LIMIT k
-        $$
-        """)
-    )
+    op.execute(_with_defaults(SEARCH_TEXT))
     op.execute(
         _with_defaults("""
         CREATE FUNCTION rag.search_hybrid(query_vector vector, query text, k integer,

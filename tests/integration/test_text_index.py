@@ -431,6 +431,52 @@ def test_text_top_is_the_sorted_scores_and_the_cut_never_changes_a_result(
             conn.execute("DELETE FROM rag.documents")
 
 
+def test_candidates_past_the_postings_cap_are_rescored_exactly(private_db: str) -> None:
+    """A chunk whose posting of a query term lies past the cap is scored without that term by
+    rag.text_top; the retriever rescores its best candidates (rag.text_rescore), so it ranks
+    and scores them as BM25 reading every posting does."""
+    # "common" is in 10 short chunks that say it three times (its best postings) and in chunk
+    # A, once, in a longer text; "rare" is in A and in the shorter chunk B.
+    texts = ["common common common"] * 10 + ["unrelated zeta words"] * 60
+    texts += ["rare common filler filler filler filler", "rare filler filler filler"]
+    a_index, b_index = len(texts) - 2, len(texts) - 1
+    with connect(private_db, autocommit=True, vector=True) as conn:
+        conn.execute("DELETE FROM rag.documents")
+        ids = insert_chunks(conn, "test.rescore", texts)
+        a, b = ids[a_index], ids[b_index]
+        exact = dict(
+            conn.execute("SELECT * FROM rag.text_scores('rare common', 0.9, 0.4, 1000000)")
+        )
+        capped = dict(conn.execute("SELECT * FROM rag.text_top('rare common', 0.9, 0.4, 5)"))
+        assert exact[a] > exact[b] and capped[b] > capped[a]  # the cap reverses them
+        rescored = dict(
+            conn.execute(
+                "SELECT * FROM rag.text_rescore('rare common', 0.9, 0.4, %s)", ([a, b, ids[0]],)
+            )
+        )
+        assert rescored == pytest.approx({i: exact[i] for i in (a, b, ids[0])}, rel=1e-9)
+        # The psql function ranks as the retriever does.
+        by_sql = conn.execute(
+            "SELECT id, score FROM rag.search_text('rare common', 2, k1 => 0.9, b => 0.4, cap => 5)"
+        ).fetchall()
+        assert [i for i, _ in by_sql] == [a, b]
+        assert [x for _, x in by_sql] == pytest.approx([exact[a], exact[b]], rel=1e-9)
+        assert (
+            conn.execute("SELECT * FROM rag.text_rescore('zzz', 0.9, 0.4, %s)", ([a],)).fetchall()
+            == []
+        )
+    found, pool = retriever(private_db)
+    found.bm25 = BM25(k1=0.9, b=0.4, cap=5)
+    try:
+        got = found.text("rare common", ADMIN, 2, NO_FILTERS)
+        assert [p.chunk_id for p in got] == [a, b]
+        assert [p.text_rank for p in got] == pytest.approx([exact[a], exact[b]], rel=1e-9)
+    finally:
+        pool.close()
+        with connect(private_db, autocommit=True) as conn:
+            conn.execute("DELETE FROM rag.documents")
+
+
 def test_dense_search_uses_hnsw_for_every_kind_of_user(private_db: str) -> None:
     """On a table where the access predicate matches 95% of the chunks (public ones) and a
     group holds the other 5%, every user's dense search is an HNSW index scan, and returns

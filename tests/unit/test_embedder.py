@@ -152,7 +152,7 @@ def test_unavailable_device_is_an_embedder_error() -> None:
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        ("flags\t\t: fpu vme sse2 avx2 avx512f avx512_bf16 avx512_vnni", True),
+        ("flags\t\t: fpu vme sse2 avx2 avx512f avx512_bf16 avx512_vnni", False),
         ("flags : fpu sse2 avx2 amx_bf16 amx_tile amx_int8", True),
         ("flags : fpu vme sse2 avx2 avx512f avx512bw avx512_vnni", False),
         ("flags : fpu avx512_bf16x", False),
@@ -160,6 +160,7 @@ def test_unavailable_device_is_an_embedder_error() -> None:
     ],
 )
 def test_cpu_supports_bf16(flags: str, expected: bool) -> None:
+    """bf16 autocast only on AMX: with avx512_bf16 alone it measured slower than fp32."""
     assert cpu_supports_bf16(flags) is expected
 
 
