@@ -254,7 +254,15 @@ class ExactRetriever(PgRetriever):
     """The app's retrieval with exact dense search (a scan of every visible chunk, no index)
     and BM25 reading every posting: the reference recall is measured against."""
 
-    def dense(self, vector: np.ndarray, user: User, limit: int, filters: Filters) -> list[Passage]:
+    def dense(
+        self,
+        vector: np.ndarray,
+        user: User,
+        limit: int,
+        filters: Filters,
+        *,
+        wanted: int | None = None,
+    ) -> list[Passage]:
         where = where_clause(user, self.public_documents, filters)
         statement = psycopg_sql.SQL(
             "SELECT c.id, c.embedding <=> %(vector)s AS distance FROM rag.chunks AS c"

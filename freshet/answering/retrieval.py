@@ -311,7 +311,7 @@ class PgRetriever(Retriever):
                 if vector is None:
                     with timing.span("embed"):
                         vector = self._embed(query)
-                dense = self.dense(vector, user, fetch, filters)
+                dense = self.dense(vector, user, fetch, filters, wanted=limit)
             if pending is not None:
                 text = pending.result()
             else:
@@ -328,10 +328,21 @@ class PgRetriever(Retriever):
                 return results[:k]
             limit *= 4  # duplicates of one document crowded the candidates out
 
-    def dense(self, vector: np.ndarray, user: User, limit: int, filters: Filters) -> list[Passage]:
-        """Chunks nearest to the query ``vector`` by cosine distance through the HNSW index."""
+    def dense(
+        self,
+        vector: np.ndarray,
+        user: User,
+        limit: int,
+        filters: Filters,
+        *,
+        wanted: int | None = None,
+    ) -> list[Passage]:
+        """Chunks nearest to the query ``vector`` by cosine distance through the HNSW index:
+        ``limit`` of them, of which the best ``wanted`` (default: all) are the ones that
+        matter (a deduplicating search reads more, so that duplicates do not crowd them out);
+        ``hnsw.ef_search`` scales with ``wanted``."""
         with timing.span("sql"):
-            rows = self._run_dense(vector, user, limit, filters)
+            rows = self._run_dense(vector, user, limit, filters, wanted=wanted)
         return [
             _passage(r, score=1.0 - float(r["distance"]), distance=float(r["distance"]))
             for r in rows
@@ -351,6 +362,7 @@ class PgRetriever(Retriever):
         limit: int,
         filters: Filters,
         *,
+        wanted: int | None = None,
         explain: bool = False,
     ) -> list[dict[str, Any]]:
         params = query_params(user, self.public_documents, filters)
@@ -368,11 +380,12 @@ class PgRetriever(Retriever):
             cols=_CHUNK_COLUMNS,
             where=where_clause(user, self.public_documents, filters),
         )
-        # ef_search is set for 10 candidates and grows with their count: HNSW's recall of the
-        # top 20 at the ef that gives 0.96 for the top 10 is 0.87 (100,000 chunks, ef 100);
-        # hybrid's 20 at ef 200: 0.91, fused recall@10 0.96. Never below LIMIT, which would
-        # cut results short.
-        ef = min(max(self.ef_search * -(-limit // 10), limit), MAX_CANDIDATES)
+        # ef_search is set for 10 candidates and grows with the count wanted: HNSW's recall of
+        # the top 20 at the ef that gives 0.96 for the top 10 is 0.87 (100,000 chunks, ef
+        # 100); hybrid's 20 at ef 200: 0.91, fused recall@10 0.96. Never below LIMIT, which
+        # would cut results short.
+        wanted = min(wanted or limit, limit)
+        ef = min(max(self.ef_search * -(-wanted // 10), limit), MAX_CANDIDATES)
         # pgvector >= 0.8: with a filter, keep scanning the graph until LIMIT rows pass it
         # instead of silently returning fewer; relaxed order is re-sorted above.
         scan = "relaxed_order" if filters.active or not user.admin else "off"

@@ -11,6 +11,7 @@ import pytest
 from psycopg import sql
 
 from freshet.answering.retrieval import (
+    NO_FILTERS,
     EmbedThread,
     Filters,
     acl_condition,
@@ -154,7 +155,7 @@ def test_hybrid_reads_the_hybrid_postings_cap_and_text_mode_its_own(
             rrf_k=60,
             bm25=BM25(0.9, 0.4, 1000, hybrid_cap),
         )
-        monkeypatch.setattr(retriever, "dense", lambda vector, user, limit, filters: [])
+        monkeypatch.setattr(retriever, "dense", lambda vector, user, limit, filters, wanted: [])
 
         def text(query: str, user: User, limit: int, filters: Filters, *, cap=None):  # type: ignore[no-untyped-def]
             caps[mode] = cap
@@ -170,3 +171,62 @@ def test_hybrid_reads_the_hybrid_postings_cap_and_text_mode_its_own(
     mode = "text"
     build(4000).search("q", user, k=5, mode="text")
     assert caps["text"] is None  # text mode: the retriever's own cap
+
+
+class RecordingPool:
+    """A pool whose one connection records what dense search sets and asks for."""
+
+    def __init__(self) -> None:
+        self.settings: list[tuple[str, str]] = []
+        self.limits: list[int] = []
+
+    def connection(self) -> RecordingPool:
+        return self
+
+    def pipeline(self) -> RecordingPool:
+        return self
+
+    def cursor(self, **_: object) -> RecordingPool:
+        return self
+
+    def __enter__(self) -> RecordingPool:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def execute(self, statement: object, params: object) -> None:
+        if isinstance(params, tuple):
+            self.settings.append(params)  # (ef_search, iterative scan)
+        else:
+            assert isinstance(params, dict)
+            self.limits.append(params["limit"])
+
+    def fetchall(self) -> list[object]:
+        return []
+
+
+def test_ef_search_scales_with_the_candidates_wanted_not_with_deduplications_extra() -> None:
+    """hnsw.ef_search (FRESHET_HNSW_EF_SEARCH) is set for 10 candidates: hybrid's 20 get twice
+    as much; a deduplicating search reads 4x the candidates but wants as many as before; a
+    search for more than ef_search allows still gets every row it asks for (ef >= LIMIT)."""
+    from freshet.answering.bm25 import BM25
+    from freshet.answering.retrieval import PgRetriever
+
+    pool = RecordingPool()
+    retriever = PgRetriever(
+        lambda: pool,  # type: ignore[arg-type,return-value]
+        lambda q: np.zeros(3, dtype=np.float32),
+        ef_search=100,
+        public_documents=True,
+        text_weight=1.0,
+        rrf_k=60,
+        bm25=BM25(0.9, 0.4, 1000),
+    )
+    retriever.text = lambda *a, **k: []  # type: ignore[method-assign]
+    user = User("u", ("staff",))
+    for mode, k, dedupe in (("dense", 10, False), ("hybrid", 10, False), ("hybrid", 5, True)):
+        retriever.search("q", user, k=k, mode=mode, dedupe=dedupe)  # type: ignore[arg-type]
+    retriever.dense(np.zeros(3, dtype=np.float32), user, 1000, NO_FILTERS)
+    assert [ef for ef, _ in pool.settings] == ["100", "200", "200", "1000"]
+    assert pool.limits == [10, 20, 80, 1000]
