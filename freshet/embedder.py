@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,11 +19,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from freshet.errors import FreshetError
-from freshet.fast_path import LastHiddenState, Runner, cache_key, one_text_runner
+from freshet.fast_path import (
+    MIN_COSINE,
+    LastHiddenState,
+    Runner,
+    agreement,
+    cache_key,
+    load_cached,
+    one_text_runner,
+)
 from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -175,7 +184,13 @@ class TransformersEmbedder(Embedder):
         bf16: bool | None = None,
         device: str = "cpu",
         max_seq_length: int | None = None,
+        model_in_background: bool = False,
     ) -> None:
+        """``model_in_background``: when the compiled one-text model is cached, start with it
+        alone and load the full model on a background thread (``wait_ready``). Texts embedded
+        before it is ready run one at a time through the compiled model; its agreement with the
+        full model is checked once that is loaded (a restarted sync worker consumes ~2 s
+        sooner: the full model's import and load take ~2.2 s here)."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         path = resolve_model_path(model)
@@ -194,35 +209,40 @@ class TransformersEmbedder(Embedder):
         # on 2 threads, 112 ms on 1. Large batches keep every thread (throughput).
         self.small_call_threads = small_call_threads or self.threads
         # transformers draws a "Loading weights" progress bar: noise in a worker's log.
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            self._model = AutoModel.from_pretrained(
-                str(path), local_files_only=True, dtype=torch.float32
+            hidden_size = int(
+                AutoConfig.from_pretrained(str(path), local_files_only=True).hidden_size
             )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, AttributeError) as exc:
             raise EmbedderError(f"cannot load the embedding model from {path}: {exc}") from exc
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
-        self._model.eval()
-        self._model.to(device)
-        super().__init__(int(self._model.config.hidden_size))
+        super().__init__(hidden_size)
         self.model_path = path
         self.device = device
         self.batch_size = batch_size
         self.max_seq_length = max_seq_length or _max_seq_length(path, self._tokenizer)
         self.bf16 = self._choose_bf16(bf16, device)
-        if self.bf16:
-            _store_linear_weights_in_bf16(self._model)
         # One text (one changed chunk, a query) has no padding: its forward pass runs through
         # a compiled or traced graph of the model on CPU (freshet.fast_path), ~40% faster for
         # a short text than the eager model.
         self.fast_path, self._one_text = "off", None
         self._local = threading.local()
-        if device == "cpu":
-            self.fast_path, self._one_text = self._one_text_runner(fast_path, cache)
+        self._model: Any = None
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._unchecked = False  # a cached compiled model not yet checked against the full one
+        cached = None
+        if model_in_background and device == "cpu" and fast_path == "compiled":
+            cached = load_cached(cache, self._cache_key())
+        if cached is not None:
+            self.fast_path, self._one_text, self._unchecked = "compiled", cached, True
+            threading.Thread(
+                target=self._load_model_in_background, name="freshet-model-load", daemon=True
+            ).start()
+        else:
+            self._load_model()
+            if device == "cpu":
+                self.fast_path, self._one_text = self._one_text_runner(fast_path, cache)
         logger.info(
             "embedder loaded: model=%s dim=%d device=%s bf16=%s threads=%d (small calls: %d)"
             " one-text fast path=%s max_seq_length=%d",
@@ -233,6 +253,83 @@ class TransformersEmbedder(Embedder):
             self.threads,
             self.small_call_threads,
             self.fast_path,
+            self.max_seq_length,
+        )
+
+    def _load_model(self) -> None:
+        """The full model (what batches and the fast paths' checks run on)."""
+        # transformers draws a "Loading weights" progress bar: noise in a worker's log.
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model = AutoModel.from_pretrained(
+                str(self.model_path), local_files_only=True, dtype=torch.float32
+            )
+        except (OSError, ValueError) as exc:
+            raise EmbedderError(
+                f"cannot load the embedding model from {self.model_path}: {exc}"
+            ) from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        model.eval()
+        model.to(self.device)
+        if self.bf16:
+            _store_linear_weights_in_bf16(model)
+        self._model = model
+        self._ready.set()
+
+    def _load_model_in_background(self) -> None:
+        started = time.monotonic()
+        try:
+            self._load_model()
+        except BaseException as exc:  # noqa: BLE001 - raised again by the next call needing it
+            self._load_error = exc
+            self._ready.set()
+            logger.error("the embedding model did not load: %s", exc)
+            return
+        logger.info(
+            "full embedding model loaded in the background in %.1f s", time.monotonic() - started
+        )
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the full model is loaded (at once when it was loaded up front); raises
+        EmbedderError if loading it failed."""
+        ready = self._ready.wait(timeout)
+        if self._load_error is not None:
+            raise EmbedderError(f"the embedding model did not load: {self._load_error}")
+        return ready
+
+    def _check_cached_runner(self) -> None:
+        """The first call after the full model is loaded: the cached compiled model must agree
+        with it as a freshly compiled one must (freshet.fast_path), else it is dropped."""
+        self._unchecked = False
+        assert self._one_text is not None
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.small_call_threads)
+        try:
+            lowest = agreement(
+                self._one_text,
+                LastHiddenState(self._model, self.bf16),
+                lambda text: self._encode([text]),
+            )
+        finally:
+            torch.set_num_threads(threads)
+        if lowest < MIN_COSINE:
+            logger.warning(
+                "the cached compiled model disagrees with the eager model (cosine %.6f < %s);"
+                " using the eager model",
+                lowest,
+                MIN_COSINE,
+            )
+            self.fast_path, self._one_text = "off", None
+
+    def _cache_key(self) -> str:
+        return cache_key(
+            self.model_path,
+            _read_cpu_flags(),
+            self.bf16,
+            self.small_call_threads,
             self.max_seq_length,
         )
 
@@ -254,13 +351,7 @@ class TransformersEmbedder(Embedder):
                 LastHiddenState(self._model, self.bf16),
                 lambda text: self._encode([text]),
                 cache=cache,
-                key=cache_key(
-                    self.model_path,
-                    _read_cpu_flags(),
-                    self.bf16,
-                    self.small_call_threads,
-                    self.max_seq_length,
-                ),
+                key=self._cache_key(),
                 max_seq_length=self.max_seq_length,
             )
         finally:
@@ -291,6 +382,13 @@ class TransformersEmbedder(Embedder):
         return self._tokenizer
 
     def _embed(self, texts: list[str]) -> np.ndarray:
+        if self._unchecked and self._ready.is_set() and self._load_error is None:
+            self._check_cached_runner()
+        if not self._ready.is_set() and not getattr(self._local, "eager", False):
+            # The full model is still loading: one text at a time through the compiled one.
+            if torch.get_num_threads() != self.small_call_threads:
+                torch.set_num_threads(self.small_call_threads)
+            return np.concatenate([self._embed_batch([text]) for text in texts])
         small = self.device == "cpu" and len(texts) <= SMALL_CALL_TEXTS
         threads = self.small_call_threads if small else self.threads
         if torch.get_num_threads() != threads:
@@ -322,6 +420,7 @@ class TransformersEmbedder(Embedder):
             if self._one_text is not None and one_text:
                 hidden = self._one_text(encoded["input_ids"], encoded["attention_mask"])
             else:
+                self.wait_ready()
                 hidden = self._model(**encoded).last_hidden_state
         mask = encoded["attention_mask"].unsqueeze(-1).to(torch.float32)
         summed = (hidden.to(torch.float32) * mask).sum(dim=1)
@@ -338,8 +437,11 @@ def vector_literal(vec: Iterable[float] | np.ndarray) -> str:
     return "[" + ",".join(map(str, arr)) + "]"
 
 
-def embedder_from_settings(settings: Settings) -> TransformersEmbedder:
-    """The embedder every process builds from its settings (sync worker, web app, CLI)."""
+def embedder_from_settings(
+    settings: Settings, *, model_in_background: bool = False
+) -> TransformersEmbedder:
+    """The embedder every process builds from its settings (sync worker, web app, CLI);
+    ``model_in_background``: see TransformersEmbedder (the sync worker starts that way)."""
     return TransformersEmbedder(
         settings.embedding_model,
         batch_size=settings.embed_batch,
@@ -349,4 +451,5 @@ def embedder_from_settings(settings: Settings) -> TransformersEmbedder:
         cache=settings.embed_cache,
         bf16=settings.embed_bf16,
         device=settings.embed_device,
+        model_in_background=model_in_background,
     )

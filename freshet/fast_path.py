@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -176,6 +177,33 @@ def compiled(
     with _quiet():
         runner: Runner = torch._inductor.aoti_load_package(str(unpacked))
     return runner
+
+
+def load_cached(cache: Path, key: str) -> Runner | None:
+    """The compiled model for ``key`` if a process compiled it before, else None; loads it
+    without the eager model (no compiling, no probes: the caller checks agreement later)."""
+    package = cache / f"embed-one-text-{key}.pt2"
+    unpacked = package.with_suffix(".d")
+    if not (package.exists() and unpacked.is_dir()):
+        return None
+    try:
+        # The package's own loader: torch._inductor.aoti_load_package wraps the same one, but
+        # importing torch._inductor (and with it torch._dynamo) takes ~1.1 s here.
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(unpacked), "model", False, 1, -1, False)
+        outputs = json.loads(loader.get_call_spec()[1])
+    except Exception as exc:  # noqa: BLE001 - the caller loads the usual way instead
+        logger.warning("compiled model in %s not loadable (%s)", unpacked, exc)
+        return None
+    if outputs[1].get("type") is not None:  # not one tensor: the wrapper knows what to do
+        with _quiet():
+            wrapped: Runner = torch._inductor.aoti_load_package(str(unpacked))
+        return wrapped
+
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden: torch.Tensor = loader.boxed_run([input_ids, attention_mask])[0]
+        return hidden
+
+    return run
 
 
 def one_text_runner(

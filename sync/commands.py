@@ -9,6 +9,7 @@ import argparse
 import gc
 import json
 import sys
+import threading
 import time
 
 from freshet.commands import Subparsers, install_stop_handlers, say
@@ -52,8 +53,21 @@ def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     worker.progress = progress_printer()
     # The model and libraries are loaded for good: keep the collector from rescanning their
     # objects. A full collection over them takes ~190 ms here, a latency spike for a change.
+    # The full model may still be loading in the background (it starts on the compiled one):
+    # its objects are frozen once it is there.
     gc.collect()
     gc.freeze()
+    wait_ready = getattr(worker.embedder, "wait_ready", None)
+    if wait_ready is not None:
+
+        def freeze_when_loaded() -> None:
+            try:
+                wait_ready()
+            except Exception:  # noqa: BLE001 - the worker's next batch reports it
+                return
+            gc.freeze()
+
+        threading.Thread(target=freeze_when_loaded, name="freshet-gc-freeze", daemon=True).start()
     server = None
     if settings.metrics_port:
         try:

@@ -671,7 +671,8 @@ def build_worker(settings: Settings, embedder: Embedder | None = None) -> SyncWo
     """A worker with the configured embedder and a chunker using the model's tokenizer."""
     from freshet.embedder import embedder_from_settings
 
-    embedder = embedder or embedder_from_settings(settings)
+    # Consuming starts on the cached compiled model while the full one loads (recovery).
+    embedder = embedder or embedder_from_settings(settings, model_in_background=True)
     tokenizer = getattr(embedder, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("the embedder has no tokenizer to chunk with")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from freshet import embedder as embedder_module
 from freshet.embedder import (
     EmbedderError,
     TransformersEmbedder,
@@ -18,6 +19,7 @@ from freshet.embedder import (
     resolve_model_path,
     vector_literal,
 )
+from freshet.fast_path import LastHiddenState
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -301,3 +303,46 @@ def test_a_fast_path_that_disagrees_with_the_eager_model_is_not_used(
 def test_an_unknown_fast_path_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown fast path 'jit'"):
         TransformersEmbedder(fast_path="jit")
+
+
+@pytest.mark.parametrize("off_course", [False, True])
+def test_started_on_a_cached_compiled_model_the_full_model_loads_in_the_background(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, off_course: bool
+) -> None:
+    """A sync worker starts on the cached compiled model alone: texts embedded before the full
+    model is there run one at a time through it; once the full model is loaded, the compiled
+    one is checked against it (and dropped when it disagrees), and batches use the full one."""
+    eager = TransformersEmbedder(bf16=False, fast_path="off")
+    module = LastHiddenState(eager._model, False)
+    calls: list[int] = []
+
+    def runner(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        calls.append(int(ids.shape[0]))
+        hidden: torch.Tensor = module(ids, mask)
+        return hidden + torch.linspace(-1, 1, 384) if off_course else hidden
+
+    monkeypatch.setattr(embedder_module, "load_cached", lambda cache, key: runner)
+    release = threading.Event()
+    load = TransformersEmbedder._load_model
+
+    def held_back(self: TransformersEmbedder) -> None:
+        assert release.wait(30)
+        load(self)
+
+    monkeypatch.setattr(TransformersEmbedder, "_load_model", held_back)
+    started = TransformersEmbedder(bf16=False, fast_path="compiled", model_in_background=True)
+    assert started.fast_path == "compiled" and not started.wait_ready(0)
+    early = started.embed(TEXTS[:3])  # the full model is not there: one text at a time
+    assert calls == [1, 1, 1]
+    if not off_course:
+        np.testing.assert_allclose(early, eager.embed(TEXTS[:3]), atol=1e-5)
+    release.set()
+    assert started.wait_ready(30)
+    batch = started.embed(TEXTS[:3])  # checked first; a batch runs on the full model
+    assert len(calls) > 3  # the probes ran through the compiled model
+    np.testing.assert_allclose(batch, eager.embed(TEXTS[:3]), atol=1e-5)
+    if off_course:
+        assert started.fast_path == "off"
+        assert "cached compiled model disagrees with the eager model" in caplog.text
+    else:
+        assert started.fast_path == "compiled"
