@@ -683,8 +683,8 @@ def test_a_large_batch_is_applied_in_transactions_of_whole_documents_then_commit
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """sync/pacing.py in the worker: 10 documents (one changed twice), the first transaction of
-    4 documents while nothing is measured, the next twice as large; the offsets are committed
-    once, after all."""
+    1 document while nothing is measured, each next one twice as large; the offsets are
+    committed once, after all."""
     from freshet.sync.worker import SyncWorker
 
     settings = Settings(home=tmp_path)
@@ -713,7 +713,7 @@ def test_a_large_batch_is_applied_in_transactions_of_whole_documents_then_commit
     stop = threading.Event()
     runtime.connect(stop)
     worker.process(runtime.poll(stop), stop)
-    assert [len({k for k, _ in t}) for t in transactions] == [4, 6]
+    assert [len({k for k, _ in t}) for t in transactions] == [1, 2, 4, 3]
     assert transactions[0][:2] == [("0", 0), ("0", 10)]  # document 0's changes together
     assert consumer.commits == [{TopicPartition(topic, 0): 11}]
     assert len(index(log, is_commit)) == 1

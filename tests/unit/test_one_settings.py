@@ -50,7 +50,7 @@ class RecordingEmbedder(Embedder):
 
     built: list[str] = []
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, **_options: object) -> None:
         super().__init__(4)
         self.model = settings.embedding_model
         self.tokenizer = FakeTokenizer()
