@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import threading
 import time
 from collections import defaultdict
@@ -41,6 +40,7 @@ from bench.common import (
 from freshet.answering.retrieval import rrf
 from freshet.db import connect, database_url
 from freshet.settings import PROJECT_ROOT
+from freshet.sync.model_gate import ndcg_at
 from freshet.web import create_app
 
 TABLE = "app.scifact"
@@ -58,13 +58,6 @@ def qrels(split: str) -> dict[str, dict[str, int]]:
 def queries() -> dict[str, str]:
     with (SCIFACT / "queries.jsonl").open() as handle:
         return {q["_id"]: q["text"] for q in map(json.loads, handle)}
-
-
-def ndcg_at(ranked: list[str], relevant: dict[str, int], k: int = 10) -> float:
-    dcg = sum(relevant.get(doc, 0) / math.log2(i + 2) for i, doc in enumerate(ranked[:k]))
-    ideal = sorted(relevant.values(), reverse=True)[:k]
-    idcg = sum(rel / math.log2(i + 2) for i, rel in enumerate(ideal))
-    return dcg / idcg if idcg else 0.0
 
 
 def recall_at(ranked: list[str], relevant: dict[str, int], k: int = 100) -> float:

@@ -262,6 +262,7 @@ class ExactRetriever(PgRetriever):
         filters: Filters,
         *,
         wanted: int | None = None,
+        generation: int | None = None,
     ) -> list[Passage]:
         where = where_clause(user, self.public_documents, filters)
         statement = psycopg_sql.SQL(

@@ -3,6 +3,9 @@
 Both sides must embed with the same model and the same recipe, or similarity search silently
 degrades; hence one module that both import. The recipe is sentence-transformers' for
 all-MiniLM-L6-v2: mean pooling over the attention mask, then L2 normalisation, 256 tokens max.
+Another model directory in sentence-transformers' layout brings its own recipe: the pooling of
+its ``1_Pooling/config.json`` (mean, CLS or max) and a ``Dense`` layer if its ``modules.json``
+lists one (which also sets the dimension); the vectors are always L2-normalised.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +163,86 @@ def _max_seq_length(path: Path, tokenizer: Any) -> int:
     return int(min(limit, 512))
 
 
+POOLINGS = ("mean", "cls", "max")
+
+
+@dataclass(frozen=True)
+class Head:
+    """What turns the transformer's token states into one vector (sentence-transformers'
+    modules after the Transformer): the pooling, then an optional Dense layer."""
+
+    pooling: str = "mean"
+    dense: torch.nn.Module | None = None
+    dim: int | None = None  # the Dense layer's output size; None: the hidden size
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EmbedderError(f"unreadable {path}: {exc}") from exc
+
+
+def _dense_layer(folder: Path) -> tuple[torch.nn.Module, int]:
+    """A sentence-transformers Dense module: a Linear layer and its activation."""
+    config = _read_json(folder / "config.json")
+    try:
+        linear = torch.nn.Linear(
+            int(config["in_features"]), int(config["out_features"]), bool(config.get("bias", True))
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EmbedderError(f"{folder}/config.json lacks in_features/out_features") from exc
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "model.safetensors"))
+    elif (folder / "pytorch_model.bin").is_file():
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise EmbedderError(f"{folder} has no model.safetensors or pytorch_model.bin")
+    state = {k.removeprefix("linear."): v for k, v in state.items()}
+    try:
+        linear.load_state_dict(state)
+    except RuntimeError as exc:
+        raise EmbedderError(f"the Dense layer in {folder} does not load: {exc}") from exc
+    activation = str(config.get("activation_function", "torch.nn.modules.linear.Identity"))
+    layers: list[torch.nn.Module] = [linear]
+    if activation.endswith("Tanh"):
+        layers.append(torch.nn.Tanh())
+    elif not activation.endswith("Identity"):
+        raise EmbedderError(f"{folder}: activation {activation!r} is not supported")
+    return torch.nn.Sequential(*layers).eval(), int(config["out_features"])
+
+
+def read_head(path: Path) -> Head:
+    """The model directory's pooling and Dense layer (mean pooling if it does not say)."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return Head()
+    pooling, dense, dim = "mean", None, None
+    for module in _read_json(modules_file):
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        folder = path / str(module.get("path", ""))
+        if kind == "Pooling" and (folder / "config.json").is_file():
+            config = _read_json(folder / "config.json")
+            modes = [
+                m
+                for m in POOLINGS
+                if config.get(f"pooling_mode_{m}_tokens")
+                or (m == "cls" and config.get("pooling_mode_cls_token"))
+            ]
+            if len(modes) != 1:
+                raise EmbedderError(
+                    f"{folder}/config.json: exactly one of mean, CLS or max pooling is supported"
+                )
+            pooling = modes[0]
+        elif kind == "Dense":
+            dense, dim = _dense_layer(folder)
+        elif kind not in ("Transformer", "Normalize"):
+            raise EmbedderError(f"{modules_file}: module type {kind!r} is not supported")
+    return Head(pooling, dense, dim)
+
+
 def _store_linear_weights_in_bf16(model: torch.nn.Module) -> None:
     """Keep every Linear layer's weight and bias in bf16 once, instead of autocast casting the
     fp32 weights again on each call. Autocast runs linear layers in bf16 anyway and casting is
@@ -216,7 +300,11 @@ class TransformersEmbedder(Embedder):
             )
         except (OSError, ValueError, AttributeError) as exc:
             raise EmbedderError(f"cannot load the embedding model from {path}: {exc}") from exc
-        super().__init__(hidden_size)
+        self.head = read_head(path)
+        if self.head.dense is not None:
+            self.head.dense.to(device)
+        super().__init__(self.head.dim or hidden_size)
+        self.model_name = model
         self.model_path = path
         self.device = device
         self.batch_size = batch_size
@@ -422,11 +510,22 @@ class TransformersEmbedder(Embedder):
             else:
                 self.wait_ready()
                 hidden = self._model(**encoded).last_hidden_state
-        mask = encoded["attention_mask"].unsqueeze(-1).to(torch.float32)
-        summed = (hidden.to(torch.float32) * mask).sum(dim=1)
-        pooled = summed / mask.sum(dim=1).clamp(min=1e-9)
+        pooled = self._pool(hidden.to(torch.float32), encoded["attention_mask"])
         normalised = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return normalised.cpu().numpy().astype(np.float32, copy=False)
+
+    def _pool(self, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        mask = attention.unsqueeze(-1).to(torch.float32)
+        if self.head.pooling == "cls":
+            pooled = hidden[:, 0]
+        elif self.head.pooling == "max":
+            pooled = hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
+        else:
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        if self.head.dense is not None:
+            with torch.inference_mode():
+                pooled = self.head.dense(pooled)
+        return pooled
 
 
 def vector_literal(vec: Iterable[float] | np.ndarray) -> str:
@@ -438,12 +537,14 @@ def vector_literal(vec: Iterable[float] | np.ndarray) -> str:
 
 
 def embedder_from_settings(
-    settings: Settings, *, model_in_background: bool = False
+    settings: Settings, *, model_in_background: bool = False, model: str | None = None
 ) -> TransformersEmbedder:
     """The embedder every process builds from its settings (sync worker, web app, CLI);
-    ``model_in_background``: see TransformersEmbedder (the sync worker starts that way)."""
+    ``model``: another model than EMBEDDING_MODEL (the index's, after a model change:
+    freshet.index_model); ``model_in_background``: see TransformersEmbedder (the sync worker
+    starts that way)."""
     return TransformersEmbedder(
-        settings.embedding_model,
+        model or settings.embedding_model,
         batch_size=settings.embed_batch,
         threads=settings.embed_threads,
         small_call_threads=settings.embed_small_call_threads,

@@ -107,11 +107,17 @@ def traced(module: LastHiddenState, sample: Any) -> Runner:
     return runner
 
 
+# The files of a model directory that a compiled forward pass depends on, besides config.json.
+GRAPH_SUFFIXES = frozenset({".safetensors", ".bin"})
+
+
 def cache_key(
     model_path: Path, cpu_flags: str, bf16: bool, threads: int, max_seq_length: int
 ) -> str:
-    """What a compiled model depends on: the model files, torch, the CPU (its /proc/cpuinfo
-    flags), the settings."""
+    """What a compiled model depends on: the transformer's files (its config and weights; not
+    the tokenizer, pooling or Dense layer, which run outside the compiled graph: two model
+    directories that share a transformer share its compiled model), torch, the CPU (its
+    /proc/cpuinfo flags), the settings."""
     digest = hashlib.sha256()
     parts = [
         torch.__version__,
@@ -120,7 +126,7 @@ def cache_key(
         f"bf16={bf16} threads={threads} max_seq_length={max_seq_length}",
     ]
     for path in sorted(model_path.iterdir()):
-        if path.is_file():
+        if path.is_file() and (path.name == "config.json" or path.suffix in GRAPH_SUFFIXES):
             stat = path.stat()
             parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
     for part in parts:

@@ -569,6 +569,41 @@ class Settings:
         0.0,
         read=_non_negative_float,
     )
+    reembed_rate: float = _sync(
+        "FRESHET_REEMBED_RATE",
+        "`freshet reembed`: the most chunks per second it embeds, so a model change leaves "
+        "the sync worker room for live changes; 0: no limit",
+        50.0,
+        read=_non_negative_float,
+    )
+    reembed_threads: int = _sync(
+        "FRESHET_REEMBED_THREADS",
+        "`freshet reembed`: torch threads for its embedding (the rest of the cores stay with "
+        "the sync worker and search)",
+        1,
+        read=_positive,
+    )
+    reembed_batch: int = _sync(
+        "FRESHET_REEMBED_BATCH",
+        "`freshet reembed`: chunks per embedding call and update",
+        32,
+        read=_positive,
+    )
+    eval_dir: Path = _sync(
+        "FRESHET_EVAL_DIR",
+        "where benchmark data lives (BEIR SciFact in `scifact/`): `freshet reembed`'s default "
+        "quality gate reads SciFact's train queries from there",
+        PROJECT_ROOT.parent / "shared" / "eval",
+        read=_path,
+        shown="`../shared/eval` next to the project",
+    )
+    reembed_max_drop: float = _sync(
+        "FRESHET_REEMBED_MAX_DROP",
+        "`freshet reembed`'s quality gate: the new model is switched to only if its nDCG@10 "
+        "on the gate's queries is at most this much below the current model's",
+        0.01,
+        read=_non_negative_float,
+    )
     verify_page: int = _sync(
         "FRESHET_VERIFY_PAGE", "source rows per `freshet verify` query", 500, read=_positive
     )

@@ -1,4 +1,4 @@
-"""The sync stage's subcommands: `freshet verify | sync | dlq | reindex-text`.
+"""The sync stage's subcommands: `freshet verify | sync | dlq | reindex-text | reembed | ...`.
 
 The handlers import the worker (torch, transformers, the Kafka client) only when they run.
 """
@@ -11,9 +11,13 @@ import json
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from freshet.commands import Subparsers, install_stop_handlers, say
 from freshet.settings import Settings
+
+if TYPE_CHECKING:
+    from freshet.sync.worker import SyncWorker
 
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
@@ -43,13 +47,27 @@ def cmd_drift_watch(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     """One sync worker in the foreground, until SIGINT/SIGTERM."""
-    from freshet.sync.metrics import serve
-    from freshet.sync.worker import build_worker, progress_printer
+    from freshet.index_model import ModelSwitched
+    from freshet.sync.worker import build_worker
 
     if args.metrics_port is not None:
         settings = settings.with_overrides(metrics_port=args.metrics_port)
     stop = install_stop_handlers()
-    worker = build_worker(settings)
+    while True:
+        try:
+            _run_worker(build_worker(settings), settings, stop)
+            return 0
+        except ModelSwitched as exc:
+            # `freshet reembed` switched the index's model: the batch in hand was not written;
+            # a worker with the new model applies it again.
+            say(f"sync: {exc}; restarting the worker with the new model")
+            gc.unfreeze()  # the old model's objects can go
+
+
+def _run_worker(worker: SyncWorker, settings: Settings, stop: threading.Event) -> None:
+    from freshet.sync.metrics import serve
+    from freshet.sync.worker import progress_printer
+
     worker.progress = progress_printer()
     # The model and libraries are loaded for good: keep the collector from rescanning their
     # objects. A full collection over them takes ~190 ms here, a latency spike for a change.
@@ -80,7 +98,6 @@ def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.shutdown()
-    return 0
 
 
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
@@ -152,6 +169,13 @@ def cmd_reindex_text(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
             say("the text index equals a recount from the chunks")
     return 0
+
+
+def cmd_reembed(settings: Settings, args: argparse.Namespace) -> int:
+    """Change the index's embedding model behind a quality gate (sync/reembed.py)."""
+    from freshet.sync.reembed_cli import run_reembed
+
+    return run_reembed(settings, args)
 
 
 def cmd_publish_chunks(settings: Settings, args: argparse.Namespace) -> int:
@@ -233,6 +257,37 @@ def register(subparsers: Subparsers) -> None:
     )
     drift.add_argument("--tag", default="", help=argparse.SUPPRESS)
     drift.set_defaults(handler=cmd_drift_watch)
+    change = subparsers.add_parser(
+        "reembed",
+        help="change the embedding model without downtime, behind a quality gate (resumable)",
+    )
+    change.add_argument("--model", metavar="PATH_OR_PACKAGE", help="the new embedding model")
+    change.add_argument(
+        "--queries",
+        metavar="FILE",
+        help="the gate's query set: JSON Lines of {query, relevant: {key: grade}}"
+        " (default: SciFact train over app.scifact)",
+    )
+    change.add_argument(
+        "--table", help="with --queries: the table its judged documents are rows of"
+    )
+    change.add_argument(
+        "--match",
+        default="doc_key",
+        help="with --queries: what a judgement's key is: doc_key (default) or metadata:NAME",
+    )
+    change.add_argument(
+        "--force", action="store_true", help="switch even if the gate refuses the new model"
+    )
+    change.add_argument("--abort", action="store_true", help="drop the shadow embedding")
+    change.add_argument(
+        "--drop-previous",
+        action="store_true",
+        help="drop the vectors of the model switched away from",
+    )
+    change.add_argument("--status", action="store_true", help="show the index's model and shadow")
+    change.add_argument("--json", action="store_true", help="with --status: machine-readable")
+    change.set_defaults(handler=cmd_reembed)
     publish = subparsers.add_parser(
         "publish-chunks",
         help="publish every indexed document with its chunks and embeddings to freshet.chunks",

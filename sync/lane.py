@@ -27,6 +27,7 @@ import numpy as np
 import psycopg
 
 from freshet.embedder import Embedder
+from freshet.index_model import ModelSwitched
 from freshet.retry import Backoff, Stopped, transient_db_error
 from freshet.sync import deadletters
 from freshet.sync.changes import Change, Kind
@@ -272,8 +273,8 @@ class LargeLane:
             change = self.current
             try:
                 stats = ApplyStats(superseded=1) if self.superseded() else self._apply(change)
-            except Stopped:
-                return
+            except (Stopped, ModelSwitched):
+                return  # a switch: the rebuilt worker's lane applies the change again
             except Superseded as exc:
                 logger.warning(
                     "large lane: %s key=%s superseded by a later change (%s); not applied",
@@ -302,7 +303,7 @@ class LargeLane:
                             deadletters.store(conn, stats.dead)
                         return stats
                     return self._embed_and_apply(conn, change)
-                except Superseded:
+                except (Superseded, ModelSwitched):
                     raise
                 except Exception as exc:
                     if self.stop.is_set():

@@ -42,14 +42,17 @@ from typing import Any
 import psycopg
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
+from freshet import index_model
 from freshet.consumer import DLQ_SUFFIX, KAFKA_ERRORS, ConsumerRuntime, Handled, Output
 from freshet.db import connect, database_url, source_database_url
-from freshet.embedder import Embedder
+from freshet.embedder import Embedder, embedder_from_settings
+from freshet.index_model import ModelSwitched
 from freshet.retry import Backoff, Stopped, retry, transient_db_error
 from freshet.settings import Settings
 from freshet.sync import chunk_stream, deadletters, lag
 from freshet.sync.changes import Change, KafkaRecord, Kind, Rejected, Router, topic_pattern
 from freshet.sync.chunking import Chunker, TokenChunker
+from freshet.sync.index_models import IndexModels
 from freshet.sync.lane import EmbedGate, LargeLane
 from freshet.sync.mapping import Mappings
 from freshet.sync.metrics import SyncMetrics
@@ -92,6 +95,8 @@ class SyncWorker:
     chunker: Chunker
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     progress: Callable[[int, int], None] | None = None
+    # The model `embedder` is (the index's: freshet/index_model.py); None: EMBEDDING_MODEL.
+    model_name: str | None = None
 
     def __post_init__(self) -> None:
         self.router = Router(Mappings.load(self.settings.mappings_path), self.settings.topic_prefix)
@@ -104,9 +109,15 @@ class SyncWorker:
             lambda texts: self.gate.foreground().embed(texts),
             lambda: connect(database_url(self.settings), autocommit=True, vector=True),
         )
+        self.models = IndexModels(
+            self.settings,
+            self.model_name or self.settings.embedding_model,
+            lambda name: embedder_from_settings(self.settings, model=name),
+        )
         self.writer = Writer(
             Prefetched(self.gate.foreground(), self.prefetch), self.chunker, self.source
         )
+        self.writer.models = self.models
         self._ahead: Writer | None = None
         self.metrics = SyncMetrics(self.worker_id)
         self.pacer = Pacer(self.settings.sync_txn_seconds)
@@ -169,6 +180,10 @@ class SyncWorker:
             self.runtime.run(stop)
         except Stopped:
             logger.info("sync worker %s: stopping while waiting for a service", self.worker_id)
+        except ModelSwitched as exc:
+            logger.warning("sync worker %s: %s; restarting with it", self.worker_id, exc)
+            self._heartbeat("restarting", force=True)
+            raise
         except BaseException as exc:
             self.metrics.last_error = f"{type(exc).__name__}: {exc}"[:2000]
             self._heartbeat("died", force=True)
@@ -213,8 +228,12 @@ class SyncWorker:
         self.writer.defer_above = self.settings.sync_large_embeddings
         cache: dict[str, Any] = {}
         background = self.gate.background(cache)
+        # The lane's writer checks the index's model too, but writes no shadow vectors (the
+        # shadow model runs on the main thread only; `freshet reembed` fills those).
+        lane_models = IndexModels(self.settings, self.models.active, self.models.load)
+        lane_models.shadow_writes = False
         self.lane = LargeLane(
-            Writer(background, _own_tokenizer(self.chunker), self.source),
+            Writer(background, _own_tokenizer(self.chunker), self.source, models=lane_models),
             cache,
             lambda: connect(database_url(self.settings), autocommit=True, vector=True),
             stop,
@@ -345,7 +364,7 @@ class SyncWorker:
         (sync/chunk_stream.py); waits out a database that is away."""
         if not keys:
             return []
-        model = chunk_stream.Model.of(self.settings.embedding_model)
+        model = chunk_stream.Model.of(self.models.active)
 
         def read() -> list[Output]:
             if self._conn is None or self._conn.closed:
@@ -387,6 +406,11 @@ class SyncWorker:
         if self._to_size:
             self._size_backlog()
         self._finish_lane_work(stop)
+        if self._conn is not None and not self._conn.closed:
+            try:
+                self.models.check_idle(self._conn)  # raises ModelSwitched
+            except psycopg.Error as exc:
+                logger.debug("reading the index's model: %s", exc)
         self._heartbeat("running")
 
     def _held(self, tp: TopicPartition) -> int | None:
@@ -486,6 +510,8 @@ class SyncWorker:
                 if self._conn is None or self._conn.closed:
                     self._conn = self._connect(stop)
                 return self._apply(changes, rejected, on_embedded)
+            except ModelSwitched:
+                raise  # nothing was written: the rebuilt worker applies the batch again
             except Exception as exc:
                 if transient_db_error(exc):
                     self.metrics.last_error = f"database: {exc}"[:2000]
@@ -669,14 +695,15 @@ def _merge(total: ApplyStats, part: ApplyStats) -> None:
 
 def build_worker(settings: Settings, embedder: Embedder | None = None) -> SyncWorker:
     """A worker with the configured embedder and a chunker using the model's tokenizer."""
-    from freshet.embedder import embedder_from_settings
-
+    # The index's model: EMBEDDING_MODEL unless `freshet reembed` switched it.
+    state = index_model.current(settings)
+    name = state.active(settings) if state is not None else settings.embedding_model
     # Consuming starts on the cached compiled model while the full one loads (recovery).
-    embedder = embedder or embedder_from_settings(settings, model_in_background=True)
+    embedder = embedder or embedder_from_settings(settings, model_in_background=True, model=name)
     tokenizer = getattr(embedder, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("the embedder has no tokenizer to chunk with")
-    return SyncWorker(settings, embedder, TokenChunker(tokenizer))
+    return SyncWorker(settings, embedder, TokenChunker(tokenizer), model_name=name)
 
 
 def progress_printer() -> Callable[[int, int], None]:

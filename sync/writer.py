@@ -35,10 +35,12 @@ from psycopg.types.json import Jsonb
 
 from freshet.cdc.events import RecordPosition
 from freshet.embedder import Embedder
+from freshet.index_model import SHADOW_COLUMN
 from freshet.retry import transient_db_error
 from freshet.sync import problems
 from freshet.sync.changes import Change, Kind, Rejected
 from freshet.sync.chunking import Chunk, Chunker
+from freshet.sync.index_models import IndexModels
 from freshet.sync.mapping import Document, MappingError, complete_row, unavailable_columns
 from freshet.sync.source_rows import SourceRows
 
@@ -98,6 +100,8 @@ class _Intent:
     kept: dict[int, tuple[int, int]] = field(default_factory=dict)  # new index -> (id, old index)
     to_embed: list[int] = field(default_factory=list)  # new chunk indexes needing a vector
     vectors: dict[int, np.ndarray] = field(default_factory=dict)
+    # The same chunks with the shadow model, while `freshet reembed` builds one.
+    shadow_vectors: dict[int, np.ndarray] = field(default_factory=dict)
     stale_ids: list[int] = field(default_factory=list)
     skip: bool = False  # nothing to write (the source row is gone; its delete follows)
     changes: list[Change] = field(default_factory=list)  # every change of it in the batch
@@ -160,6 +164,9 @@ class Writer:
     # A document needing more new embeddings than this is not written here but deferred
     # (ApplyStats.deferred), so one huge row cannot hold the batch; None: never.
     defer_above: int | None = None
+    # The index's model and the shadow being built (sync/index_models.py), checked at the start
+    # of every transaction; None: not checked (a writer that only plans, tests).
+    models: IndexModels | None = None
 
     def apply(
         self,
@@ -174,6 +181,8 @@ class Writer:
             return stats
         with conn.transaction():
             started = time.perf_counter()
+            if self.models is not None:
+                self.models.check(conn)  # raises ModelSwitched: nothing is written
             watermarks = self._truncate(conn, changes, stats)
             rows = [c for c in changes if c.kind is not Kind.TRUNCATE]
             stored = self._load(conn, rows)
@@ -457,6 +466,24 @@ class Writer:
             for n in intent.to_embed:
                 intent.vectors[n] = vectors[cursor]
                 cursor += 1
+        self._embed_shadow(pending, texts)
+
+    def _embed_shadow(self, pending: list[_Intent], texts: list[str]) -> None:
+        """While a re-embed builds a shadow: the same texts with its model. A failure leaves
+        the shadow vectors empty (`freshet reembed` fills them), never fails the change."""
+        shadow = self.models.shadow if self.models is not None else None
+        if shadow is None:
+            return
+        try:
+            vectors = shadow.embed(texts)
+        except Exception as exc:  # noqa: BLE001 - the re-embed's backfill catches up
+            logger.warning("shadow embedding failed (%s); freshet reembed will fill it", exc)
+            return
+        cursor = 0
+        for intent in pending:
+            for n in intent.to_embed:
+                intent.shadow_vectors[n] = vectors[cursor]
+                cursor += 1
 
     # --- writing ---------------------------------------------------------------------
     def _write(
@@ -585,10 +612,13 @@ class Writer:
                 ],
             )
         if intent.vectors:
+            shadow = len(intent.shadow_vectors) == len(intent.vectors)
             conn.cursor().executemany(
                 "INSERT INTO rag.chunks (document_id, source_table, doc_key, chunk_index, text,"
-                " text_hash, embedding, metadata, access_groups, source_lsn, source_ts)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " text_hash, embedding, metadata, access_groups, source_lsn, source_ts"
+                + (f", {SHADOW_COLUMN})" if shadow else ")")
+                + " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s"
+                + (", %s)" if shadow else ")"),
                 [
                     (
                         doc_id,
@@ -602,6 +632,7 @@ class Writer:
                         params["groups"],
                         params["lsn"],
                         params["ts"],
+                        *((intent.shadow_vectors[n],) if shadow else ()),
                     )
                     for n in intent.to_embed
                 ],

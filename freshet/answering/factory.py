@@ -89,9 +89,23 @@ class Answering:
         def build() -> EmbedThread:
             if self._embedder is not None:
                 return EmbedThread(self._embedder)
+            from freshet import index_model
             from freshet.embedder import embedder_from_settings
 
-            return EmbedThread(lambda: embedder_from_settings(self.settings))
+            def model_for(state: index_model.IndexModel) -> tuple[str, Callable[[], Any]]:
+                name = state.active(self.settings)
+                return name, lambda: embedder_from_settings(self.settings, model=name)
+
+            # The index's model: EMBEDDING_MODEL unless `freshet reembed` switched it; the
+            # thread follows a later switch (PgRetriever.search).
+            state = index_model.current(self.settings)
+            name, build = model_for(state or index_model.IndexModel())
+            return EmbedThread(
+                build,
+                generation=state.generation if state is not None else None,
+                model_name=name,
+                model_for=model_for,
+            )
 
         return self._once("embed", build)
 

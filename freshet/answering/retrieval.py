@@ -36,6 +36,7 @@ from freshet.answering import timing
 from freshet.answering.bm25 import BM25
 from freshet.answering.users import User
 from freshet.embedder import Embedder
+from freshet.index_model import IndexModel
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +288,8 @@ class PgRetriever(Retriever):
             raise ValueError(f"unknown search mode {mode!r}")
         limit = k if mode != "hybrid" else max(2 * k, 20)
         vector: np.ndarray | None = None
+        generation: int | None = None
+        follows = 0
         while True:
             fetch = min(limit * (4 if dedupe else 1), MAX_CANDIDATES)
             # Hybrid: the full-text query runs in PostgreSQL while this thread embeds the query
@@ -309,9 +312,20 @@ class PgRetriever(Retriever):
             dense: list[Passage] = []
             if mode != "text":
                 if vector is None:
+                    # Read before embedding: a switch in between makes the statement's check
+                    # fail (and the search run again), never pass with the other model's vector.
+                    generation = getattr(self._embed, "generation", None)
                     with timing.span("embed"):
                         vector = self._embed(query)
-                dense = self.dense(vector, user, fetch, filters, wanted=limit)
+                dense = self.dense(
+                    vector, user, fetch, filters, wanted=limit, generation=generation
+                )
+                if not dense and follows < 2 and self._follow():
+                    follows += 1  # the index switched model: embed the query with the new one
+                    vector = None
+                    if pending is not None:
+                        pending.cancel()
+                    continue
             if pending is not None:
                 text = pending.result()
             else:
@@ -336,13 +350,18 @@ class PgRetriever(Retriever):
         filters: Filters,
         *,
         wanted: int | None = None,
+        generation: int | None = None,
     ) -> list[Passage]:
         """Chunks nearest to the query ``vector`` by cosine distance through the HNSW index:
         ``limit`` of them, of which the best ``wanted`` (default: all) are the ones that
         matter (a deduplicating search reads more, so that duplicates do not crowd them out);
-        ``hnsw.ef_search`` scales with ``wanted``."""
+        ``hnsw.ef_search`` scales with ``wanted``. ``generation``: the index model generation
+        the vector was embedded for (freshet/index_model.py); none are returned if the index
+        has switched model since."""
         with timing.span("sql"):
-            rows = self._run_dense(vector, user, limit, filters, wanted=wanted)
+            rows = self._run_dense(
+                vector, user, limit, filters, wanted=wanted, generation=generation
+            )
         return [
             _passage(r, score=1.0 - float(r["distance"]), distance=float(r["distance"]))
             for r in rows
@@ -364,13 +383,14 @@ class PgRetriever(Retriever):
         *,
         wanted: int | None = None,
         explain: bool = False,
+        generation: int | None = None,
     ) -> list[dict[str, Any]]:
         params = query_params(user, self.public_documents, filters)
-        params.update(vector=vector, limit=limit)
+        params.update(vector=vector, limit=limit, generation=generation)
         statement = sql.SQL(
             "{explain}WITH hits AS MATERIALIZED ("
             " SELECT {cols}, c.embedding <=> %(vector)s AS distance"
-            " FROM rag.chunks AS c WHERE {where}"
+            " FROM rag.chunks AS c WHERE {where}{model}"
             " ORDER BY c.embedding <=> %(vector)s LIMIT %(limit)s)"
             " SELECT h.*, d.title FROM hits AS h"
             " JOIN rag.documents AS d ON d.id = h.document_id AND d.deleted_at IS NULL"
@@ -379,6 +399,10 @@ class PgRetriever(Retriever):
             explain=sql.SQL("EXPLAIN (ANALYZE, COSTS) " if explain else ""),
             cols=_CHUNK_COLUMNS,
             where=where_clause(user, self.public_documents, filters),
+            # A one-time filter: the statement's own snapshot has the query's model.
+            model=sql.SQL(
+                "" if generation is None else " AND rag.embedding_generation() = %(generation)s"
+            ),
         )
         # ef_search is set for 10 candidates and grows with the count wanted: HNSW's recall of
         # the top 20 at the ef that gives 0.96 for the top 10 is 0.87 (100,000 chunks, ef
@@ -406,6 +430,18 @@ class PgRetriever(Retriever):
             )
             cur.execute(statement, params)
             return cur.fetchall()
+
+    def _follow(self) -> bool:
+        """After a dense search returned nothing: if the index switched model, the query
+        embedder follows it (True: search again)."""
+        follow = getattr(self._embed, "follow", None)
+        if follow is None:
+            return False
+        from freshet.index_model import read
+
+        with self._pool().connection() as conn:
+            state = read(conn)
+        return bool(follow(state))
 
     def text(
         self, query: str, user: User, limit: int, filters: Filters, *, cap: int | None = None
@@ -534,8 +570,23 @@ class EmbedThread:
 
     QUERY, BATCH = 0, 1
 
-    def __init__(self, embedder: Embedder | Callable[[], Embedder], *, slice_size: int = 1) -> None:
+    def __init__(
+        self,
+        embedder: Embedder | Callable[[], Embedder],
+        *,
+        slice_size: int = 1,
+        generation: int | None = None,
+        model_name: str | None = None,
+        model_for: Callable[[IndexModel], tuple[str, Callable[[], Embedder]]] | None = None,
+    ) -> None:
+        """``generation``, ``model_name``: the index model the embedder is
+        (freshet/index_model.py); ``model_for``: the name and builder of a state's model, so
+        that ``follow`` can switch to it."""
         self.slice_size = slice_size
+        self.generation = generation
+        self.model_name = model_name
+        self._model_for = model_for
+        self._switching = threading.Lock()
         self._jobs: queue.PriorityQueue[tuple[int, int, Callable[[], Any], Future[Any]]]
         self._jobs = queue.PriorityQueue()
         self._order = itertools.count()
@@ -558,6 +609,23 @@ class EmbedThread:
                 future.set_result(call())
             except BaseException as exc:  # noqa: BLE001 - the caller's to handle
                 future.set_exception(exc)
+
+    def follow(self, state: IndexModel) -> bool:
+        """Embed with ``state``'s model from now on, if it is another (loaded on the embedding
+        thread; a search waits for it once). True if anything changed."""
+        if self._model_for is None or state.generation == self.generation:
+            return False
+        with self._switching:
+            if state.generation == self.generation:
+                return True  # another request switched meanwhile
+            name, build = self._model_for(state)
+            if name != self.model_name:
+                logger.warning("the index switched its embedding model to %s: loading it", name)
+                self.embedder = self._submit(self.QUERY, build).result()
+                self.model_name = name
+            # After the embedder: a request that reads the new generation embeds with it.
+            self.generation = state.generation
+        return True
 
     def __call__(self, text: str) -> np.ndarray:
         return self._submit(self.QUERY, lambda: self.embedder.embed([text])).result()[0]
