@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from freshet.errors import FreshetError
 from freshet.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,6 @@ def current(settings: Settings) -> IndexModel | None:
     try:
         with connect(database_url(settings), autocommit=True) as conn:
             return read(conn)
-    except psycopg.Error as exc:
+    except (psycopg.Error, FreshetError, OSError) as exc:
         logger.warning("cannot read the index's embedding model (%s); using EMBEDDING_MODEL", exc)
         return None

@@ -42,10 +42,11 @@ from typing import Any
 import psycopg
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
+from freshet import embedder as embedding
 from freshet import index_model
 from freshet.consumer import DLQ_SUFFIX, KAFKA_ERRORS, ConsumerRuntime, Handled, Output
 from freshet.db import connect, database_url, source_database_url
-from freshet.embedder import Embedder, embedder_from_settings
+from freshet.embedder import Embedder
 from freshet.index_model import ModelSwitched
 from freshet.retry import Backoff, Stopped, retry, transient_db_error
 from freshet.settings import Settings
@@ -112,7 +113,7 @@ class SyncWorker:
         self.models = IndexModels(
             self.settings,
             self.model_name or self.settings.embedding_model,
-            lambda name: embedder_from_settings(self.settings, model=name),
+            lambda name: embedding.embedder_from_settings(self.settings, model=name),
         )
         self.writer = Writer(
             Prefetched(self.gate.foreground(), self.prefetch), self.chunker, self.source
@@ -699,7 +700,9 @@ def build_worker(settings: Settings, embedder: Embedder | None = None) -> SyncWo
     state = index_model.current(settings)
     name = state.active(settings) if state is not None else settings.embedding_model
     # Consuming starts on the cached compiled model while the full one loads (recovery).
-    embedder = embedder or embedder_from_settings(settings, model_in_background=True, model=name)
+    embedder = embedder or embedding.embedder_from_settings(
+        settings, model_in_background=True, model=name
+    )
     tokenizer = getattr(embedder, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("the embedder has no tokenizer to chunk with")

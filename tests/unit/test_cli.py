@@ -40,6 +40,7 @@ COMMANDS = {
     "dlq": "freshet.sync.commands",
     "reindex-text": "freshet.sync.commands",
     "publish-chunks": "freshet.sync.commands",
+    "reembed": "freshet.sync.commands",
     "drift-watch": "freshet.sync.commands",
     "infer": "freshet.workflow.commands",
     "validate": "freshet.workflow.commands",

@@ -346,3 +346,33 @@ def test_started_on_a_cached_compiled_model_the_full_model_loads_in_the_backgrou
         assert "cached compiled model disagrees with the eager model" in caplog.text
     else:
         assert started.fast_path == "compiled"
+
+
+def test_a_dense_layer_and_the_pooling_of_a_model_directory_are_applied(tmp_path: Path) -> None:
+    """The model-change tests' second models (tests/model_variants.py): the rotated one has
+    another dimension and other vectors but the same similarities; the perturbed one differs."""
+    from freshet.embedder import read_head
+    from tests.model_variants import perturbed, rotated
+
+    texts = ["the heart pumps blood", "cardiac output and blood flow", "granite is a rock"]
+    base = TransformersEmbedder(fast_path="off").embed(texts)
+    turned = TransformersEmbedder(str(rotated(tmp_path / "rotated")), fast_path="off")
+    assert turned.dim == 512 and read_head(turned.model_path).pooling == "mean"
+    vectors = turned.embed(texts)
+    assert vectors.shape == (3, 512)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors @ vectors.T, base @ base.T, atol=1e-5)
+    noisy = TransformersEmbedder(str(perturbed(tmp_path / "perturbed")), fast_path="off")
+    changed = noisy.embed(texts)
+    assert noisy.dim == 384
+    assert float(np.min(np.sum(changed * base, axis=1))) < 0.9
+
+
+def test_an_unsupported_module_in_a_model_directory_is_a_clear_error(tmp_path: Path) -> None:
+    from freshet.embedder import EmbedderError, read_head
+
+    (tmp_path / "modules.json").write_text(
+        '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.CNN"}]'
+    )
+    with pytest.raises(EmbedderError, match="CNN"):
+        read_head(tmp_path)

@@ -155,7 +155,7 @@ def test_hybrid_reads_the_hybrid_postings_cap_and_text_mode_its_own(
             rrf_k=60,
             bm25=BM25(0.9, 0.4, 1000, hybrid_cap),
         )
-        monkeypatch.setattr(retriever, "dense", lambda vector, user, limit, filters, wanted: [])
+        monkeypatch.setattr(retriever, "dense", lambda vector, user, limit, filters, **_: [])
 
         def text(query: str, user: User, limit: int, filters: Filters, *, cap=None):  # type: ignore[no-untyped-def]
             caps[mode] = cap
