@@ -59,9 +59,14 @@ def install_stop_handlers() -> threading.Event:
 
 def cmd_embed(settings: Settings, args: argparse.Namespace) -> int:
     """Print the query vector of a text as a pgvector literal, for psql."""
+    from freshet import index_model
     from freshet.embedder import embedder_from_settings, vector_literal
 
-    vector = embedder_from_settings(settings).embed([args.text])[0]
+    # The index's model (another one than EMBEDDING_MODEL after `freshet reembed`), if the
+    # database can be read; EMBEDDING_MODEL otherwise.
+    state = index_model.current(settings)
+    model = state.active(settings) if state is not None else None
+    vector = embedder_from_settings(settings, model=model).embed([args.text])[0]
     print(f"'{vector_literal(vector)}'::vector" if args.sql else vector_literal(vector))
     return 0
 

@@ -1,6 +1,7 @@
 """Model change without downtime, on the real stack: `freshet reembed` re-embeds 20,000 rows
 to a second model while the sync worker applies live changes and a client searches throughout;
-the gate passes a model as good as the current one and switches, and refuses a worse one.
+the gate passes a model as good as the current one and switches, and refuses a worse one. The
+re-embed is killed (-9) a third of the way and resumes where it was.
 
 The second models are built from the bundled one (tests/model_variants.py): ``rotated`` has
 other vectors in 512 dimensions and the same similarities; ``perturbed`` has noisy weights."""
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
+from bench.model_variants import perturbed, rotated
 from freshet import index_model
 from freshet.embedder import TransformersEmbedder
 from freshet.index_model import ModelSwitched
@@ -29,7 +32,6 @@ from freshet.sync.worker import build_worker
 from freshet.web import close_app, create_app
 from tests.conftest import freshet, wait_for
 from tests.integration.sync_support import index, source
-from tests.model_variants import perturbed, rotated
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +150,7 @@ class Searcher:
                 self.failures.append(f"{mode}: HTTP {response.status_code} {response.text[:200]}")
             elif not response.get_json()["results"]:
                 self.failures.append(f"{mode}: no result for {query!r}")
-            time.sleep(0.02)
+            time.sleep(0.1)
 
     def start(self) -> Searcher:
         self.thread.start()
@@ -188,6 +190,16 @@ def reembed(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
         text=True,
         cwd=PROJECT_ROOT,
     )
+
+
+def shadowed(settings: Settings) -> tuple[int, int]:
+    """Chunks with a shadow vector, of all chunks."""
+    with index(settings) as conn:
+        row = conn.execute(
+            f"SELECT count({index_model.SHADOW_COLUMN}), count(*) FROM rag.chunks"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 def state(settings: Settings) -> index_model.IndexModel:
@@ -231,7 +243,19 @@ def test_a_model_change_re_embeds_20000_rows_without_downtime_behind_the_gate(
         changed = "zephyr-quasar nebula lighthouse marmalade"
         with source(settings) as conn:
             conn.execute("UPDATE app.articles SET body = %s WHERE id = %s", (changed, FIRST_ID + 1))
+        # kill -9 a third of the way: the same command resumes where it was.
+        total = shadowed(settings)[1]
+        assert wait_for(lambda: shadowed(settings)[0] >= total // 3, 600, interval=0.5)
+        run.kill()
+        run.wait(timeout=30)
+        done_before = shadowed(settings)[0]
+        print(f"killed the re-embed at {done_before:,} of {total:,} chunks")
+        run = reembed(
+            env, "--model", str(good), "--queries", str(queries), "--table", "app.articles"
+        )
         output, _ = run.communicate(timeout=1200)
+        resumed = re.search(r"([0-9,]+) chunks embedded", output)
+        assert resumed and int(resumed.group(1).replace(",", "")) <= total - done_before + 100
         print(output[-3000:])
         print(f"re-embed and switch: {time.monotonic() - started:.0f}s")
         assert run.returncode == 0, output[-3000:]
@@ -260,7 +284,8 @@ def test_a_model_change_re_embeds_20000_rows_without_downtime_behind_the_gate(
 
         row = wait_for(changed_vector, 60, interval=0.5)
         assert row is not None
-        assert float(np.dot(np.asarray(row[1]), new_model.embed([row[0]])[0])) > 0.9999
+        stored = np.asarray(row[1].to_numpy())
+        assert float(np.dot(stored, new_model.embed([row[0]])[0])) > 0.9999
         client = app.test_client()
         hits = client.get(
             f"/api/v1/search?q={changed}&k=3&mode=dense&table=app.articles", headers=ADMIN

@@ -351,8 +351,8 @@ def test_started_on_a_cached_compiled_model_the_full_model_loads_in_the_backgrou
 def test_a_dense_layer_and_the_pooling_of_a_model_directory_are_applied(tmp_path: Path) -> None:
     """The model-change tests' second models (tests/model_variants.py): the rotated one has
     another dimension and other vectors but the same similarities; the perturbed one differs."""
+    from bench.model_variants import perturbed, rotated
     from freshet.embedder import read_head
-    from tests.model_variants import perturbed, rotated
 
     texts = ["the heart pumps blood", "cardiac output and blood flow", "granite is a rock"]
     base = TransformersEmbedder(fast_path="off").embed(texts)

@@ -1,5 +1,5 @@
-"""Second embedding models for the model-change tests, built from the bundled one (this machine
-has one packaged model, and models are never downloaded):
+"""Second embedding models for the model-change tests and bench.reembed, built from the
+bundled one (this machine has one packaged model, and models are never downloaded):
 
 - ``rotated``: the same transformer with a Dense layer whose weight has orthonormal columns,
   into more dimensions: every vector is different (another dimension, other components), every
