@@ -233,6 +233,16 @@ def render_status(report: dict[str, Any]) -> str:
                 else ""
             )
         )
+    model = report.get("embedding_model")
+    if model:
+        name = model["model"] or "EMBEDDING_MODEL"
+        line = f"embedding     {name} (generation {model['generation']})"
+        if model.get("shadow_model"):
+            line += (
+                f"; re-embed to {model['shadow_model']}: {model['shadow_state']},"
+                f" {model.get('shadow_missing', 0):,} chunks to go (`freshet reembed --status`)"
+            )
+        lines.append(line)
     lines.extend(_render_convergence(report))
     return "\n".join(lines)
 

@@ -130,6 +130,30 @@ def convergence(conn: Any) -> dict[str, Any]:
     }
 
 
+def embedding_model(conn: Any) -> dict[str, Any] | None:
+    """The index's embedding model (NULL: EMBEDDING_MODEL) and a model change under way, with
+    the chunks its shadow still lacks; None before migration 0013."""
+    if not has_table(conn, "rag.embedding_state"):
+        return None
+    row = conn.execute(
+        "SELECT model, generation, shadow_model, shadow_state, previous_model"
+        " FROM rag.embedding_state"
+    ).fetchone()
+    if row is None:
+        return None
+    out: dict[str, Any] = {
+        "model": row[0],
+        "generation": int(row[1]),
+        "shadow_model": row[2],
+        "shadow_state": row[3],
+        "previous_model": row[4],
+    }
+    if row[2] is not None:
+        left = conn.execute("SELECT count(*) FROM rag.chunks WHERE embedding_next IS NULL")
+        out["shadow_missing"] = int(left.fetchone()[0])
+    return out
+
+
 def text_index(conn: Any) -> dict[str, Any] | None:
     """The BM25 index: chunks and terms indexed, and chunks still waiting for
     `freshet reindex-text` (written before the index existed); None before migration 0006."""

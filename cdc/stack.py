@@ -229,6 +229,7 @@ def status(settings: Settings) -> dict[str, Any]:
             result["workers"] = _workers(conn)
             result.update(readings.convergence(conn))
             result["text_index"] = readings.text_index(conn)
+            result["embedding_model"] = readings.embedding_model(conn)
         with connect(source_database_url(settings), autocommit=True) as conn:
             result["slot"] = slot_status(conn)
     except Exception as exc:  # noqa: BLE001 - status reports, it does not fail

@@ -185,7 +185,10 @@ def cmd_publish_chunks(settings: Settings, args: argparse.Namespace) -> int:
     from freshet.sync.text_index import progress_bar
 
     stop = install_stop_handlers()
-    model = chunk_stream.Model.of(settings.embedding_model)
+    from freshet import index_model
+
+    state = index_model.current(settings)
+    model = chunk_stream.Model.of(state.active(settings) if state else settings.embedding_model)
     started = time.monotonic()
     with connect(database_url(settings), autocommit=True, vector=True) as conn:
         done = chunk_stream.publish_all(

@@ -48,12 +48,14 @@ def _progress(enabled: bool) -> Callable[[int], Callable[[int], None]] | None:
 
 
 def chunker_for(settings: Settings) -> TokenChunker:
-    """The sync worker's chunker: the model's tokenizer, without loading the model."""
+    """The sync worker's chunker: the index's model's tokenizer, without loading the model."""
     from transformers import AutoTokenizer
 
+    from freshet import index_model
     from freshet.embedder import resolve_model_path
 
-    path = resolve_model_path(settings.embedding_model)
+    state = index_model.current(settings)
+    path = resolve_model_path(state.active(settings) if state else settings.embedding_model)
     return TokenChunker(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
 
 
