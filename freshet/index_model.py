@@ -54,6 +54,8 @@ class IndexModel:
     shadow_state: str | None = None
     shadow_started: datetime | None = None
     gate: dict[str, Any] | None = None
+    # False: the database predates migration 0013 (no state, no rag.embedding_generation()).
+    present: bool = True
 
     def active(self, settings: Settings) -> str:
         """The model of rag.chunks.embedding: the switched-to one, else EMBEDDING_MODEL."""
@@ -71,7 +73,7 @@ def read(conn: psycopg.Connection[Any]) -> IndexModel:
         cur.execute("SELECT to_regclass('rag.embedding_state') IS NOT NULL AS present")
         present = cur.fetchone()
         if not present or not present["present"]:
-            return IndexModel()
+            return IndexModel(present=False)
         cur.execute(
             "SELECT generation, model, dim, switched_at, previous_model, shadow_model,"
             " shadow_dim, shadow_state, shadow_started, gate FROM rag.embedding_state"

@@ -102,7 +102,7 @@ class Answering:
             name, build = model_for(state or index_model.IndexModel())
             return EmbedThread(
                 build,
-                generation=state.generation if state is not None else None,
+                generation=state.generation if state is not None and state.present else None,
                 model_name=name,
                 model_for=model_for,
             )

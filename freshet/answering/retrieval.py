@@ -435,7 +435,7 @@ class PgRetriever(Retriever):
         """After a dense search returned nothing: if the index switched model, the query
         embedder follows it (True: search again)."""
         follow = getattr(self._embed, "follow", None)
-        if follow is None:
+        if follow is None or not getattr(self._embed, "follows_index", False):
             return False
         from freshet.index_model import read
 
@@ -610,10 +610,15 @@ class EmbedThread:
             except BaseException as exc:  # noqa: BLE001 - the caller's to handle
                 future.set_exception(exc)
 
+    @property
+    def follows_index(self) -> bool:
+        """Whether ``follow`` can switch models (the app's thread; not a test's fixed one)."""
+        return self._model_for is not None
+
     def follow(self, state: IndexModel) -> bool:
         """Embed with ``state``'s model from now on, if it is another (loaded on the embedding
         thread; a search waits for it once). True if anything changed."""
-        if self._model_for is None or state.generation == self.generation:
+        if self._model_for is None or not state.present or state.generation == self.generation:
             return False
         with self._switching:
             if state.generation == self.generation:
