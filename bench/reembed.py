@@ -34,6 +34,7 @@ from typing import Any
 from bench.batch_baseline import Edit
 from bench.common import (
     SCIFACT,
+    Bench,
     count_documents,
     load_scifact,
     print_table,
@@ -49,6 +50,7 @@ from freshet import index_model
 from freshet.cdc.demo import create_demo_schema
 from freshet.db import connect, database_url, source_database_url
 from freshet.settings import PROJECT_ROOT, Settings
+from freshet.sync.reembed import drop_previous
 
 GATE = re.compile(r"nDCG@10 (current|new) model\s+\S+: ([0-9.]+)")
 
@@ -90,6 +92,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=3000, help="SciFact documents to index")
     parser.add_argument("--seconds", type=float, default=60, help="each freshness phase")
+    parser.add_argument(
+        "--no-perturbed", action="store_true", help="skip step 4 (the refused model's run)"
+    )
     args = parser.parse_args()
     docs = corpus(args.docs)
     abstracts = [d["text"] for d in scifact_corpus(ROWS * PARAGRAPHS * 3)]
@@ -149,25 +154,36 @@ def main() -> None:
                 "gate": gate_figures(log),
                 "switched": state(settings).model == str(good),
             }
-            print("the perturbed model ...", flush=True)
-            with connect(database_url(settings), autocommit=True) as conn:
-                from freshet.sync.reembed import drop_previous
+            if args.no_perturbed:
+                results["perturbed"] = None
+            else:
+                results["perturbed"] = run_perturbed(bench, worse)
+    _report(results, len(docs))
 
-                drop_previous(conn)
-            log = settings.logs_dir / "reembed-perturbed.log"
-            started = time.monotonic()
-            rc = reembed(bench.env, worse, log).wait(timeout=7200)
-            after = state(settings)
-            results["perturbed"] = {
-                "returncode": rc,
-                "seconds": round(time.monotonic() - started, 1),
-                "gate": gate_figures(log),
-                "refused": after.shadow_state == "refused" and after.model == str(good),
-            }
+
+def run_perturbed(bench: Bench, worse: Path) -> dict[str, Any]:
+    """Step 4: the previous vectors dropped, a re-embed to the noisy model; the gate's verdict."""
+    settings = bench.settings
+    print("the perturbed model ...", flush=True)
+    with connect(database_url(settings), autocommit=True) as conn:
+        drop_previous(conn)
+    log = settings.logs_dir / "reembed-perturbed.log"
+    started = time.monotonic()
+    rc = reembed(bench.env, worse, log).wait(timeout=7200)
+    after = state(settings)
+    return {
+        "returncode": rc,
+        "seconds": round(time.monotonic() - started, 1),
+        "gate": gate_figures(log),
+        "refused": after.shadow_state == "refused" and after.model is not None,
+    }
+
+
+def _report(results: dict[str, Any], docs: int) -> None:
     for phase in ("freshness_before", "freshness_during"):
         results[phase].pop("latencies_ms", None)
     rows = [
-        ("indexed", f"{len(docs):,} SciFact documents, {results['chunks']:,} chunks"),
+        ("indexed", f"{docs:,} SciFact documents, {results['chunks']:,} chunks"),
         *[
             (
                 f"edits 5/s {phase.split('_')[1]} the re-embed",
@@ -182,6 +198,8 @@ def main() -> None:
     ]
     for name in ("rotated", "perturbed"):
         r = results[name]
+        if r is None:
+            continue
         gate = r["gate"]
         rows.append(
             (

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 
 def run_reembed(settings: Settings, args: argparse.Namespace) -> int:
+    from psycopg.errors import LockNotAvailable
+
     from freshet.db import connect, database_url
     from freshet.index_model import read
     from freshet.sync import reembed
@@ -47,7 +49,27 @@ def run_reembed(settings: Settings, args: argparse.Namespace) -> int:
                 if state.shadow_model:
                     print(f"  chunks without a shadow vector: {reembed.missing(conn):,}")
             return 0
-        return _change_model(conn, settings, args)
+        try:
+            return _change_model(conn, settings, args)
+        except LockNotAvailable as exc:
+            raise reembed.ReembedError(
+                f"rag.chunks stayed locked for {reembed.LOCK_TIMEOUT} ({exc}); a long transaction"
+                " holds it: run the command again once it ends (the work done so far is kept)"
+            ) from exc
+
+
+# The re-embed yields the CPU to the sync worker's live changes (and search) on shared cores.
+NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Before any model or thread exists, so every thread of the process inherits it."""
+    import os
+
+    try:
+        os.nice(NICENESS)
+    except OSError as exc:  # not permitted: run as it is
+        say(f"priority left as it is ({exc})")
 
 
 def _model_name(value: str) -> str:
@@ -70,6 +92,7 @@ def _change_model(
     if args.queries and not args.table:
         raise reembed.ReembedError("--queries needs --table: the table its documents are rows of")
     stop = install_stop_handlers()
+    _lower_priority()
     name = _model_name(args.model)
     state = read(conn)
     old = state.active(settings)
