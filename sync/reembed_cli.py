@@ -96,11 +96,16 @@ def _change_model(
     name = _model_name(args.model)
     state = read(conn)
     old = state.active(settings)
-    query_set = (
-        model_gate.from_file(Path(args.queries), args.table, args.match)
-        if args.queries
-        else model_gate.scifact_train(settings.eval_dir)
-    )
+    try:
+        query_set: QuerySet | str = (
+            model_gate.from_file(Path(args.queries), args.table, args.match)
+            if args.queries
+            else model_gate.scifact_train(settings.eval_dir)
+        )
+    except model_gate.GateError as exc:
+        if not args.force:
+            raise
+        query_set = str(exc)  # --force switches without a gate; the report says why
     tuned = settings.with_overrides(
         embed_threads=settings.reembed_threads, embed_batch=settings.reembed_batch
     )
@@ -155,7 +160,7 @@ def _change_model(
 def _gate(
     conn: psycopg.Connection[Any],
     settings: Settings,
-    query_set: QuerySet,
+    query_set: QuerySet | str,
     old_name: str,
     new_name: str,
     new: Embedder,
@@ -167,6 +172,11 @@ def _gate(
     from freshet.sync import model_gate
     from freshet.sync.reembed import GateReport
 
+    if isinstance(query_set, str):
+        return GateReport(
+            old_name, new_name, "none", 0, 0, 0, None, None, settings.reembed_max_drop,
+            passed=False, forced=forced, reason=f"the gate did not run: {query_set}",
+        )  # fmt: skip
     found, total = model_gate.judged_in_index(conn, query_set)
     common: dict[str, Any] = dict(
         old_model=old_name,
