@@ -74,14 +74,15 @@ def state(settings: Settings) -> index_model.IndexModel:
 
 
 def reembed(env: dict[str, str], model: Path, log: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "freshet.cli", "reembed", "--model", str(model)],
-        env={**env, "PYTHONWARNINGS": "ignore"},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=PROJECT_ROOT,
-    )
+    with log.open("w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "freshet.cli", "reembed", "--model", str(model)],
+            env={**env, "PYTHONWARNINGS": "ignore"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=PROJECT_ROOT,
+        )
 
 
 def gate_figures(log: Path) -> dict[str, float]:

@@ -247,7 +247,7 @@ def test_a_model_change_re_embeds_20000_rows_without_downtime_behind_the_gate(
         total = shadowed(settings)[1]
         assert wait_for(lambda: shadowed(settings)[0] >= total // 3, 600, interval=0.5)
         run.kill()
-        run.wait(timeout=30)
+        run.communicate(timeout=30)  # closes its pipe
         done_before = shadowed(settings)[0]
         print(f"killed the re-embed at {done_before:,} of {total:,} chunks")
         run = reembed(
