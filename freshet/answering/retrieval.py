@@ -19,15 +19,17 @@ import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from psycopg import sql
+from psycopg import Connection, sql
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -230,6 +232,23 @@ def query_params(user: User, public_documents: bool, filters: Filters) -> dict[s
     }
 
 
+@contextmanager
+def reading(pool: ConnectionPool) -> Iterator[Connection[Any]]:
+    """A pool connection in autocommit mode for a search's reads: a statement runs in its
+    own implicit transaction, so no COMMIT follows it and a read costs one round trip (a
+    statement that needs transaction-local settings sends BEGIN and COMMIT in its pipeline).
+    The connection goes back to the pool as it came, with no transaction open."""
+    with pool.connection() as conn:
+        before = conn.autocommit
+        conn.autocommit = True
+        try:
+            yield conn
+        finally:
+            if conn.info.transaction_status != TransactionStatus.IDLE:
+                conn.rollback()
+            conn.autocommit = before
+
+
 def _passage(row: Mapping[str, Any], **scores: Any) -> Passage:
     return Passage(
         chunk_id=int(row["id"]),
@@ -413,15 +432,18 @@ class PgRetriever(Retriever):
         # pgvector >= 0.8: with a filter, keep scanning the graph until LIMIT rows pass it
         # instead of silently returning fewer; relaxed order is re-sorted above.
         scan = "relaxed_order" if filters.active or not user.admin else "off"
-        # The settings, local to this transaction, and the query go in one round trip. With
-        # sequential and bitmap scans off, the HNSW index is the one path left that yields
-        # rows in distance order, whatever the planner estimates the predicate to match.
+        # The settings, local to this transaction, the query and the COMMIT go in one round
+        # trip. With sequential and bitmap scans off, the HNSW index is the one path left that
+        # yields rows in distance order, whatever the planner estimates the predicate to match.
+        # Each statement has its own cursor: a pipelined cursor takes whichever of its results
+        # arrive, so the query's cursor must have issued the query alone.
         with (
-            self._pool().connection() as conn,
+            reading(self._pool()) as conn,
             conn.pipeline(),
             conn.cursor(row_factory=dict_row) as cur,
         ):
-            cur.execute(
+            conn.execute("BEGIN")
+            conn.execute(
                 "SELECT set_config('hnsw.ef_search', %s, true),"
                 " set_config('hnsw.iterative_scan', %s, true),"
                 " set_config('enable_seqscan', 'off', true),"
@@ -429,6 +451,7 @@ class PgRetriever(Retriever):
                 (str(ef), scan),
             )
             cur.execute(statement, params)
+            conn.execute("COMMIT")
             return cur.fetchall()
 
     def _follow(self) -> bool:
@@ -487,7 +510,7 @@ class PgRetriever(Retriever):
         params["rescored"] = max(limit, min(RESCORED_PER_RESULT * limit, MAX_RESCORED))
         with (
             timing.span("text-sql"),
-            self._pool().connection() as conn,
+            reading(self._pool()) as conn,
             conn.cursor(row_factory=dict_row) as cur,
         ):
             rows = cur.execute(statement, {**params, "top": top}).fetchall()
@@ -509,7 +532,7 @@ class PgRetriever(Retriever):
             " FROM rag.chunks AS c WHERE c.document_id = %(document_id)s AND {acl}"
             " ORDER BY c.chunk_index"
         ).format(acl=acl_condition(user, self.public_documents, "c"))
-        with self._pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        with reading(self._pool()) as conn, conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(doc_sql, params).fetchone()
             if row is None:
                 return None

@@ -7,8 +7,9 @@
 - On a private PostgreSQL: rag.text_scores() equals the Python reference (freshet.answering.bm25)
   on a 5-document corpus; rag.text_top() is the same scores best first, and the retriever's
   cut of its candidates never changes a result; dense search uses the HNSW index for every
-  kind of user on a table where the access predicate matches most rows; a backfill of chunks
-  written before the index existed is resumable and exact.
+  kind of user on a table where the access predicate matches most rows; concurrent searches
+  through one pool get their own results and leave its connections as they found them; a
+  backfill of chunks written before the index existed is resumable and exact.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from freshet.answering.bm25 import BM25, Corpus, score
-from freshet.answering.retrieval import NO_FILTERS, PgRetriever
+from freshet.answering.retrieval import NO_FILTERS, PgRetriever, reading
 from freshet.answering.users import ANONYMOUS, User
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.sandbox import free_port
@@ -511,6 +513,62 @@ def test_dense_search_uses_hnsw_for_every_kind_of_user(private_db: str) -> None:
     finally:
         pool.close()
         closed_pool.close()
+        with connect(private_db, autocommit=True) as conn:
+            conn.execute("DELETE FROM rag.documents")
+
+
+def test_concurrent_searches_read_in_one_round_trip_and_leave_connections_clean(
+    private_db: str,
+) -> None:
+    """A search's reads run in autocommit (no COMMIT round trip); dense search pipelines
+    BEGIN, its transaction-local settings, the query and COMMIT. Four threads sharing a pool of
+    two connections get, every time, exactly the result a lone search gets, and every connection
+    goes back idle, in its own autocommit mode, with no setting left behind; a failed read too."""
+    count = 300
+    texts = [f"alpha beta gamma chunk {i} " + ("delta " * (i % 7)) for i in range(count)]
+    vectors = np.random.default_rng(3).normal(size=(count, 384)).astype(np.float32)
+    with connect(private_db, autocommit=True, vector=True) as conn:
+        conn.execute("DELETE FROM rag.documents")
+        conn.execute("VACUUM rag.chunks")  # an earlier test's dead tuples would fill HNSW's ef
+        insert_chunks(conn, "test.concurrent", texts, vectors=vectors)
+    found, pool = retriever(private_db)
+    query = vectors[7] + 0.1 * vectors[8]
+    found._embed = lambda text: query  # type: ignore[method-assign]
+    expected = {
+        mode: [p.chunk_id for p in found.search("delta gamma", ADMIN, k=10, mode=mode)]
+        for mode in ("dense", "text", "hybrid")
+    }
+    assert all(len(ids) == 10 for ids in expected.values()), expected
+    wrong: list[str] = []
+
+    def client(mode: str) -> None:
+        for _ in range(60):
+            got = [p.chunk_id for p in found.search("delta gamma", ADMIN, k=10, mode=mode)]
+            if got != expected[mode]:
+                wrong.append(f"{mode}: {got}")
+
+    threads = [threading.Thread(target=client, args=(m,)) for m in ("hybrid", "dense", "text")]
+    threads.append(threading.Thread(target=client, args=("hybrid",)))
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not wrong, wrong[:3]
+        with pytest.raises(psycopg.errors.DivisionByZero), reading(pool) as conn:
+            conn.execute("BEGIN")
+            conn.execute("SELECT 1 / 0")
+        for _ in range(2):  # both connections of the pool
+            with pool.connection() as conn:
+                assert conn.autocommit is False
+                assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+                row = conn.execute(
+                    "SELECT current_setting('enable_seqscan'), current_setting('hnsw.ef_search')"
+                ).fetchone()
+                assert row == ("on", "40"), row
+                conn.rollback()
+    finally:
+        pool.close()
         with connect(private_db, autocommit=True) as conn:
             conn.execute("DELETE FROM rag.documents")
 

@@ -179,6 +179,18 @@ class RecordingPool:
     def __init__(self) -> None:
         self.settings: list[tuple[str, str]] = []
         self.limits: list[int] = []
+        self.statements: list[str] = []
+        self.autocommit = False
+
+    @property
+    def info(self) -> RecordingPool:
+        return self
+
+    @property
+    def transaction_status(self) -> int:
+        from psycopg.pq import TransactionStatus
+
+        return TransactionStatus.IDLE
 
     def connection(self) -> RecordingPool:
         return self
@@ -195,8 +207,11 @@ class RecordingPool:
     def __exit__(self, *_: object) -> None:
         return None
 
-    def execute(self, statement: object, params: object) -> None:
-        if isinstance(params, tuple):
+    def execute(self, statement: object, params: object = None) -> None:
+        if params is None:
+            assert self.autocommit  # BEGIN and COMMIT are sent in autocommit mode
+            self.statements.append(str(statement))
+        elif isinstance(params, tuple):
             self.settings.append(params)  # (ef_search, iterative scan)
         else:
             assert isinstance(params, dict)
@@ -230,3 +245,6 @@ def test_ef_search_scales_with_the_candidates_wanted_not_with_deduplications_ext
     retriever.dense(np.zeros(3, dtype=np.float32), user, 1000, NO_FILTERS)
     assert [ef for ef, _ in pool.settings] == ["100", "200", "200", "1000"]
     assert pool.limits == [10, 20, 80, 1000]
+    # Each search's settings are local to its own transaction, opened and closed in its pipeline.
+    assert pool.statements == ["BEGIN", "COMMIT"] * 4
+    assert pool.autocommit is False
