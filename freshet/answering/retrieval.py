@@ -430,8 +430,10 @@ class PgRetriever(Retriever):
         wanted = min(wanted or limit, limit)
         ef = min(max(self.ef_search * -(-wanted // 10), limit), MAX_CANDIDATES)
         # pgvector >= 0.8: with a filter, keep scanning the graph until LIMIT rows pass it
-        # instead of silently returning fewer; relaxed order is re-sorted above.
-        scan = "relaxed_order" if filters.active or not user.admin else "off"
+        # instead of silently returning fewer; relaxed order is re-sorted above. Without one
+        # (an admin), in strict order: rows deleted but not yet vacuumed still fill ef_search's
+        # candidates, and a scan that stopped there would return fewer than LIMIT live rows.
+        scan = "relaxed_order" if filters.active or not user.admin else "strict_order"
         # The settings, local to this transaction, the query and the COMMIT go in one round
         # trip. With sequential and bitmap scans off, the HNSW index is the one path left that
         # yields rows in distance order, whatever the planner estimates the predicate to match.

@@ -573,6 +573,34 @@ def test_concurrent_searches_read_in_one_round_trip_and_leave_connections_clean(
             conn.execute("DELETE FROM rag.documents")
 
 
+def test_dense_search_finds_k_live_chunks_among_deleted_ones(private_db: str) -> None:
+    """Chunks deleted but not yet vacuumed still sit in the HNSW graph and take up ef_search's
+    candidates: every user's dense search (an admin's too, who has no predicate) keeps walking
+    the graph until it has k live chunks."""
+    count, kept = 2000, 300
+    rng = np.random.default_rng(11)
+    vectors = rng.normal(size=(count + kept, 384)).astype(np.float32)
+    with connect(private_db, autocommit=True, vector=True) as conn:
+        conn.execute("DELETE FROM rag.documents")
+        conn.execute("VACUUM rag.chunks")
+        insert_chunks(conn, "test.deleted", [f"old {i}" for i in range(count)], vectors=vectors)
+        conn.execute("DELETE FROM rag.documents WHERE source_table = 'test.deleted'")
+        insert_chunks(
+            conn, "test.kept", [f"kept {i}" for i in range(kept)], vectors=vectors[count:]
+        )
+    found, pool = retriever(private_db)  # ef_search 40
+    try:
+        for user in (ADMIN, User("u", ("staff",)), ANONYMOUS):
+            for i in range(5):
+                hits = found.dense(vectors[i], user, 10, NO_FILTERS)
+                assert len(hits) == 10, (user, i, len(hits))
+                assert {h.source_table for h in hits} == {"test.kept"}
+    finally:
+        pool.close()
+        with connect(private_db, autocommit=True) as conn:
+            conn.execute("DELETE FROM rag.documents")
+
+
 def test_backfill_indexes_older_chunks_resumably_and_exactly(private_db: str) -> None:
     """Chunks written before the text index existed (no postings) are indexed by
     `freshet reindex-text`'s backfill, batch by batch; a stopped backfill resumes."""
