@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -226,6 +227,8 @@ def main() -> None:
             return
         # One client asking as fast as it can: the per-caller rate limits would refuse it.
         app = create_app(config, settings=bench.settings)
+        # werkzeug logs every request at INFO: thousands of lines in the benchmark's output.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         server = make_server("127.0.0.1", 0, app, threaded=True)
         port = server.server_port
         threading.Thread(target=server.serve_forever, daemon=True).start()
