@@ -576,7 +576,8 @@ def test_concurrent_searches_read_in_one_round_trip_and_leave_connections_clean(
 def test_dense_search_finds_k_live_chunks_among_deleted_ones(private_db: str) -> None:
     """Chunks deleted but not yet vacuumed still sit in the HNSW graph and take up ef_search's
     candidates: every user's dense search (an admin's too, who has no predicate) keeps walking
-    the graph until it has k live chunks."""
+    the graph until it has k live chunks, and so do the SQL functions for psql users on the
+    server's default settings (migration 0014)."""
     count, kept = 2000, 300
     rng = np.random.default_rng(11)
     vectors = rng.normal(size=(count + kept, 384)).astype(np.float32)
@@ -595,6 +596,23 @@ def test_dense_search_finds_k_live_chunks_among_deleted_ones(private_db: str) ->
                 hits = found.dense(vectors[i], user, 10, NO_FILTERS)
                 assert len(hits) == 10, (user, i, len(hits))
                 assert {h.source_table for h in hits} == {"test.kept"}
+        with connect(private_db, autocommit=True, vector=True) as conn:
+            chunk = conn.execute(
+                "SELECT min(id) FROM rag.chunks WHERE source_table = 'test.kept'"
+            ).fetchone()
+            assert chunk is not None
+            for i in range(5):
+                calls = {
+                    "rag.search": ("SELECT id FROM rag.search(%s, 10)", (vectors[i],)),
+                    "rag.similar": ("SELECT id FROM rag.similar(%s, 10)", (chunk[0] + i,)),
+                    "rag.search_hybrid": (
+                        "SELECT id FROM rag.search_hybrid(%s, 'zzqqxx', 10)",
+                        (vectors[i],),
+                    ),
+                }
+                for name, (statement, args) in calls.items():
+                    rows = conn.execute(statement, args).fetchall()
+                    assert len(rows) == 10, (name, i, len(rows))
     finally:
         pool.close()
         with connect(private_db, autocommit=True) as conn:
