@@ -393,7 +393,7 @@ def main() -> None:
         else:
             texts, vectors = build_corpus(settings, args.home / "cache", args.chunks)
         embedder = embedder_from_settings(settings)
-        served, exact, pool = retrievers(settings, lambda q: embedder.embed([q])[0])
+        served, exact, pool = retrievers(settings, embedder.embed_query)
         growth: dict[int, float] = {}
         if args.growth:
             steps = tuple(len(texts) * n // 4 // SLICE * SLICE for n in (1, 2)) + (len(texts),)

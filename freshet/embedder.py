@@ -33,6 +33,7 @@ from freshet.fast_path import (
     Runner,
     agreement,
     cache_key,
+    int8_query_runner,
     load_cached,
     one_text_runner,
 )
@@ -87,6 +88,14 @@ class Embedder(ABC):
     @abstractmethod
     def _embed(self, texts: list[str]) -> np.ndarray:
         """Embed a non-empty list of texts (shape (n, dim), float32, unit norm)."""
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """The vector of one search query (shape (dim,)): never stored, so an embedder may
+        compute it on a faster, less exact path than a chunk's (TransformersEmbedder: int8)."""
+        return self.embed([text])[0]
+
+    def prepare_queries(self) -> None:
+        """Build what ``embed_query`` needs now rather than on the first query."""
 
     @contextmanager
     def sharing_the_interpreter(self) -> Iterator[None]:
@@ -269,8 +278,12 @@ class TransformersEmbedder(Embedder):
         device: str = "cpu",
         max_seq_length: int | None = None,
         model_in_background: bool = False,
+        query_int8: bool = False,
     ) -> None:
-        """``model_in_background``: when the compiled one-text model is cached, start with it
+        """``query_int8``: ``embed_query`` runs an int8 copy of the model on CPU
+        (freshet.fast_path.int8_query_runner), built on the first query or
+        ``prepare_queries``; chunks (``embed``) always use the float model.
+        ``model_in_background``: when the compiled one-text model is cached, start with it
         alone and load the full model on a background thread (``wait_ready``). Texts embedded
         before it is ready run one at a time through the compiled model; its agreement with the
         full model is checked once that is loaded (a restarted sync worker consumes ~2 s
@@ -319,6 +332,11 @@ class TransformersEmbedder(Embedder):
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._unchecked = False  # a cached compiled model not yet checked against the full one
+        # int8 queries: not on a GPU (float is fast there) nor with bf16 (AMX: fast already).
+        self.query_int8 = query_int8 and device == "cpu" and not self.bf16
+        self._query_runner: Runner | None = None
+        self._query_runner_built = False
+        self._query_runner_lock = threading.Lock()
         cached = None
         if model_in_background and device == "cpu" and fast_path == "compiled":
             cached = load_cached(cache, self._cache_key())
@@ -489,6 +507,40 @@ class TransformersEmbedder(Embedder):
             out[idx] = self._embed_batch([texts[i] for i in idx])
         return out
 
+    def prepare_queries(self) -> None:
+        if not self.query_int8 or self._query_runner_built:
+            return
+        with self._query_runner_lock:
+            if self._query_runner_built:
+                return
+            self.wait_ready()
+            started = time.monotonic()
+            threads = torch.get_num_threads()
+            torch.set_num_threads(self.small_call_threads)
+            try:
+                self._query_runner = int8_query_runner(
+                    self._model, lambda text: self._encode([text])
+                )
+            finally:
+                torch.set_num_threads(threads)
+                self._query_runner_built = True
+            if self._query_runner is not None:
+                logger.info(
+                    "int8 query embedding ready in %.1f s", time.monotonic() - started
+                )
+
+    def embed_query(self, text: str) -> np.ndarray:
+        self.prepare_queries()
+        if self._query_runner is None:
+            return super().embed_query(text)
+        if torch.get_num_threads() != self.small_call_threads:
+            torch.set_num_threads(self.small_call_threads)
+        encoded = self._encode([text])
+        with torch.inference_mode():
+            hidden = self._query_runner(encoded["input_ids"], encoded["attention_mask"])
+        self.texts_embedded += 1
+        return self._vectors(hidden, encoded["attention_mask"])[0]
+
     @contextmanager
     def sharing_the_interpreter(self) -> Iterator[None]:
         """The compiled one-text path holds the GIL for its whole forward pass (~100 ms for a
@@ -510,7 +562,11 @@ class TransformersEmbedder(Embedder):
             else:
                 self.wait_ready()
                 hidden = self._model(**encoded).last_hidden_state
-        pooled = self._pool(hidden.to(torch.float32), encoded["attention_mask"])
+        return self._vectors(hidden, encoded["attention_mask"])
+
+    def _vectors(self, hidden: torch.Tensor, attention: torch.Tensor) -> np.ndarray:
+        """Pooled, through the head, L2-normalised float32 vectors of a last hidden state."""
+        pooled = self._pool(hidden.to(torch.float32), attention)
         normalised = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return normalised.cpu().numpy().astype(np.float32, copy=False)
 
@@ -553,4 +609,5 @@ def embedder_from_settings(
         bf16=settings.embed_bf16,
         device=settings.embed_device,
         model_in_background=model_in_background,
+        query_int8=settings.embed_query_int8,
     )

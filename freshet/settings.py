@@ -478,6 +478,15 @@ class Settings:
         kind="boolean or auto",
         shown="`auto`",
     )
+    embed_query_int8: bool = _sync(
+        "FRESHET_EMBED_QUERY_INT8",
+        "embed search queries (never stored) with an int8 copy of the model on CPU: ~2.6 ms a "
+        "query instead of ~7 ms, SciFact nDCG@10 within 0.002; chunks always use the float "
+        "model. Off with bf16 or a GPU; see [web.md](web.md)",
+        True,
+        read=_bool,
+        app=True,
+    )
     embed_batch: int = _sync("FRESHET_EMBED_BATCH", "texts per forward pass", 32, read=_positive)
     embed_device: str = _sync("FRESHET_EMBED_DEVICE", "`cpu`, or `cuda` to embed on a GPU", "cpu")
     mappings_path: Path = _sync(

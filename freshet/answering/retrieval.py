@@ -619,6 +619,8 @@ class EmbedThread:
         self._thread.start()
         build = embedder if callable(embedder) else (lambda: embedder)
         self.embedder: Embedder = self._submit(self.QUERY, build).result()
+        # Queries' own path (int8 on CPU) is built before any query is taken, not by the first.
+        self._submit(self.QUERY, self.embedder.prepare_queries)
 
     def _submit(self, priority: int, call: Callable[[], T]) -> Future[T]:
         future: Future[T] = Future()
@@ -652,13 +654,14 @@ class EmbedThread:
             if name != self.model_name:
                 logger.warning("the index switched its embedding model to %s: loading it", name)
                 self.embedder = self._submit(self.QUERY, build).result()
+                self._submit(self.QUERY, self.embedder.prepare_queries)
                 self.model_name = name
             # After the embedder: a request that reads the new generation embeds with it.
             self.generation = state.generation
         return True
 
     def __call__(self, text: str) -> np.ndarray:
-        return self._submit(self.QUERY, lambda: self.embedder.embed([text])).result()[0]
+        return self._submit(self.QUERY, lambda: self.embedder.embed_query(text)).result()
 
     def many(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)

@@ -376,3 +376,92 @@ def test_an_unsupported_module_in_a_model_directory_is_a_clear_error(tmp_path: P
     )
     with pytest.raises(EmbedderError, match="CNN"):
         read_head(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def int8_queries() -> TransformersEmbedder:
+    return TransformersEmbedder(bf16=False, fast_path="off", query_int8=True)
+
+
+def test_int8_queries_stay_close_and_rank_like_the_float_model(
+    int8_queries: TransformersEmbedder, embedder: TransformersEmbedder
+) -> None:
+    """A query's int8 vector is a unit vector close to the float one, and it ranks stored
+    (float) chunk vectors as the float query does on a clear case."""
+    chunks = embedder.embed(TEXTS)
+    for query in ("how do row changes reach kafka?", "a", "streaming " * 400):
+        want = embedder.embed([query])[0]
+        got = int8_queries.embed_query(query)
+        assert got.shape == (384,) and got.dtype == np.float32
+        assert abs(float(np.linalg.norm(got)) - 1.0) < 1e-5
+        assert float(got @ want) > 0.95
+    query = "Which tool captures changes from the Postgres write-ahead log?"
+    assert int(np.argmax(chunks @ int8_queries.embed_query(query))) == 0
+    assert int(np.argmax(chunks @ embedder.embed([query])[0])) == 0
+    assert int8_queries._query_runner is not None
+
+
+def test_int8_queries_never_touch_chunk_vectors(
+    int8_queries: TransformersEmbedder, embedder: TransformersEmbedder
+) -> None:
+    int8_queries.prepare_queries()
+    np.testing.assert_allclose(int8_queries.embed(TEXTS), embedder.embed(TEXTS), atol=1e-5)
+    before = int8_queries.texts_embedded
+    int8_queries.embed_query("one query")
+    assert int8_queries.texts_embedded == before + 1
+
+
+def test_without_int8_a_query_is_embedded_as_a_chunk(embedder: TransformersEmbedder) -> None:
+    assert not embedder.query_int8
+    query = "how do row changes reach kafka?"
+    np.testing.assert_array_equal(embedder.embed_query(query), embedder.embed([query])[0])
+    assert embedder._query_runner is None
+
+
+def test_int8_queries_fall_back_to_the_float_model_when_quantization_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, embedder: TransformersEmbedder
+) -> None:
+    from freshet import fast_path
+
+    def broken(model: torch.nn.Module) -> torch.nn.Module:
+        raise RuntimeError("no quantized engine")
+
+    monkeypatch.setattr(fast_path, "quantized", broken)
+    model = TransformersEmbedder(bf16=False, fast_path="off", query_int8=True)
+    with caplog.at_level("WARNING", logger="freshet.fast_path"):
+        vector = model.embed_query("how do row changes reach kafka?")
+    assert "int8 query embedding unavailable (no quantized engine)" in caplog.text
+    np.testing.assert_allclose(
+        vector, embedder.embed(["how do row changes reach kafka?"])[0], atol=1e-6
+    )
+
+
+def test_int8_queries_refused_when_they_disagree_with_the_float_model(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A quantization that breaks the model (here: every weight zeroed) is caught by the
+    agreement check, not served."""
+    from freshet import fast_path
+
+    real = fast_path.quantized
+
+    def zeroed(model: torch.nn.Module) -> torch.nn.Module:
+        copy = real(model)
+        for module in copy.modules():
+            if hasattr(module, "set_weight_bias"):
+                weight, bias = module._weight_bias()
+                module.set_weight_bias(torch.quantize_per_tensor(
+                    torch.zeros(weight.shape), 1.0, 0, torch.qint8
+                ), bias)
+        return copy
+
+    monkeypatch.setattr(fast_path, "quantized", zeroed)
+    model = TransformersEmbedder(bf16=False, fast_path="off", query_int8=True)
+    with caplog.at_level("WARNING", logger="freshet.fast_path"):
+        model.prepare_queries()
+    assert "int8 query embedding disagrees" in caplog.text
+    assert model._query_runner is None
+
+
+def test_int8_queries_are_off_with_bf16() -> None:
+    assert not TransformersEmbedder(bf16=True, fast_path="off", query_int8=True).query_int8

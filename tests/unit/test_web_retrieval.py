@@ -22,6 +22,7 @@ from freshet.answering.retrieval import (
     where_clause,
 )
 from freshet.answering.users import User
+from freshet.embedder import Embedder
 from tests.conftest import wait_for
 from tests.unit.web_fakes import passage
 
@@ -104,15 +105,16 @@ def test_weighted_rrf_scales_each_list() -> None:
         rrf([[1]], [1.0, 2.0], k=10)
 
 
-class GatedEmbedder:
+class GatedEmbedder(Embedder):
     """Records each call's texts; the first batch slice waits until the test lets it go."""
 
     def __init__(self) -> None:
+        super().__init__(3)
         self.calls: list[list[str]] = []
         self.started = threading.Event()
         self.release = threading.Event()
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def _embed(self, texts: list[str]) -> np.ndarray:
         self.calls.append(list(texts))
         if len(texts) > 1 and not self.started.is_set():
             self.started.set()
@@ -122,7 +124,7 @@ class GatedEmbedder:
 
 def test_a_query_waits_for_one_slice_of_an_answers_batch_not_all_of_it() -> None:
     embedder = GatedEmbedder()
-    embed = EmbedThread(embedder, slice_size=4)  # type: ignore[arg-type]
+    embed = EmbedThread(embedder, slice_size=4)
     with ThreadPoolExecutor(2) as pool:
         batch = pool.submit(embed.many, [f"sentence {i}" for i in range(12)])
         assert embedder.started.wait(10)  # the first slice is running
