@@ -55,7 +55,7 @@ from freshet.answering.retrieval import (
 from freshet.answering.timing import parse_header
 from freshet.answering.users import User
 from freshet.db import database_url
-from freshet.embedder import embedder_from_settings
+from freshet.embedder import Embedder, embedder_from_settings
 from freshet.settings import PROJECT_ROOT, Settings
 from freshet.sync.chunking import TokenChunker
 
@@ -284,7 +284,7 @@ class ExactRetriever(PgRetriever):
 
 
 def retrievers(
-    settings: Settings, embed: Callable[[str], np.ndarray]
+    settings: Settings, embedder: Embedder
 ) -> tuple[PgRetriever, PgRetriever, ConnectionPool]:
     """The app's retriever, built as the app builds it, and the exact one, on one pool."""
     app = settings
@@ -295,7 +295,8 @@ def retrievers(
     def build(kind: type[PgRetriever], cap: int) -> PgRetriever:
         return kind(
             lambda: pool,
-            embed,
+            lambda query: embedder.embed([query])[0],
+            embed_hybrid=embedder.embed_query,
             ef_search=app.hnsw_ef_search,
             public_documents=app.public_documents,
             text_weight=app.hybrid_text_weight,
@@ -393,7 +394,7 @@ def main() -> None:
         else:
             texts, vectors = build_corpus(settings, args.home / "cache", args.chunks)
         embedder = embedder_from_settings(settings)
-        served, exact, pool = retrievers(settings, embedder.embed_query)
+        served, exact, pool = retrievers(settings, embedder)
         growth: dict[int, float] = {}
         if args.growth:
             steps = tuple(len(texts) * n // 4 // SLICE * SLICE for n in (1, 2)) + (len(texts),)

@@ -66,7 +66,7 @@ def cmd_embed(settings: Settings, args: argparse.Namespace) -> int:
     # database can be read; EMBEDDING_MODEL otherwise.
     state = index_model.current(settings)
     model = state.active(settings) if state is not None else None
-    vector = embedder_from_settings(settings, model=model).embed_query(args.text)
+    vector = embedder_from_settings(settings, model=model).embed([args.text])[0]
     print(f"'{vector_literal(vector)}'::vector" if args.sql else vector_literal(vector))
     return 0
 

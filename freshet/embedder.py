@@ -96,6 +96,7 @@ class Embedder(ABC):
 
     def prepare_queries(self) -> None:
         """Build what ``embed_query`` needs now rather than on the first query."""
+        return None
 
     @contextmanager
     def sharing_the_interpreter(self) -> Iterator[None]:
@@ -525,9 +526,7 @@ class TransformersEmbedder(Embedder):
                 torch.set_num_threads(threads)
                 self._query_runner_built = True
             if self._query_runner is not None:
-                logger.info(
-                    "int8 query embedding ready in %.1f s", time.monotonic() - started
-                )
+                logger.info("int8 query embedding ready in %.1f s", time.monotonic() - started)
 
     def embed_query(self, text: str) -> np.ndarray:
         self.prepare_queries()
@@ -609,5 +608,5 @@ def embedder_from_settings(
         bf16=settings.embed_bf16,
         device=settings.embed_device,
         model_in_background=model_in_background,
-        query_int8=settings.embed_query_int8,
+        query_int8=settings.hybrid_query_int8,
     )

@@ -115,6 +115,7 @@ class Answering:
             lambda: PgRetriever(
                 self.pool,
                 self.embed(),
+                embed_hybrid=self.embed().fast,
                 ef_search=self.settings.hnsw_ef_search,
                 public_documents=self.settings.public_documents,
                 text_weight=self.settings.hybrid_text_weight,

@@ -279,12 +279,16 @@ class PgRetriever(Retriever):
         text_weight: float,
         rrf_k: int,
         bm25: BM25,
+        embed_hybrid: Callable[[str], np.ndarray] | None = None,
     ) -> None:
-        """All are settings (FRESHET_HNSW_EF_SEARCH, FRESHET_PUBLIC_DOCUMENTS,
+        """``embed``: a query's vector for dense search; ``embed_hybrid``: for the dense half
+        of a hybrid search (the app's: int8, FRESHET_HYBRID_QUERY_INT8), ``embed`` if None.
+        The others are settings (FRESHET_HNSW_EF_SEARCH, FRESHET_PUBLIC_DOCUMENTS,
         FRESHET_HYBRID_TEXT_WEIGHT, FRESHET_RRF_K, FRESHET_BM25_*): the Answering factory
         passes them."""
         self._pool = pool
         self._embed = embed
+        self._embed_hybrid = embed_hybrid or embed
         self.ef_search = ef_search
         self.text_weight = text_weight
         self.rrf_k = rrf_k
@@ -335,7 +339,7 @@ class PgRetriever(Retriever):
                     # fail (and the search run again), never pass with the other model's vector.
                     generation = getattr(self._embed, "generation", None)
                     with timing.span("embed"):
-                        vector = self._embed(query)
+                        vector = (self._embed_hybrid if mode == "hybrid" else self._embed)(query)
                 dense = self.dense(
                     vector, user, fetch, filters, wanted=limit, generation=generation
                 )
@@ -661,6 +665,10 @@ class EmbedThread:
         return True
 
     def __call__(self, text: str) -> np.ndarray:
+        return self._submit(self.QUERY, lambda: self.embedder.embed([text])).result()[0]
+
+    def fast(self, text: str) -> np.ndarray:
+        """A query's vector on the embedder's fast query path (Embedder.embed_query)."""
         return self._submit(self.QUERY, lambda: self.embedder.embed_query(text)).result()
 
     def many(self, texts: Sequence[str]) -> np.ndarray:

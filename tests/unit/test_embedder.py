@@ -419,7 +419,9 @@ def test_without_int8_a_query_is_embedded_as_a_chunk(embedder: TransformersEmbed
 
 
 def test_int8_queries_fall_back_to_the_float_model_when_quantization_fails(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, embedder: TransformersEmbedder
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    embedder: TransformersEmbedder,
 ) -> None:
     from freshet import fast_path
 
@@ -450,9 +452,9 @@ def test_int8_queries_refused_when_they_disagree_with_the_float_model(
         for module in copy.modules():
             if hasattr(module, "set_weight_bias"):
                 weight, bias = module._weight_bias()
-                module.set_weight_bias(torch.quantize_per_tensor(
-                    torch.zeros(weight.shape), 1.0, 0, torch.qint8
-                ), bias)
+                module.set_weight_bias(
+                    torch.quantize_per_tensor(torch.zeros(weight.shape), 1.0, 0, torch.qint8), bias
+                )
         return copy
 
     monkeypatch.setattr(fast_path, "quantized", zeroed)

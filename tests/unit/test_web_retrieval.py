@@ -250,3 +250,48 @@ def test_ef_search_scales_with_the_candidates_wanted_not_with_deduplications_ext
     # Each search's settings are local to its own transaction, opened and closed in its pipeline.
     assert pool.statements == ["BEGIN", "COMMIT"] * 4
     assert pool.autocommit is False
+
+
+def test_hybrid_embeds_its_query_on_the_fast_path_and_dense_on_the_exact_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FRESHET_HYBRID_QUERY_INT8: a hybrid search's query goes to ``embed_hybrid``; a dense
+    search's to ``embed``, so dense ranking keeps the float model's vectors."""
+    from freshet.answering.bm25 import BM25
+    from freshet.answering.retrieval import PgRetriever
+
+    calls: list[str] = []
+    retriever = PgRetriever(
+        lambda: None,  # type: ignore[arg-type,return-value]
+        lambda q: calls.append("exact") or np.zeros(3, dtype=np.float32),  # type: ignore[func-returns-value]
+        embed_hybrid=lambda q: calls.append("fast") or np.ones(3, dtype=np.float32),  # type: ignore[func-returns-value]
+        ef_search=40,
+        public_documents=True,
+        text_weight=1.0,
+        rrf_k=60,
+        bm25=BM25(0.9, 0.4, 1000, 0),
+    )
+    vectors: list[float] = []
+    monkeypatch.setattr(
+        retriever,
+        "dense",
+        lambda vector, user, limit, filters, **_: vectors.append(float(vector[0])) or [],
+    )
+    monkeypatch.setattr(retriever, "text", lambda query, user, limit, filters, **_: [])
+    user = User("u", ("staff",))
+    retriever.search("q", user, k=5, mode="hybrid")
+    retriever.search("q", user, k=5, mode="dense")
+    retriever.search("q", user, k=5, mode="text")
+    assert calls == ["fast", "exact"] and vectors == [1.0, 0.0]
+
+
+def test_the_embed_thread_serves_both_query_paths() -> None:
+    class Halves(Embedder):
+        def _embed(self, texts: list[str]) -> np.ndarray:
+            return np.zeros((len(texts), 3), dtype=np.float32)
+
+        def embed_query(self, text: str) -> np.ndarray:
+            return np.ones(3, dtype=np.float32)
+
+    embed = EmbedThread(Halves(3))
+    assert embed("q").tolist() == [0.0, 0.0, 0.0] and embed.fast("q").tolist() == [1.0, 1.0, 1.0]
