@@ -6,7 +6,6 @@ once in effect, even when one answer worker is killed with SIGKILL mid-run."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from freshet.settings import PROJECT_ROOT, Settings
 from tests.conftest import wait_for
 from tests.integration.conftest import WorkerThread
 from tests.integration.sync_support import caught_up, source
-from tests.integration.workflow_support import start_step, stop_all
+from tests.integration.workflow_support import settle, start_step, stop_all
 
 pytestmark = pytest.mark.integration
 
@@ -60,38 +59,6 @@ def indexed(running_stack: Settings, start_worker: Callable[..., WorkerThread]) 
         conn.execute("DELETE FROM app.articles WHERE id = ANY(%s)", ([r[0] for r in ROWS],))
 
 
-def settle(
-    processes: dict[str, subprocess.Popen[bytes]],
-    logs: dict[str, Path],
-    restart: Callable[[str], subprocess.Popen[bytes]],
-    tag: str,
-    timeout: float = 900,
-) -> None:
-    """Until every step worker holds partitions of its topic. A worker that joined its group
-    and still has none a minute later is restarted once: kafka-python 3.0.12 was seen (one CI
-    run) stuck after a rebalance, its assignment never arriving. Workers that load the model
-    join only after it is loaded (minutes on a fresh clone, which compiles it)."""
-    joined: dict[str, float] = {}
-    restarted: set[str] = set()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        mark = f"partitions assigned: it.{tag}."
-        waiting = [k for k in logs if mark not in logs[k].read_text("utf-8", "replace")]
-        if not waiting:
-            return
-        for key in waiting:
-            if "Successfully joined group" not in logs[key].read_text("utf-8", "replace"):
-                continue
-            since = joined.setdefault(key, time.monotonic())
-            if time.monotonic() - since > 60 and key not in restarted:
-                print(f"{key}: joined its group 60 s ago and holds no partition; restarting it")
-                stop_all([processes[key]])
-                processes[key] = restart(key)
-                restarted.add(key)
-        time.sleep(1)
-    raise AssertionError(f"step workers without partitions after {timeout:.0f} s: {waiting}")
-
-
 def test_a_hundred_two_part_questions_through_five_steps_with_a_worker_killed(
     running_stack: Settings,
     running_stack_env: dict[str, str],
@@ -109,7 +76,7 @@ def test_a_hundred_two_part_questions_through_five_steps_with_a_worker_killed(
         processes,
         logs,
         lambda key: start_step(running_stack_env, key.rsplit("-", 1)[0], workflow, logs[key]),
-        tag,
+        f"partitions assigned: it.{tag}.",
     )
     ids = [f"{tag}-{n:03d}" for n in range(ASKS)]
     producer = KafkaProducer(bootstrap_servers=running_stack.bootstrap_servers)

@@ -34,7 +34,7 @@ from freshet.web import close_app, create_app
 from tests.conftest import wait_for
 from tests.integration.conftest import WorkerThread
 from tests.integration.sync_support import caught_up, chunk_texts, index, source
-from tests.integration.workflow_support import start_step, stop_all
+from tests.integration.workflow_support import log_tails, settle, start_step, stop_all
 
 pytestmark = pytest.mark.integration
 
@@ -232,10 +232,8 @@ def test_a_queued_ask_shows_each_step_as_it_finishes_then_the_answer(
     caught_up(start_worker())
     key = 880_000_000 + uuid.uuid4().int % 100_000_000
     text = "The Nordholm lighthouse lamp is lit at 16:20 in December."
-    workers = {
-        name: start_step(running_stack_env, name, None, tmp_path / f"{name}.log")
-        for name in ("answer", "validate")
-    }
+    logs = {name: tmp_path / f"{name}.log" for name in ("answer", "validate")}
+    workers = {name: start_step(running_stack_env, name, None, log) for name, log in logs.items()}
     with source(running_stack) as src, index(running_stack) as idx:
         try:
             src.execute(
@@ -243,6 +241,14 @@ def test_a_queued_ask_shows_each_step_as_it_finishes_then_the_answer(
                 (key, text),
             )
             assert wait_for(lambda: text in " ".join(chunk_texts(idx, ARTICLES, key)), 30)
+            # The ask's deadline (FRESHET_ASK_DEADLINE_S) is for answering, not for a worker's
+            # start: ask once both hold their topic's partitions.
+            settle(
+                workers,
+                logs,
+                lambda name: start_step(running_stack_env, name, None, logs[name]),
+                "partitions assigned: rag.",
+            )
             browser.get(web_server.url + "/")
             browser.find_element(By.ID, "ask-async").click()
             box = browser.find_element(By.ID, "question")
@@ -256,7 +262,8 @@ def test_a_queued_ask_shows_each_step_as_it_finishes_then_the_answer(
 
             WebDriverWait(browser, 180, poll_frequency=0.1).until(finished)
             screenshot(browser, "web-e2e-queued-ask.png")
-            assert browser.find_element(By.ID, "ask-error").text == ""
+            error = browser.find_element(By.ID, "ask-error").text
+            assert error == "", f"{error}\n{log_tails(logs)}"
             assert "16:20" in browser.find_element(By.ID, "answer").text
             done = [
                 li.get_dom_attribute("data-step")
