@@ -296,7 +296,8 @@ def retrievers(
         return kind(
             lambda: pool,
             lambda query: embedder.embed([query])[0],
-            embed_hybrid=embedder.embed_query,
+            embed_hybrid=embedder.embed_query if app.query_int8 != "off" else None,
+            embed_dense=embedder.embed_query if app.query_int8 == "all" else None,
             ef_search=app.hnsw_ef_search,
             public_documents=app.public_documents,
             text_weight=app.hybrid_text_weight,

@@ -517,10 +517,12 @@ class TransformersEmbedder(Embedder):
             self.wait_ready()
             started = time.monotonic()
             threads = torch.get_num_threads()
-            torch.set_num_threads(self.small_call_threads)
+            # Every thread for building (the smoothing's calibration runs batches); the trace
+            # keeps no thread count: each query sets small_call_threads.
+            torch.set_num_threads(self.threads)
             try:
                 self._query_runner = int8_query_runner(
-                    self._model, lambda text: self._encode([text])
+                    self._model, lambda text: self._encode([text]), self._encode
                 )
             finally:
                 torch.set_num_threads(threads)
@@ -608,5 +610,5 @@ def embedder_from_settings(
         bf16=settings.embed_bf16,
         device=settings.embed_device,
         model_in_background=model_in_background,
-        query_int8=settings.hybrid_query_int8,
+        query_int8=settings.query_int8 != "off",
     )

@@ -29,6 +29,8 @@ from freshet.resources import CHECKOUT, SHARED_STATE, default_mappings, default_
 PROJECT_ROOT = CHECKOUT if CHECKOUT is not None else Path.cwd()
 # How a one-text embedding call runs on CPU (freshet.fast_path): fastest first.
 FAST_PATHS = ("compiled", "traced", "off")
+#: FRESHET_QUERY_INT8: which search modes embed their query with the int8 model.
+QUERY_INT8_MODES = ("all", "hybrid", "off")
 #: Answer generation backends (freshet.answering.llm).
 LLM_BACKENDS = ("extractive", "openai", "transformers")
 #: Where answers are kept: table rag.answers, or this process only.
@@ -478,14 +480,16 @@ class Settings:
         kind="boolean or auto",
         shown="`auto`",
     )
-    hybrid_query_int8: bool = _sync(
-        "FRESHET_HYBRID_QUERY_INT8",
-        "embed a hybrid search's query (never stored) with an int8 copy of the model on CPU: "
-        "~2.6 ms instead of ~7 ms; SciFact test nDCG@10 0.7230 instead of 0.7249. Dense "
-        "search and chunks always use the float model. Off with bf16 or a GPU; see "
+    query_int8: str = _sync(
+        "FRESHET_QUERY_INT8",
+        "which searches embed their query (never stored) with an int8 copy of the model, its "
+        "activations smoothed first: `hybrid` (SciFact test nDCG@10 0.7250, float 0.7249; "
+        "~2.6 ms instead of ~7 ms), `all` (dense too: 0.6722 instead of 0.6792) or `off` (the "
+        "float model). Chunks always use the float model; no int8 with bf16 or a GPU. See "
         "[web.md](web.md#query-latency)",
-        True,
-        read=_bool,
+        "hybrid",
+        read=_one_of(QUERY_INT8_MODES),
+        kind="one of " + ", ".join(QUERY_INT8_MODES),
         app=True,
     )
     embed_batch: int = _sync("FRESHET_EMBED_BATCH", "texts per forward pass", 32, read=_positive)

@@ -110,12 +110,14 @@ class Answering:
         return self._once("embed", build)
 
     def retriever(self) -> Retriever:
+        int8 = self.settings.query_int8
         return self._once(
             "retriever",
             lambda: PgRetriever(
                 self.pool,
                 self.embed(),
-                embed_hybrid=self.embed().fast,
+                embed_hybrid=self.embed().fast if int8 != "off" else None,
+                embed_dense=self.embed().fast if int8 == "all" else None,
                 ef_search=self.settings.hnsw_ef_search,
                 public_documents=self.settings.public_documents,
                 text_weight=self.settings.hybrid_text_weight,

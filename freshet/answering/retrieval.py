@@ -280,15 +280,18 @@ class PgRetriever(Retriever):
         rrf_k: int,
         bm25: BM25,
         embed_hybrid: Callable[[str], np.ndarray] | None = None,
+        embed_dense: Callable[[str], np.ndarray] | None = None,
     ) -> None:
-        """``embed``: a query's vector for dense search; ``embed_hybrid``: for the dense half
-        of a hybrid search (the app's: int8, FRESHET_HYBRID_QUERY_INT8), ``embed`` if None.
+        """``embed``: a query's vector (the model the index follows: its ``generation`` and
+        ``follow``); ``embed_hybrid``, ``embed_dense``: the vector for a hybrid search's dense
+        half and for a dense search (the app's: int8 by FRESHET_QUERY_INT8), ``embed`` if None.
         The others are settings (FRESHET_HNSW_EF_SEARCH, FRESHET_PUBLIC_DOCUMENTS,
         FRESHET_HYBRID_TEXT_WEIGHT, FRESHET_RRF_K, FRESHET_BM25_*): the Answering factory
         passes them."""
         self._pool = pool
         self._embed = embed
         self._embed_hybrid = embed_hybrid or embed
+        self._embed_dense = embed_dense or embed
         self.ef_search = ef_search
         self.text_weight = text_weight
         self.rrf_k = rrf_k
@@ -339,7 +342,9 @@ class PgRetriever(Retriever):
                     # fail (and the search run again), never pass with the other model's vector.
                     generation = getattr(self._embed, "generation", None)
                     with timing.span("embed"):
-                        vector = (self._embed_hybrid if mode == "hybrid" else self._embed)(query)
+                        vector = (self._embed_hybrid if mode == "hybrid" else self._embed_dense)(
+                            query
+                        )
                 dense = self.dense(
                     vector, user, fetch, filters, wanted=limit, generation=generation
                 )

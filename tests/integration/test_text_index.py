@@ -533,7 +533,7 @@ def test_concurrent_searches_read_in_one_round_trip_and_leave_connections_clean(
         insert_chunks(conn, "test.concurrent", texts, vectors=vectors)
     found, pool = retriever(private_db)
     query = vectors[7] + 0.1 * vectors[8]
-    found._embed = found._embed_hybrid = lambda text: query  # type: ignore[method-assign]
+    found._embed = found._embed_hybrid = found._embed_dense = lambda text: query  # type: ignore[method-assign]
     expected = {
         mode: [p.chunk_id for p in found.search("delta gamma", ADMIN, k=10, mode=mode)]
         for mode in ("dense", "text", "hybrid")

@@ -252,19 +252,34 @@ def test_ef_search_scales_with_the_candidates_wanted_not_with_deduplications_ext
     assert pool.autocommit is False
 
 
-def test_hybrid_embeds_its_query_on_the_fast_path_and_dense_on_the_exact_one(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [("off", ["exact", "exact"]), ("hybrid", ["fast", "exact"]), ("all", ["fast", "fast"])],
+)
+def test_each_search_mode_embeds_its_query_on_the_path_query_int8_gives_it(
+    monkeypatch: pytest.MonkeyPatch, mode: str, expected: list[str]
 ) -> None:
-    """FRESHET_HYBRID_QUERY_INT8: a hybrid search's query goes to ``embed_hybrid``; a dense
-    search's to ``embed``, so dense ranking keeps the float model's vectors."""
+    """FRESHET_QUERY_INT8 as the factory applies it: `hybrid` sends a hybrid search's query to
+    ``embed_hybrid`` and a dense one's to ``embed``; `all` sends both to the fast path; `off`
+    neither. Text search embeds nothing."""
     from freshet.answering.bm25 import BM25
     from freshet.answering.retrieval import PgRetriever
 
     calls: list[str] = []
+
+    def fast(q: str) -> np.ndarray:
+        calls.append("fast")
+        return np.ones(3, dtype=np.float32)
+
+    def exact(q: str) -> np.ndarray:
+        calls.append("exact")
+        return np.zeros(3, dtype=np.float32)
+
     retriever = PgRetriever(
         lambda: None,  # type: ignore[arg-type,return-value]
-        lambda q: calls.append("exact") or np.zeros(3, dtype=np.float32),  # type: ignore[func-returns-value]
-        embed_hybrid=lambda q: calls.append("fast") or np.ones(3, dtype=np.float32),  # type: ignore[func-returns-value]
+        exact,
+        embed_hybrid=fast if mode != "off" else None,
+        embed_dense=fast if mode == "all" else None,
         ef_search=40,
         public_documents=True,
         text_weight=1.0,
@@ -282,7 +297,8 @@ def test_hybrid_embeds_its_query_on_the_fast_path_and_dense_on_the_exact_one(
     retriever.search("q", user, k=5, mode="hybrid")
     retriever.search("q", user, k=5, mode="dense")
     retriever.search("q", user, k=5, mode="text")
-    assert calls == ["fast", "exact"] and vectors == [1.0, 0.0]
+    assert calls == expected
+    assert vectors == [1.0 if call == "fast" else 0.0 for call in expected]
 
 
 def test_the_embed_thread_serves_both_query_paths() -> None:
