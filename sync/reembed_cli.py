@@ -106,8 +106,12 @@ def _change_model(
         if not args.force:
             raise
         query_set = str(exc)  # --force switches without a gate; the report says why
+    # Batches only: a compiled one-text model (~20 s to build for a model not seen before)
+    # would serve no call here.
     tuned = settings.with_overrides(
-        embed_threads=settings.reembed_threads, embed_batch=settings.reembed_batch
+        embed_threads=settings.reembed_threads,
+        embed_batch=settings.reembed_batch,
+        embed_fast_path="off",
     )
     started = time.monotonic()
     say(f"loading {name} ...")
@@ -201,7 +205,8 @@ def _gate(
         )
     say(f"quality gate: {len(query_set.queries)} queries of {query_set.name}, both models")
     current = embedder_from_settings(
-        settings.with_overrides(embed_threads=settings.reembed_threads), model=old_name
+        settings.with_overrides(embed_threads=settings.reembed_threads, embed_fast_path="off"),
+        model=old_name,
     )
     old_score = model_gate.evaluate(conn, query_set, current, "embedding")
     new_score = model_gate.evaluate(conn, query_set, new, SHADOW_COLUMN)

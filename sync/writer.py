@@ -12,8 +12,10 @@ Per document, in record order:
   document does not already have; a metadata-only change embeds nothing;
 - a row that cannot be served (its event was over the size limit, or the mapping no longer fits
   it) hides the document: no chunks, a reason, the version kept; a later event re-evaluates it.
-A TRUNCATE removes every document of its table older than it. Each document is written inside a
-savepoint, so one bad document becomes a dead letter while the rest of the batch commits; only
+A TRUNCATE removes every document of its table older than it. The batch's documents are
+written together, in a few set-based statements (one COPY for every new chunk, so the BM25
+triggers run once per batch); if that fails, each document is written again inside its own
+savepoint, so one bad document becomes a dead letter while the rest of the batch commits. Only
 a transient database error (the server or the connection gone) escapes, to retry the batch. The
 caller commits Kafka offsets only after this transaction.
 """
@@ -108,6 +110,61 @@ class _Intent:
     commit_times: list[datetime] = field(default_factory=list)  # of the live changes applied
 
 
+_UPSERT_DOCUMENT = (
+    "INSERT INTO rag.documents (source_table, doc_key, title, metadata, access_groups,"
+    " content_hash, source_lsn, source_seq, source_txid, source_ts, kafka_topic,"
+    " kafka_partition, source_row, deleted_at)"
+    " VALUES (%(table)s, %(key)s, %(title)s, %(metadata)s, %(groups)s, %(hash)s,"
+    " %(lsn)s, %(seq)s, %(txid)s, %(ts)s, %(topic)s, %(partition)s, %(row)s, NULL)"
+    " ON CONFLICT (source_table, doc_key) DO UPDATE SET"
+    " title = EXCLUDED.title, metadata = EXCLUDED.metadata,"
+    " access_groups = EXCLUDED.access_groups, content_hash = EXCLUDED.content_hash,"
+    " source_lsn = EXCLUDED.source_lsn, source_seq = EXCLUDED.source_seq,"
+    " source_txid = EXCLUDED.source_txid, source_ts = EXCLUDED.source_ts,"
+    " kafka_topic = EXCLUDED.kafka_topic, kafka_partition = EXCLUDED.kafka_partition,"
+    " source_row = EXCLUDED.source_row, deleted_at = NULL, hidden_reason = NULL,"
+    " indexed_at = now()"
+    " RETURNING id"
+)
+# A deleted or hidden document keeps its row, versioned, so an older replay cannot revive it.
+_MARK_DELETED = (
+    "INSERT INTO rag.documents (source_table, doc_key, source_lsn, source_seq,"
+    " source_txid, source_ts, kafka_topic, kafka_partition, deleted_at, hidden_reason,"
+    " source_row)"
+    " VALUES (%(table)s, %(key)s, %(lsn)s, %(seq)s, %(txid)s, %(ts)s, %(topic)s,"
+    " %(partition)s, now(), %(hidden)s, %(row)s)"
+    " ON CONFLICT (source_table, doc_key) DO UPDATE SET"
+    " source_lsn = EXCLUDED.source_lsn, source_seq = EXCLUDED.source_seq,"
+    " source_txid = EXCLUDED.source_txid, source_ts = EXCLUDED.source_ts,"
+    " kafka_topic = EXCLUDED.kafka_topic, kafka_partition = EXCLUDED.kafka_partition,"
+    " deleted_at = now(), hidden_reason = EXCLUDED.hidden_reason,"
+    " source_row = EXCLUDED.source_row, content_hash = NULL, indexed_at = now()"
+)
+_TOMBSTONE_DOCUMENTS = (
+    "UPDATE rag.documents SET deleted_at = coalesce(deleted_at, now()),"
+    " hidden_reason = NULL, source_row = '{}'::jsonb, indexed_at = now()"
+    " WHERE id = ANY(%s)"
+)
+_UPDATE_KEPT_CHUNK = (
+    "UPDATE rag.chunks SET chunk_index = %s, metadata = %s, access_groups = %s,"
+    " updated_at = now() WHERE id = %s AND (chunk_index <> %s"
+    " OR metadata <> %s OR access_groups <> %s)"
+)
+_CHUNK_COLUMNS = (
+    "document_id",
+    "source_table",
+    "doc_key",
+    "chunk_index",
+    "text",
+    "text_hash",
+    "embedding",
+    "metadata",
+    "access_groups",
+    "source_lsn",
+    "source_ts",
+)
+
+
 def dead_letter(change: Change, stage: str, exc: BaseException | str) -> Rejected:
     error_type, reason = (
         ("Rejected", exc) if isinstance(exc, str) else (type(exc).__name__, str(exc))
@@ -193,8 +250,7 @@ class Writer:
             embedded = time.perf_counter()
             if on_embedded is not None:
                 on_embedded()
-            for intent in intents:
-                self._write(conn, intent, stored.get(intent.key), stats)
+            self._write_all(conn, intents, stored, stats)
             problems.record(conn, stats.problems)
             stats.plan_seconds = planned - started
             stats.embed_seconds = embedded - planned
@@ -486,6 +542,99 @@ class Writer:
                 cursor += 1
 
     # --- writing ---------------------------------------------------------------------
+    def _write_all(
+        self,
+        conn: psycopg.Connection,
+        intents: list[_Intent],
+        stored: dict[tuple[str, str], _Stored],
+        stats: ApplyStats,
+    ) -> None:
+        """Every document of the batch in a few statements inside one savepoint; if any of
+        them fails, document by document, each in its own savepoint (a dead letter for the one
+        that fails)."""
+        live = [i for i in intents if not i.skip]
+        if len(live) > 1:
+            together = ApplyStats()
+            try:
+                with conn.transaction():  # a savepoint: the whole batch
+                    self._write_together(conn, live, stored, together)
+            except Exception as exc:
+                if transient_db_error(exc):
+                    raise
+                logger.warning(
+                    "writing %d documents together failed (%s: %s); writing them one by one",
+                    len(live),
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                )
+            else:
+                for name in ("applied", "deleted", "hidden", "chunks_written", "chunks_deleted"):
+                    setattr(stats, name, getattr(stats, name) + getattr(together, name))
+                stats.committed.extend(together.committed)
+                return
+        for intent in live:
+            self._write(conn, intent, stored.get(intent.key), stats)
+
+    def _write_together(
+        self,
+        conn: psycopg.Connection,
+        intents: list[_Intent],
+        stored: dict[tuple[str, str], _Stored],
+        stats: ApplyStats,
+    ) -> None:
+        stale = [chunk_id for intent in intents for chunk_id in intent.stale_ids]
+        if stale:
+            conn.execute("DELETE FROM rag.chunks WHERE id = ANY(%s)", (stale,))
+            stats.chunks_deleted += len(stale)
+        deletes = [i for i in intents if i.delete]
+        gone = [
+            current.id
+            for i in deletes
+            if i.last.kind is Kind.TOMBSTONE and (current := stored.get(i.key)) is not None
+        ]
+        if gone:
+            conn.execute(_TOMBSTONE_DOCUMENTS, (gone,))
+        marked = [i for i in deletes if i.last.kind is not Kind.TOMBSTONE]
+        if marked:
+            conn.cursor().executemany(_MARK_DELETED, [self._delete_params(i) for i in marked])
+        for intent in deletes:
+            if intent.hide and intent.last.kind is not Kind.TOMBSTONE:
+                stats.hidden += 1
+            else:
+                stats.deleted += 1
+        upserts = [i for i in intents if not i.delete]
+        kept: list[tuple[Any, ...]] = []
+        chunks: list[tuple[Any, ...]] = []
+        shadow = any(i.shadow_vectors for i in upserts)
+        if upserts:
+            params = [self._upsert_params(i) for i in upserts]
+            with conn.cursor() as cur:
+                cur.executemany(_UPSERT_DOCUMENT, params, returning=True)
+                doc_ids = []
+                while True:
+                    row = cur.fetchone()
+                    assert row is not None
+                    doc_ids.append(row[0])
+                    if not cur.nextset():
+                        break
+            for intent, doc_id, p in zip(upserts, doc_ids, params, strict=True):
+                kept.extend(self._kept_rows(intent, p))
+                chunks.extend(self._chunk_rows(intent, doc_id, p, shadow=shadow))
+                stats.chunks_written += len(intent.vectors)
+        if kept:
+            conn.cursor().executemany(_UPDATE_KEPT_CHUNK, kept)
+        if chunks:
+            columns = _CHUNK_COLUMNS + ((SHADOW_COLUMN,) if shadow else ())
+            with (
+                conn.cursor() as cur,
+                cur.copy(f"COPY rag.chunks ({', '.join(columns)}) FROM STDIN") as copy,
+            ):
+                for chunk in chunks:
+                    copy.write_row(chunk)
+        for intent in intents:
+            stats.applied += 1
+            stats.committed.extend((intent.key[0], t) for t in intent.commit_times)
+
     def _write(
         self, conn: psycopg.Connection, intent: _Intent, current: _Stored | None, stats: ApplyStats
     ) -> None:
@@ -519,6 +668,64 @@ class Writer:
             "partition": pos.partition,
         }
 
+    def _delete_params(self, intent: _Intent) -> dict[str, Any]:
+        """The document row of a deleted or hidden document (not a tombstone's)."""
+        params = self._version_params(intent.last)
+        mapping = intent.last.mapping
+        kept_row = {c: v for c, v in (intent.row or {}).items() if c in mapping.columns}
+        params.update(hidden=intent.hide, row=Jsonb(kept_row if intent.hide else {}))
+        return params
+
+    def _upsert_params(self, intent: _Intent) -> dict[str, Any]:
+        doc = intent.document
+        assert doc is not None
+        params = self._version_params(intent.last)
+        params.update(
+            title=doc.title,
+            metadata=Jsonb(doc.metadata),
+            chunk_metadata=Jsonb(dict(doc.metadata, title=doc.title)),
+            groups=list(doc.access_groups),
+            hash=hashlib.sha256(doc.text.encode()).hexdigest(),
+            row=Jsonb(doc.row),
+        )
+        return params
+
+    @staticmethod
+    def _kept_rows(intent: _Intent, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Kept chunks keep their text and vector; index, metadata and groups follow the row."""
+        metadata, groups = params["chunk_metadata"], params["groups"]
+        return [
+            (index, metadata, groups, chunk_id, index, metadata, groups)
+            for index, (chunk_id, _) in intent.kept.items()
+        ]
+
+    @staticmethod
+    def _chunk_rows(
+        intent: _Intent, doc_id: int, params: dict[str, Any], *, shadow: bool
+    ) -> list[tuple[Any, ...]]:
+        """The new chunks' rows (_CHUNK_COLUMNS, then the shadow vector when ``shadow``: a
+        document's shadow vectors are written only when it has one for every new chunk)."""
+        doc = intent.document
+        assert doc is not None
+        own_shadow = len(intent.shadow_vectors) == len(intent.vectors)
+        return [
+            (
+                doc_id,
+                doc.source_table,
+                doc.doc_key,
+                n,
+                intent.chunks[n].text,
+                intent.chunks[n].hash,
+                intent.vectors[n],
+                params["chunk_metadata"],
+                params["groups"],
+                params["lsn"],
+                params["ts"],
+                *((intent.shadow_vectors[n] if own_shadow else None,) if shadow else ()),
+            )
+            for n in intent.to_embed
+        ]
+
     def _write_delete(
         self, conn: psycopg.Connection, intent: _Intent, current: _Stored | None, stats: ApplyStats
     ) -> None:
@@ -528,114 +735,31 @@ class Writer:
         if intent.last.kind is Kind.TOMBSTONE:
             stats.deleted += 1
             if current is not None:
-                conn.execute(
-                    "UPDATE rag.documents SET deleted_at = coalesce(deleted_at, now()),"
-                    " hidden_reason = NULL, source_row = '{}'::jsonb, indexed_at = now()"
-                    " WHERE id = %s",
-                    (current.id,),
-                )
+                conn.execute(_TOMBSTONE_DOCUMENTS, ([current.id],))
             return
-        params = self._version_params(intent.last)
-        mapping = intent.last.mapping
-        kept_row = {c: v for c, v in (intent.row or {}).items() if c in mapping.columns}
-        params.update(hidden=intent.hide, row=Jsonb(kept_row if intent.hide else {}))
         if intent.hide:
             stats.hidden += 1
         else:
             stats.deleted += 1
-        conn.execute(
-            "INSERT INTO rag.documents (source_table, doc_key, source_lsn, source_seq,"
-            " source_txid, source_ts, kafka_topic, kafka_partition, deleted_at, hidden_reason,"
-            " source_row)"
-            " VALUES (%(table)s, %(key)s, %(lsn)s, %(seq)s, %(txid)s, %(ts)s, %(topic)s,"
-            " %(partition)s, now(), %(hidden)s, %(row)s)"
-            " ON CONFLICT (source_table, doc_key) DO UPDATE SET"
-            " source_lsn = EXCLUDED.source_lsn, source_seq = EXCLUDED.source_seq,"
-            " source_txid = EXCLUDED.source_txid, source_ts = EXCLUDED.source_ts,"
-            " kafka_topic = EXCLUDED.kafka_topic, kafka_partition = EXCLUDED.kafka_partition,"
-            " deleted_at = now(), hidden_reason = EXCLUDED.hidden_reason,"
-            " source_row = EXCLUDED.source_row, content_hash = NULL, indexed_at = now()",
-            params,
-        )
+        conn.execute(_MARK_DELETED, self._delete_params(intent))
 
     def _write_upsert(self, conn: psycopg.Connection, intent: _Intent, stats: ApplyStats) -> None:
-        doc = intent.document
-        assert doc is not None
-        params = self._version_params(intent.last)
-        metadata = dict(doc.metadata, title=doc.title)
-        params.update(
-            title=doc.title,
-            metadata=Jsonb(doc.metadata),
-            groups=list(doc.access_groups),
-            hash=hashlib.sha256(doc.text.encode()).hexdigest(),
-            row=Jsonb(doc.row),
-        )
-        row = conn.execute(
-            "INSERT INTO rag.documents (source_table, doc_key, title, metadata, access_groups,"
-            " content_hash, source_lsn, source_seq, source_txid, source_ts, kafka_topic,"
-            " kafka_partition, source_row, deleted_at)"
-            " VALUES (%(table)s, %(key)s, %(title)s, %(metadata)s, %(groups)s, %(hash)s,"
-            " %(lsn)s, %(seq)s, %(txid)s, %(ts)s, %(topic)s, %(partition)s, %(row)s, NULL)"
-            " ON CONFLICT (source_table, doc_key) DO UPDATE SET"
-            " title = EXCLUDED.title, metadata = EXCLUDED.metadata,"
-            " access_groups = EXCLUDED.access_groups, content_hash = EXCLUDED.content_hash,"
-            " source_lsn = EXCLUDED.source_lsn, source_seq = EXCLUDED.source_seq,"
-            " source_txid = EXCLUDED.source_txid, source_ts = EXCLUDED.source_ts,"
-            " kafka_topic = EXCLUDED.kafka_topic, kafka_partition = EXCLUDED.kafka_partition,"
-            " source_row = EXCLUDED.source_row, deleted_at = NULL, hidden_reason = NULL,"
-            " indexed_at = now()"
-            " RETURNING id",
-            params,
-        ).fetchone()
+        params = self._upsert_params(intent)
+        row = conn.execute(_UPSERT_DOCUMENT, params).fetchone()
         assert row is not None
         doc_id = row[0]
         if intent.stale_ids:
             conn.execute("DELETE FROM rag.chunks WHERE id = ANY(%s)", (intent.stale_ids,))
             stats.chunks_deleted += len(intent.stale_ids)
         if intent.kept:
-            # Kept chunks keep their text and vector; index, metadata and groups follow the row.
-            conn.cursor().executemany(
-                "UPDATE rag.chunks SET chunk_index = %s, metadata = %s, access_groups = %s,"
-                " updated_at = now() WHERE id = %s AND (chunk_index <> %s"
-                " OR metadata <> %s OR access_groups <> %s)",
-                [
-                    (
-                        index,
-                        Jsonb(metadata),
-                        params["groups"],
-                        chunk_id,
-                        index,
-                        Jsonb(metadata),
-                        params["groups"],
-                    )
-                    for index, (chunk_id, _) in intent.kept.items()
-                ],
-            )
+            conn.cursor().executemany(_UPDATE_KEPT_CHUNK, self._kept_rows(intent, params))
         if intent.vectors:
             shadow = len(intent.shadow_vectors) == len(intent.vectors)
+            columns = _CHUNK_COLUMNS + ((SHADOW_COLUMN,) if shadow else ())
             conn.cursor().executemany(
-                "INSERT INTO rag.chunks (document_id, source_table, doc_key, chunk_index, text,"
-                " text_hash, embedding, metadata, access_groups, source_lsn, source_ts"
-                + (f", {SHADOW_COLUMN})" if shadow else ")")
-                + " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s"
-                + (", %s)" if shadow else ")"),
-                [
-                    (
-                        doc_id,
-                        doc.source_table,
-                        doc.doc_key,
-                        n,
-                        intent.chunks[n].text,
-                        intent.chunks[n].hash,
-                        intent.vectors[n],
-                        Jsonb(metadata),
-                        params["groups"],
-                        params["lsn"],
-                        params["ts"],
-                        *((intent.shadow_vectors[n],) if shadow else ()),
-                    )
-                    for n in intent.to_embed
-                ],
+                f"INSERT INTO rag.chunks ({', '.join(columns)})"
+                f" VALUES ({', '.join(['%s'] * len(columns))})",
+                self._chunk_rows(intent, doc_id, params, shadow=shadow),
             )
             stats.chunks_written += len(intent.vectors)
         elif not intent.stale_ids:
