@@ -92,8 +92,7 @@ def test_a_batch_is_written_together_and_one_bad_document_falls_back_to_one_by_o
         ]
         batch.append(record(topic, 200, FIRST + 50, "poisoned groups", ["st\x00aff"]))
         batch += [
-            record(topic, 300 + n, FIRST + 60 + n, f"fresh quartz row {n}", [])
-            for n in range(5)
+            record(topic, 300 + n, FIRST + 60 + n, f"fresh quartz row {n}", []) for n in range(5)
         ]
         worker.process(batch)
         assert "writing 16 documents together failed (DataError" in caplog.text
