@@ -156,7 +156,19 @@ def test_requests_past_their_deadline_end_as_timeout_with_what_was_done(
     tag = uuid.uuid4().hex[:8]
     workflow = workflow_file(tmp_path, tag)
     ids = [f"{tag}-late-{n}" for n in range(3)]
-    deadline = datetime.now(UTC) + timedelta(seconds=20)
+    logs = {name: tmp_path / f"{name}.log" for name in ("rewrite", "decompose", "validate")}
+    processes = {
+        name: start_step(running_stack_env, name, workflow, log) for name, log in logs.items()
+    }
+    settle(
+        processes,
+        logs,
+        lambda name: start_step(running_stack_env, name, workflow, logs[name]),
+        f"partitions assigned: it.{tag}.",
+    )
+    # The deadline leaves the two steps time to load the model on their first record (a CI
+    # run saw the second step's load end 12 s after its partitions were assigned).
+    deadline = datetime.now(UTC) + timedelta(seconds=45)
     question = "When does the keeper feed the cat, and when does the farmer feed the ferret?"
     with connect(database_url(running_stack), autocommit=True) as conn:
         for rid in ids:  # the pending answers POST /ask {async: true} keeps
@@ -165,10 +177,6 @@ def test_requests_past_their_deadline_end_as_timeout_with_what_was_done(
                 " VALUES (%s, %s, 'ann', 'pending', %s)",
                 (rid, question, deadline),
             )
-    processes = {
-        name: start_step(running_stack_env, name, workflow, tmp_path / f"{name}.log")
-        for name in ("rewrite", "decompose", "validate")
-    }
     producer = KafkaProducer(bootstrap_servers=running_stack.bootstrap_servers)
 
     def rows() -> dict[str, tuple[str, str | None]]:
@@ -186,7 +194,7 @@ def test_requests_past_their_deadline_end_as_timeout_with_what_was_done(
             producer.send(f"it.{tag}.requests", key=rid.encode(), value=request.encode())
         producer.flush()
         assert wait_for(
-            lambda: {s for s, _ in rows().values()} == {"timeout"}, 120, interval=0.5
+            lambda: {s for s, _ in rows().values()} == {"timeout"}, 150, interval=0.5
         ), f"{rows()}; logs in {tmp_path}"
         assert datetime.now(UTC) >= deadline
         for rid, (_, error) in rows().items():
