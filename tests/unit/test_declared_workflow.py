@@ -18,11 +18,11 @@ from freshet.answering.rules import NO_RULES, RuleSet
 from freshet.answering.users import User
 from freshet.settings import PROJECT_ROOT, Settings
 from freshet.workflow.definition import WorkflowError, load_workflow, parse_workflow
-from freshet.workflow.kinds import batch_of
+from freshet.workflow.kinds import batch_of, build
 from freshet.workflow.kinds.decompose import split_question
 from freshet.workflow.kinds.rewrite import standalone
 from freshet.workflow.kinds.synthesize import combine
-from freshet.workflow.runner import handlers_of, run_in_process
+from freshet.workflow.runner import Message, handlers_of, run_in_process
 from tests.unit.web_fakes import FakeRetriever, passage
 
 PASSAGES = [
@@ -281,3 +281,37 @@ def test_steps_that_call_a_model_poll_few_records_at_once() -> None:
     )
     with pytest.raises(ValueError, match="batch must be"):
         batch_of(bad.step("a"))
+
+
+def test_a_step_builds_what_it_uses_before_its_first_record() -> None:
+    """A step worker builds its handler before it joins its group: the retriever and the
+    answerer (and with them the model) are built then, not by the first request."""
+
+    @dataclass
+    class Counting(FakeAnswering):
+        built: list[str] = field(default_factory=list)
+
+        def retriever(self) -> Any:
+            self.built.append("retriever")
+            return super().retriever()
+
+        def answerer(self) -> ExtractiveAnswerer:
+            self.built.append("answerer")
+            return super().answerer()
+
+    multi = load_workflow(MULTI)
+    retrieve = parse_workflow(steps(("r", "retrieve", "rag.requests", "raw", "g1"), VALIDATE), "r")
+    specs = {
+        "rewrite": (multi.step("rewrite"), ["answerer"]),
+        "decompose": (multi.step("decompose"), ["answerer"]),
+        "answer": (multi.step("answer"), ["retriever", "answerer"]),
+        "retrieve": (retrieve.step("r"), ["retriever"]),
+    }
+    for kind, (spec, expected) in specs.items():
+        answering = Counting()
+        handler = build(spec, answering, tracked=False)  # type: ignore[arg-type]
+        assert answering.built == expected, kind
+        if kind == "rewrite":
+            request = AnswerRequest("r1", "what does the cat eat?", 3, User("ann"), Filters())
+            handler(Message("rag.requests", b"r1", request.encode()))
+            assert answering.built == expected  # a record builds nothing more

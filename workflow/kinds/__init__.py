@@ -8,6 +8,11 @@ see, as JSON), and for a decomposed question ``parent``, ``part``, ``parts`` and
 ``parent_question``. The ``answer`` kind turns such a message into a raw answer
 (rag.answers.raw's shape, with the same extra fields); ``synthesize`` gathers the raw answers
 of one parent; ``validate`` judges a raw answer and writes the result.
+
+A kind's ``build`` takes from the answering core what its handler uses (retriever, answerer,
+and with them the embedding model) then, not on the first record: a step worker builds its
+handler before it joins its group, so loading a model (seconds) is not paid by the first
+requests it is given, against their deadline.
 """
 
 from __future__ import annotations

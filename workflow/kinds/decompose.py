@@ -41,12 +41,13 @@ def build(step: StepSpec, answering: Answering) -> Any:
     output = step.output
     max_k = answering.settings.max_ask_k
     max_parts = int(step.params.get("max_parts", 4))
+    answerer = answering.answerer()  # before the worker joins its group (kinds/__init__.py)
 
     def handle(record: Any) -> list[Output]:
         request, body = request_of(record, max_k)
         # A rewrite step before this one made the standalone form: split that.
         asked = str(body.get("query") or request.question)
-        lines = answering.answerer().complete(INSTRUCTION, asked)
+        lines = answerer.complete(INSTRUCTION, asked)
         parts = (
             [line.strip() for line in lines.splitlines() if line.strip()][:max_parts]
             if lines

@@ -19,12 +19,13 @@ def build(step: StepSpec, answering: Answering) -> Any:
     output = step.output
     max_k = answering.settings.max_ask_k
     k_override = step.params.get("k")
+    retriever = answering.retriever()  # before the worker joins its group (kinds/__init__.py)
 
     def handle(record: Any) -> list[Output]:
         request, body = request_of(record, max_k)
         query = str(body.get("query") or request.question)
         k = int(k_override) if k_override else request.k
-        found = retrieve(answering.retriever(), query, request.user, k, request.filters)
+        found = retrieve(retriever, query, request.user, k, request.filters)
         body["passages"] = [p.to_dict() for p in found]
         return [Output(output, record.key, dumps(body))]
 

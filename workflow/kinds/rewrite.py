@@ -41,10 +41,11 @@ def build(step: StepSpec, answering: Answering) -> Any:
     assert step.output is not None
     output = step.output
     max_k = answering.settings.max_ask_k
+    answerer = answering.answerer()  # before the worker joins its group (kinds/__init__.py)
 
     def handle(record: Any) -> list[Output]:
         request, body = request_of(record, max_k)
-        rewritten = answering.answerer().complete(INSTRUCTION, request.question)
+        rewritten = answerer.complete(INSTRUCTION, request.question)
         body["query"] = (rewritten or "").strip() or standalone(request.question)
         return [Output(output, record.key, dumps(body))]
 
