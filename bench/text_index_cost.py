@@ -65,8 +65,11 @@ def write_batch(
             if copy:
                 with cur.copy(
                     "COPY rag.chunks (document_id, source_table, doc_key, chunk_index, text,"
-                    " text_hash, embedding, source_lsn) FROM STDIN"
+                    " text_hash, embedding, source_lsn) FROM STDIN (FORMAT BINARY)"
                 ) as out:
+                    out.set_types(
+                        ["bigint", "text", "text", "integer", "text", "text", "vector", "bigint"]
+                    )
                     for row in rows:
                         out.write_row(row)
             else:
