@@ -147,7 +147,11 @@ def group_lag(
         client_id="freshet-status-lag",
         request_timeout_ms=5000,
     )
-    peek = peek_consumer(bootstrap_servers, "freshet-status-lag")
+    try:
+        peek = peek_consumer(bootstrap_servers, "freshet-status-lag")
+    except BaseException:
+        admin.close()
+        raise
     try:
         offsets = admin.list_group_offsets({group: None}).get(group) or {}
         committed = {

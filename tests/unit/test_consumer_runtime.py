@@ -717,3 +717,12 @@ def test_a_large_batch_is_applied_in_transactions_of_whole_documents_then_commit
     assert transactions[0][:2] == [("0", 0), ("0", 10)]  # document 0's changes together
     assert consumer.commits == [{TopicPartition(topic, 0): 11}]
     assert len(index(log, is_commit)) == 1
+
+
+def test_record_checksums_are_verified_in_c_not_in_python() -> None:
+    # kafka-python checks every fetched batch's CRC-32C; without the `crc32c` package it does so
+    # byte by byte in Python (about 7 MB/s here, against about 20 GB/s in C), on every consumer.
+    from kafka.record import util
+
+    assert util.crc32c_c is not None, "pip install crc32c (requirements.txt)"
+    assert util.calc_crc32c(memoryview(b"123456789")) == 0xE3069283  # the CRC-32C check value
