@@ -38,6 +38,7 @@ from freshet.fast_path import (
     one_text_runner,
 )
 from freshet.settings import Settings
+from freshet.thread_choice import ThreadChoice
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +274,7 @@ class TransformersEmbedder(Embedder):
         batch_size: int = 32,
         threads: int | None = None,
         small_call_threads: int | None = 1,
+        adaptive_threads: bool = False,
         fast_path: str = "compiled",
         cache: Path = DEFAULT_CACHE,
         bf16: bool | None = None,
@@ -306,6 +308,12 @@ class TransformersEmbedder(Embedder):
         # cores with the whole stack running (bench.freshness, edits at 5/s): p99 249-316 ms
         # on 2 threads, 112 ms on 1. Large batches keep every thread (throughput).
         self.small_call_threads = small_call_threads or self.threads
+        # adaptive_threads: a batch runs on 1 thread or on all of them, whichever is measured
+        # faster for its input length now (freshet/thread_choice.py); on cores shared with
+        # other busy processes, one thread is often the faster.
+        self.thread_choice = ThreadChoice(
+            self.threads, adaptive=adaptive_threads and device == "cpu"
+        )
         # transformers draws a "Loading weights" progress bar: noise in a worker's log.
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -497,16 +505,28 @@ class TransformersEmbedder(Embedder):
                 torch.set_num_threads(self.small_call_threads)
             return np.concatenate([self._embed_batch([text]) for text in texts])
         small = self.device == "cpu" and len(texts) <= SMALL_CALL_TEXTS
-        threads = self.small_call_threads if small else self.threads
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        if small and torch.get_num_threads() != self.small_call_threads:
+            torch.set_num_threads(self.small_call_threads)
         # Longest first so each batch pads to similar lengths (as sentence-transformers does).
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            out[idx] = self._embed_batch([texts[i] for i in idx])
+            batch = [texts[i] for i in idx]
+            out[idx] = self._embed_batch(batch) if small else self._embed_chosen(batch)
         return out
+
+    def _embed_chosen(self, texts: list[str]) -> np.ndarray:
+        """A batch of a large call, on the thread count measured faster for its length."""
+        encoded = self._encode(texts)
+        rows, length = encoded["input_ids"].shape
+        threads = self.thread_choice.choose(length)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        started = time.perf_counter()
+        vectors = self._forward(texts, encoded)
+        self.thread_choice.record(threads, length, rows, time.perf_counter() - started)
+        return vectors
 
     def prepare_queries(self) -> None:
         if not self.query_int8 or self._query_runner_built:
@@ -555,7 +575,9 @@ class TransformersEmbedder(Embedder):
             self._local.eager = previous
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
-        encoded = self._encode(texts)
+        return self._forward(texts, self._encode(texts))
+
+    def _forward(self, texts: list[str], encoded: Any) -> np.ndarray:
         with self._inference():
             one_text = len(texts) == 1 and not getattr(self._local, "eager", False)
             if self._one_text is not None and one_text:
@@ -605,6 +627,7 @@ def embedder_from_settings(
         batch_size=settings.embed_batch,
         threads=settings.embed_threads,
         small_call_threads=settings.embed_small_call_threads,
+        adaptive_threads=settings.embed_adaptive_threads,
         fast_path=settings.embed_fast_path,
         cache=settings.embed_cache,
         bf16=settings.embed_bf16,

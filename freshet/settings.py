@@ -457,6 +457,15 @@ class Settings:
         1,
         read=_threads,
     )
+    embed_adaptive_threads: bool = _sync(
+        "FRESHET_EMBED_ADAPTIVE_THREADS",
+        "true: a batch of more than 4 texts runs on 1 torch thread or on "
+        "FRESHET_EMBED_THREADS, whichever is measured faster for its input length (re-measured "
+        "now and then), for cores shared with other busy processes; false: always "
+        "FRESHET_EMBED_THREADS (see sync.md, Embedding)",
+        False,
+        read=_bool,
+    )
     embed_fast_path: str = _sync(
         "FRESHET_EMBED_FAST_PATH",
         "how a one-text call (one change, a query) runs on CPU: `compiled` (AOTInductor, cached "

@@ -38,6 +38,7 @@ pytestmark = pytest.mark.integration
 ROWS = int(os.environ.get("FRESHET_TEST_REEMBED_ROWS", "20000"))
 FIRST_ID = 5_000_000
 KEPT = 1_000  # rows kept for the refused model's run
+REEMBED_THREADS = "2"
 WORDS = [
     "amber",
     "basalt",
@@ -184,7 +185,14 @@ def write_queries(path: Path, ids: range, count: int = 60) -> Path:
 def reembed(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "freshet.cli", "reembed", *args],
-        env={**env, "PYTHONWARNINGS": "ignore", "FRESHET_REEMBED_RATE": "0"},
+        # Unthrottled, on both cores (the defaults leave the sync worker room: 50 chunks/s,
+        # one thread).
+        env={
+            **env,
+            "PYTHONWARNINGS": "ignore",
+            "FRESHET_REEMBED_RATE": "0",
+            "FRESHET_REEMBED_THREADS": REEMBED_THREADS,
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

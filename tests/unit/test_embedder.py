@@ -192,6 +192,25 @@ def test_small_calls_run_on_their_own_thread_count(embedder: TransformersEmbedde
         torch.set_num_threads(before)
 
 
+def test_adaptive_batches_measure_both_thread_counts_and_keep_the_vectors() -> None:
+    before = torch.get_num_threads()
+    fixed = TransformersEmbedder(batch_size=2, threads=2, bf16=False, fast_path="off")
+    adaptive = TransformersEmbedder(
+        batch_size=2, threads=2, adaptive_threads=True, bf16=False, fast_path="off"
+    )
+    try:
+        texts = TEXTS * 3  # batches of 2 padded to the same short length class
+        expected = fixed.embed(texts)
+        assert fixed.thread_choice.options == (2,)
+        got = adaptive.embed(texts)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        tokens = 16
+        assert adaptive.thread_choice.rate(1, tokens) is not None
+        assert adaptive.thread_choice.rate(2, tokens) is not None
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_call_sharing_the_interpreter_runs_the_eager_model() -> None:
     """A background thread's one-text call must not take the compiled path, which holds the
     GIL for its whole forward pass; other threads' calls still do."""
