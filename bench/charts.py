@@ -46,7 +46,8 @@ def _load(path: Path) -> dict[str, Any] | None:
 def _subtitle(data: dict[str, Any]) -> str:
     machine = data.get("machine", {})
     when = str(data.get("finished_at", ""))[:16].replace("T", " ")
-    return f"{machine.get('cpus', '?')} CPUs, {when} UTC"
+    vector = f" ({machine['vector']})" if machine.get("vector") else ""
+    return f"{machine.get('cpus', '?')} CPUs{vector}, {when} UTC"
 
 
 def freshness(data: dict[str, Any], out: Path) -> None:
