@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import threading
@@ -486,3 +487,20 @@ def test_int8_queries_refused_when_they_disagree_with_the_float_model(
 
 def test_int8_queries_are_off_with_bf16() -> None:
     assert not TransformersEmbedder(bf16=True, fast_path="off", query_int8=True).query_int8
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_one_text_is_pooled_in_numpy_as_a_batch_is_in_torch(
+    embedder: TransformersEmbedder, pooling: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One text's vector is pooled in numpy (torch's small operators each give up the GIL and
+    # wait for it again); a batch keeps torch's pooling. Same hidden states, same vectors.
+    monkeypatch.setattr(embedder, "head", dataclasses.replace(embedder.head, pooling=pooling))
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(1, 9, 384, generator=generator)
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0, 0]])
+    one = embedder._vectors(hidden, attention)
+    batch = embedder._vectors(hidden.repeat(2, 1, 1), attention.repeat(2, 1))
+    assert one.shape == (1, 384) and one.dtype == np.float32
+    np.testing.assert_allclose(one[0], batch[0], rtol=0, atol=1e-6)
+    assert abs(float(np.linalg.norm(one[0])) - 1.0) < 1e-6
