@@ -415,6 +415,10 @@ class TransformersEmbedder(Embedder):
             raise EmbedderError(f"the embedding model did not load: {self._load_error}")
         return ready
 
+    def _check_cached_runner_once(self) -> None:
+        if self._unchecked and self._ready.is_set() and self._load_error is None:
+            self._check_cached_runner()
+
     def _check_cached_runner(self) -> None:
         """The first call after the full model is loaded: the cached compiled model must agree
         with it as a freshly compiled one must (freshet.fast_path), else it is dropped."""
@@ -497,14 +501,21 @@ class TransformersEmbedder(Embedder):
         return self._tokenizer
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        if self._unchecked and self._ready.is_set() and self._load_error is None:
-            self._check_cached_runner()
-        if not self._ready.is_set() and not getattr(self._local, "eager", False):
-            # The full model is still loading: one text at a time through the compiled one.
-            if torch.get_num_threads() != self.small_call_threads:
-                torch.set_num_threads(self.small_call_threads)
-            return np.concatenate([self._embed_batch([text]) for text in texts])
+        self._check_cached_runner_once()
         small = self.device == "cpu" and len(texts) <= SMALL_CALL_TEXTS
+        if not self._ready.is_set() and not getattr(self._local, "eager", False):
+            if small:
+                # The full model is still loading: a few texts (a restarted worker's first
+                # change) go one at a time through the compiled one, at once.
+                if torch.get_num_threads() != self.small_call_threads:
+                    torch.set_num_threads(self.small_call_threads)
+                return np.concatenate([self._embed_batch([text]) for text in texts])
+            # A larger call waits for the full model (about a second alone). Embedding it one
+            # text at a time instead kept the loading thread from the GIL, which the compiled
+            # model holds through each forward pass: the load took 68.6 s beside a backlog,
+            # embedded one text at a time on one thread all along (docs/sync.md, "Restart").
+            self.wait_ready()
+            self._check_cached_runner_once()
         if small and torch.get_num_threads() != self.small_call_threads:
             torch.set_num_threads(self.small_call_threads)
         # Longest first so each batch pads to similar lengths (as sentence-transformers does).

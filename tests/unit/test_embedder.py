@@ -368,6 +368,52 @@ def test_started_on_a_cached_compiled_model_the_full_model_loads_in_the_backgrou
         assert started.fast_path == "compiled"
 
 
+def test_a_batch_waits_for_the_full_model_rather_than_go_one_text_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the full model loads, a few texts go one at a time through the compiled model,
+    but a larger call waits for the full model: one text at a time, the compiled model holds
+    the GIL through each forward pass and the loading thread barely ran (68.6 s)."""
+    import freshet.embedder as embedder_module
+    from freshet.fast_path import LastHiddenState
+
+    eager = TransformersEmbedder(bf16=False, fast_path="off")
+    assert eager._model is not None
+    module = LastHiddenState(eager._model, False)
+    release = threading.Event()
+    before_the_model: list[int] = []  # compiled calls made while the full model was loading
+
+    def runner(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not release.is_set():
+            before_the_model.append(int(ids.shape[0]))
+        hidden: torch.Tensor = module(ids, mask)
+        return hidden
+
+    monkeypatch.setattr(embedder_module, "load_cached", lambda cache, key: runner)
+    load = TransformersEmbedder._load_model
+
+    def held_back(self: TransformersEmbedder) -> None:
+        assert release.wait(30)
+        load(self)
+
+    monkeypatch.setattr(TransformersEmbedder, "_load_model", held_back)
+    started = TransformersEmbedder(bf16=False, fast_path="compiled", model_in_background=True)
+    started.embed(TEXTS[:2])  # a few texts: one at a time through the compiled model, at once
+    assert before_the_model == [1, 1] and not started.wait_ready(0)
+    texts = (TEXTS * 4)[:8]
+    assert len(texts) > embedder_module.SMALL_CALL_TEXTS
+    timer = threading.Timer(0.5, release.set)
+    timer.start()
+    try:
+        vectors = started.embed(texts)
+    finally:
+        timer.cancel()
+        release.set()
+    assert started.wait_ready(0)  # it waited for the model instead of embedding one by one
+    assert before_the_model == [1, 1]
+    np.testing.assert_allclose(vectors, eager.embed(texts), atol=1e-5)
+
+
 def test_a_dense_layer_and_the_pooling_of_a_model_directory_are_applied(tmp_path: Path) -> None:
     """The model-change tests' second models (tests/model_variants.py): the rotated one has
     another dimension and other vectors but the same similarities; the perturbed one differs."""
