@@ -97,6 +97,9 @@ class Step:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             client_id=f"freshet-{self.name}",
+            # A step may subscribe before its topic exists (the first ask creates it); with
+            # the client's default (5 minutes) it saw the topic only after asks had timed out.
+            metadata_max_age_ms=5_000,
         )
 
 
