@@ -51,6 +51,7 @@ import base64
 import hashlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -80,6 +81,9 @@ MAX_REASON = 4000
 # A record whose handler fails this many times in a row with an error that is not a service
 # being away (database, Kafka) is a dead letter: nothing a record holds can stop its partition.
 MAX_ATTEMPTS = 5
+# While a member's coordinator is unknown, how often the runtime checks that a broker takes
+# connections (`ConsumerRuntime.watch_group`).
+PROBE_EVERY_S = 5.0
 
 
 class MemberFenced(FreshetError, RuntimeError):
@@ -92,6 +96,33 @@ class MemberFenced(FreshetError, RuntimeError):
             f" {instance_id!r}, so Kafka fenced this one and it stopped; give each running"
             " worker its own id (FRESHET_SYNC_INSTANCE_ID), or leave it empty"
         )
+
+
+def _coordinator_unknown(consumer: Any) -> bool:
+    """Whether ``consumer``'s client knows no group coordinator now (False when it cannot
+    say: a consumer without a group, or a client that does not expose it)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    unknown = getattr(coordinator, "coordinator_unknown", None)
+    if unknown is None or not getattr(consumer, "config", {}).get("group_id"):
+        return False
+    try:
+        return bool(unknown())
+    except Exception:  # noqa: BLE001 - a broken client's state
+        return True
+
+
+def broker_reachable(bootstrap_servers: str, timeout: float = 1.0) -> bool:
+    """Whether any of ``bootstrap_servers`` ("host:port,...") takes a TCP connection now."""
+    for server in bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        if not host or not port.isdigit():
+            continue
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _fenced(exc: BaseException) -> bool:
@@ -300,6 +331,11 @@ class ConsumerRuntime:
     # Where else a dead letter the broker refuses for good is kept, for the log line.
     refused_note: str = ""
     commit_timeout_ms: int = 10_000
+    # A member whose client has known no group coordinator for this long (polls in a row) is
+    # rebuilt: a new client, a new join (see `watch_group`). 0 turns the watch off.
+    coordinator_lost_s: float = 30.0
+    # Whether a broker takes connections now (None: a TCP connect to ``bootstrap_servers``).
+    broker_reachable: Callable[[], bool] | None = None
     # The largest message the runtime's producer sends (kafka-python's max_request_size).
     max_request_bytes: int = 1_048_576
     consumer: Any = None
@@ -307,6 +343,11 @@ class ConsumerRuntime:
     # Per partition: the offset after the last record done, and the last committed.
     _next: dict[Any, int] = field(default_factory=dict, repr=False)
     _committed: dict[Any, int] = field(default_factory=dict, repr=False)
+    # When the polls in a row that found no coordinator started (None: the last one found it).
+    _lost_since: float | None = field(default=None, repr=False)
+    _probed_at: float = field(default=float("-inf"), repr=False)
+    # How many times `watch_group` rebuilt the consumer.
+    rebuilt: int = 0
 
     def __post_init__(self) -> None:
         if not is_dead_letter_topic(self.dead_letter_topic):
@@ -414,8 +455,70 @@ class ConsumerRuntime:
             records = self.poll(stop)
             if records:
                 self.process(records, stop)
+            else:
+                self.watch_group(stop)
             if self.between is not None:
                 self.between(stop)
+
+    def watch_group(self, stop: threading.Event, now: float | None = None) -> bool:
+        """Rebuild the consumer when its client has found no group coordinator in any poll for
+        ``coordinator_lost_s``; True when it did.
+
+        kafka-python (3.0.12) can lose its coordinator and never look it up again: each poll
+        returns nothing after its timeout while the client's IO thread spins, and the member
+        never rejoins (seen in the workflow's inference step, where it left the step's
+        requests unanswered for good). A new client looks the coordinator up afresh. A broker
+        outage also leaves the coordinator unknown, and the old client finds it again once the
+        broker is back, sooner than a new one would bootstrap: so the time counts only while a
+        broker takes TCP connections (``broker_reachable``, probed every 5 s while the
+        coordinator is unknown). Only an unknown coordinator counts: a member waiting in a
+        rebalance, or one without partitions because the group has more members than the
+        topic has partitions, knows its coordinator and is left alone. Called after a poll
+        that returned no records (a poll returns records only once the coordinator is ready),
+        so a long batch between two polls never counts as time lost."""
+        if self.coordinator_lost_s <= 0 or self.consumer is None:
+            return False
+        now = time.monotonic() if now is None else now
+        if not _coordinator_unknown(self.consumer):
+            self._lost_since = None
+            return False
+        if self._lost_since is None:
+            self._lost_since = now
+            return False
+        lost_for = now - self._lost_since
+        if lost_for < self.coordinator_lost_s and now - self._probed_at < PROBE_EVERY_S:
+            return False
+        self._probed_at = now
+        reachable = self.broker_reachable or (lambda: broker_reachable(self.bootstrap_servers))
+        if not reachable():
+            # An outage: the client waits for the broker (a new one would only wait longer,
+            # its bootstrap backing off). Count again from when the broker takes connections.
+            self._lost_since = now
+            return False
+        if lost_for < self.coordinator_lost_s:
+            return False
+        logger.warning(
+            "%sthe Kafka client has found no group coordinator for %.0f s; rebuilding the"
+            " consumer (a new client rejoins the group; what is committed stays committed)",
+            self.log_prefix,
+            now - self._lost_since,
+        )
+        old = self.consumer
+        try:
+            held = list(old.assignment())
+        except Exception:  # noqa: BLE001 - a broken client may not answer
+            held = []
+        if held:
+            _Listener(self).on_partitions_revoked(held)
+        self.consumer = None
+        self._lost_since = None
+        self.rebuilt += 1
+        try:
+            old.close(timeout_ms=5_000)
+        except Exception as exc:  # noqa: BLE001 - closing a broken client
+            logger.debug("%sclosing the old consumer: %s", self.log_prefix, exc)
+        self.connect(stop)
+        return True
 
     def poll(self, stop: threading.Event) -> list[Any]:
         """Step 1: one poll's records, partition by partition."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from freshet.consumer import (
     MemberFenced,
     Output,
     PerRecord,
+    broker_reachable,
     envelope,
     is_dead_letter_topic,
     stored_bytes,
@@ -510,6 +512,150 @@ def test_serve_leaves_the_group_and_a_stop_while_connecting_is_quiet() -> None:
     runtime = ConsumerRuntime("test", "127.0.0.1:1", "test.dlq", no_broker, topics=("t",))
     runtime.serve(stop)  # returns: no exception, nothing to close
     assert runtime.consumer is None
+
+
+class LostCoordinatorConsumer(FakeConsumer):
+    """A group member whose client may lose its coordinator (``lost``), as kafka-python's can
+    for good: the runtime asks its ``_coordinator`` as it asks kafka-python's."""
+
+    def __init__(self, log: list[Any], held: Sequence[TopicPartition] = ()) -> None:
+        super().__init__([], log)
+        self.config = {"group_id": "g"}
+        self.lost = False
+        self.held = list(held)
+        self._coordinator = SimpleNamespace(coordinator_unknown=lambda: self.lost)
+        self.close_timeout: int | None = None
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.held)
+
+    def close(self, timeout_ms: int | None = None) -> None:  # type: ignore[override]
+        self.closed = True
+        self.close_timeout = timeout_ms
+
+
+def lost_coordinator_runtime(
+    held: Sequence[TopicPartition] = (),
+) -> tuple[ConsumerRuntime, list[LostCoordinatorConsumer], list[Any]]:
+    built: list[LostCoordinatorConsumer] = []
+    told: list[Any] = []
+
+    def new_consumer() -> LostCoordinatorConsumer:
+        built.append(LostCoordinatorConsumer([], held))
+        return built[-1]
+
+    stage = SimpleNamespace(
+        on_partitions_revoked=lambda tps: told.append(("revoked", sorted(tps))),
+        on_partitions_assigned=lambda tps: told.append(("assigned", tps)),
+    )
+    runtime = ConsumerRuntime(
+        "test",
+        "127.0.0.1:1",
+        "test.dlq",
+        new_consumer,
+        topics=("t",),
+        listener=stage,
+        broker_reachable=lambda: reachable[0],
+    )
+    return runtime, built, told
+
+
+reachable = [True]  # what lost_coordinator_runtime's broker probe answers
+
+
+def test_a_member_whose_client_lost_its_coordinator_for_good_is_rebuilt() -> None:
+    runtime, built, told = lost_coordinator_runtime(held=[TP0, TP1])
+    stop = threading.Event()
+    runtime.connect(stop)
+    runtime._next[TP0] = 3
+    built[0].lost = True
+    assert not runtime.watch_group(stop, now=100.0)  # the first poll that finds none
+    assert not runtime.watch_group(stop, now=129.0)  # 29 s: a broker may be restarting
+    assert runtime.rebuilt == 0 and len(built) == 1
+    assert runtime.watch_group(stop, now=130.5)
+    # The old client is closed within a bound, its partitions are given up (the stage is
+    # told, the runtime forgets their offsets), and a new client subscribes afresh.
+    assert built[0].closed and built[0].close_timeout == 5_000
+    assert told == [("revoked", [TP0, TP1])] and TP0 not in runtime._next
+    assert len(built) == 2 and runtime.consumer is built[1]
+    assert built[1].subscribed == {"topics": ["t"], "pattern": None}
+    assert runtime.rebuilt == 1
+    # The new client starts a fresh count.
+    built[1].lost = True
+    assert not runtime.watch_group(stop, now=131.0)
+    assert not runtime.watch_group(stop, now=160.0)
+
+
+def test_a_member_that_knows_its_coordinator_is_never_rebuilt() -> None:
+    # Without partitions (more members than partitions) or waiting in a rebalance, a member
+    # knows its coordinator: however long it stays so, nothing is rebuilt.
+    runtime, built, _ = lost_coordinator_runtime(held=[])
+    stop = threading.Event()
+    runtime.connect(stop)
+    assert not any(runtime.watch_group(stop, now=float(t)) for t in range(0, 600, 10))
+    # A coordinator lost for less than the limit, found again, then lost again: the count
+    # starts over each time.
+    for start in (1000.0, 1100.0):
+        built[0].lost = True
+        assert not runtime.watch_group(stop, now=start)
+        assert not runtime.watch_group(stop, now=start + 25)
+        built[0].lost = False
+        assert not runtime.watch_group(stop, now=start + 26)
+    assert runtime.rebuilt == 0 and len(built) == 1
+    # The watch can be turned off.
+    runtime.coordinator_lost_s = 0
+    built[0].lost = True
+    assert not any(runtime.watch_group(stop, now=float(t)) for t in range(2000, 2600, 10))
+
+
+def test_a_broker_outage_is_waited_out_by_the_same_client() -> None:
+    # While no broker takes connections the old client is left to find its coordinator again
+    # (a new one would only bootstrap later); the count starts when the broker is back.
+    runtime, built, _ = lost_coordinator_runtime()
+    stop = threading.Event()
+    runtime.connect(stop)
+    built[0].lost = True
+    reachable[0] = False
+    try:
+        assert not any(runtime.watch_group(stop, now=float(t)) for t in range(0, 300, 5))
+    finally:
+        reachable[0] = True
+    # Back at 300 s: the last probe that found no broker was at 295 s.
+    assert not any(runtime.watch_group(stop, now=float(t)) for t in range(300, 325))
+    assert runtime.watch_group(stop, now=325.5) and len(built) == 2
+
+
+def test_the_broker_probe_is_a_tcp_connect() -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        assert broker_reachable(f"127.0.0.1:1, 127.0.0.1:{port}")
+    finally:
+        server.close()
+    assert not broker_reachable(f"127.0.0.1:{port}", timeout=0.5)
+    assert not broker_reachable("no-port-here")
+
+
+def test_the_watch_runs_after_empty_polls_in_the_loop() -> None:
+    runtime, built, _ = lost_coordinator_runtime()
+    runtime.coordinator_lost_s = 0.05
+    runtime.handler = lambda batch, stop: Handled.all_of(batch)
+    stop = threading.Event()
+    runtime.connect(stop)
+    built[0].lost = True
+    polls = [0]
+
+    def between(stop: threading.Event) -> None:
+        polls[0] += 1
+        if runtime.rebuilt or polls[0] >= 200:
+            stop.set()
+        stop.wait(0.005)
+
+    runtime.between = between
+    runtime.run(stop)
+    assert runtime.rebuilt == 1 and built[0].closed and runtime.consumer is built[1]
 
 
 def test_a_dead_letter_topic_must_end_in_dlq() -> None:
