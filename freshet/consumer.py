@@ -475,7 +475,16 @@ class ConsumerRuntime:
         rebalance, or one without partitions because the group has more members than the
         topic has partitions, knows its coordinator and is left alone. Called after a poll
         that returned no records (a poll returns records only once the coordinator is ready),
-        so a long batch between two polls never counts as time lost."""
+        so a long batch between two polls never counts as time lost; a commit that keeps
+        failing meanwhile is watched the same way (`commit_ready`)."""
+        if not self._coordinator_lost(now):
+            return False
+        self._rebuild(stop, now)
+        return True
+
+    def _coordinator_lost(self, now: float | None = None) -> bool:
+        """Whether the client has known no coordinator for ``coordinator_lost_s`` while a
+        broker takes connections (each call is one observation; see `watch_group`)."""
         if self.coordinator_lost_s <= 0 or self.consumer is None:
             return False
         now = time.monotonic() if now is None else now
@@ -495,13 +504,16 @@ class ConsumerRuntime:
             # its bootstrap backing off). Count again from when the broker takes connections.
             self._lost_since = now
             return False
-        if lost_for < self.coordinator_lost_s:
-            return False
+        return lost_for >= self.coordinator_lost_s
+
+    def _rebuild(self, stop: threading.Event, now: float | None = None) -> None:
+        """A new client in place of one that lost its coordinator (`watch_group`)."""
+        now = time.monotonic() if now is None else now
         logger.warning(
             "%sthe Kafka client has found no group coordinator for %.0f s; rebuilding the"
             " consumer (a new client rejoins the group; what is committed stays committed)",
             self.log_prefix,
-            now - self._lost_since,
+            now - (self._lost_since if self._lost_since is not None else now),
         )
         old = self.consumer
         try:
@@ -518,7 +530,6 @@ class ConsumerRuntime:
         except Exception as exc:  # noqa: BLE001 - closing a broken client
             logger.debug("%sclosing the old consumer: %s", self.log_prefix, exc)
         self.connect(stop)
-        return True
 
     def poll(self, stop: threading.Event) -> list[Any]:
         """Step 1: one poll's records, partition by partition."""
@@ -644,13 +655,21 @@ class ConsumerRuntime:
         if not offsets:
             return
         consumer = self.consumer
+        lost = [False]
+
+        def fatal(exc: BaseException) -> bool:
+            if isinstance(exc, CommitFailedError) or _fenced(exc):
+                return True
+            lost[0] = self._coordinator_lost()
+            return lost[0]
+
         try:
             retry(
                 lambda: consumer.commit(offsets, timeout_ms=self.commit_timeout_ms),
                 what=f"{self.log_prefix}committing offsets",
                 stop=stop,
                 transient=KAFKA_ERRORS,
-                fatal=lambda exc: isinstance(exc, CommitFailedError) or _fenced(exc),
+                fatal=fatal,
             )
         except FencedInstanceIdError:
             raise self._fenced_error() from None
@@ -660,6 +679,15 @@ class ConsumerRuntime:
             logger.warning(
                 "%soffsets not committed, the group rebalanced: %s", self.log_prefix, exc
             )
+            return
+        except KAFKA_ERRORS as exc:
+            if not lost[0]:
+                raise
+            # The client lost its coordinator for good: these offsets are not committed, and
+            # the records are handled again by the partitions' next owner (perhaps this member
+            # with its new client), which changes nothing.
+            logger.warning("%soffsets not committed: %s", self.log_prefix, exc)
+            self._rebuild(stop)
             return
         for tp, meta in offsets.items():
             self._committed[tp] = meta.offset

@@ -638,6 +638,32 @@ def test_the_broker_probe_is_a_tcp_connect() -> None:
     assert not broker_reachable("no-port-here")
 
 
+def test_a_commit_that_fails_because_the_coordinator_is_lost_for_good_rebuilds_the_member() -> None:
+    # A batch in hand when the client loses its coordinator: the commit would fail forever.
+    # Once the coordinator has been unknown for the limit (the broker up), the offsets are
+    # left uncommitted (the records are handled again, which changes nothing) and a new
+    # client joins.
+    runtime, built, told = lost_coordinator_runtime(held=[TP0])
+    runtime.coordinator_lost_s = 0.05
+    stop = threading.Event()
+    runtime.connect(stop)
+    built[0].lost = True
+    built[0].commit_errors = [KafkaTimeoutError("no coordinator")] * 1000
+    runtime._next[TP0] = 5
+    runtime.commit_ready(stop)
+    assert built[0].commits == [] and len(built[0].commit_errors) < 1000
+    assert runtime.rebuilt == 1 and built[0].closed and runtime.consumer is built[1]
+    assert told == [("revoked", [TP0])] and runtime._next == {}
+    # With the coordinator known, a failing commit is only retried, never a rebuild.
+    runtime, built, _ = lost_coordinator_runtime(held=[TP0])
+    runtime.coordinator_lost_s = 0.05
+    runtime.connect(stop)
+    built[0].commit_errors = [KafkaTimeoutError("slow")] * 3
+    runtime._next[TP0] = 5
+    runtime.commit_ready(stop)
+    assert built[0].commits == [{TP0: 5}] and runtime.rebuilt == 0
+
+
 def test_the_watch_runs_after_empty_polls_in_the_loop() -> None:
     runtime, built, _ = lost_coordinator_runtime()
     runtime.coordinator_lost_s = 0.05
