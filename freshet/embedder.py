@@ -57,6 +57,11 @@ DEFAULT_MAX_SEQ_LENGTH = 256
 DEFAULT_CACHE = Settings().embed_cache
 # A call of at most this many texts (one changed chunk, a query) is a "small call".
 SMALL_CALL_TEXTS = 4
+# While the full model loads in the background, this many texts in all go one at a time
+# through the compiled model (a restarted worker's first document); calls beyond wait for the
+# full model. The compiled model holds the GIL through each forward pass, so the budget bounds
+# how long it can hold the loading thread back (~0.1 s a text on one thread).
+LOADING_COMPILED_TEXTS = 16
 # AMX only: with avx512_bf16 alone, bf16 autocast measured slower than fp32 here (2 cores:
 # 256 SciFact abstracts in batches of 32, 11.6 s vs 8.1 s; one query, p50 9.0-10.4 ms vs
 # 7.1-8.3 ms, the compiled graph both ways).
@@ -339,6 +344,9 @@ class TransformersEmbedder(Embedder):
         self._local = threading.local()
         self._model: Any = None
         self._ready = threading.Event()
+        # Texts embedded through the compiled model while the full model loads (`_embed`).
+        self._compiled_while_loading = 0
+        self._loading_budget_lock = threading.Lock()
         self._load_error: BaseException | None = None
         self._unchecked = False  # a cached compiled model not yet checked against the full one
         # int8 queries: not on a GPU (float is fast there) nor with bf16 (AMX: fast already).
@@ -504,16 +512,24 @@ class TransformersEmbedder(Embedder):
         self._check_cached_runner_once()
         small = self.device == "cpu" and len(texts) <= SMALL_CALL_TEXTS
         if not self._ready.is_set() and not getattr(self._local, "eager", False):
-            if small:
-                # The full model is still loading: a few texts (a restarted worker's first
-                # change) go one at a time through the compiled one, at once.
+            with self._loading_budget_lock:
+                compiled = (
+                    self.device == "cpu"
+                    and self._compiled_while_loading + len(texts) <= LOADING_COMPILED_TEXTS
+                )
+                if compiled:
+                    self._compiled_while_loading += len(texts)
+            if compiled:
+                # The full model is still loading: the first texts (a restarted worker's first
+                # document) go one at a time through the compiled one, at once.
                 if torch.get_num_threads() != self.small_call_threads:
                     torch.set_num_threads(self.small_call_threads)
                 return np.concatenate([self._embed_batch([text]) for text in texts])
-            # A larger call waits for the full model (about a second alone). Embedding it one
-            # text at a time instead kept the loading thread from the GIL, which the compiled
-            # model holds through each forward pass: the load took 68.6 s beside a backlog,
-            # embedded one text at a time on one thread all along (docs/sync.md, "Restart").
+            # Past the budget, a call waits for the full model (about 2 s alone). Embedding
+            # every call one text at a time instead kept the loading thread from the GIL,
+            # which the compiled model holds through each forward pass: the load took 68.6 s
+            # beside a backlog, embedded one text at a time on one thread all along
+            # (docs/sync.md, "A restarted worker starts on the compiled model").
             self.wait_ready()
             self._check_cached_runner_once()
         if small and torch.get_num_threads() != self.small_call_threads:
