@@ -1,4 +1,4 @@
-"""The sync stage's subcommands: `freshet verify | sync | dlq | reindex-text | reembed | ...`.
+"""The sync stage's subcommands: `freshet verify | sync | dlq | reindex-text | group-index | ...`.
 
 The handlers import the worker (torch, transformers, the Kafka client) only when they run.
 """
@@ -171,6 +171,50 @@ def cmd_reindex_text(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_group_index(settings: Settings, args: argparse.Namespace) -> int:
+    """List, build or drop the partial HNSW indexes of small access groups."""
+    from freshet import group_indexes
+    from freshet.db import connect, database_url
+
+    with connect(database_url(settings), autocommit=True) as conn:
+        wanted = list(dict.fromkeys(args.groups))
+        if wanted and settings.public_documents and not args.drop:
+            wanted.append(group_indexes.PUBLIC)  # every member's search also reads these
+        if args.rebuild:
+            wanted += [g for g in group_indexes.stale(conn) if g not in wanted]
+        for group in wanted:
+            name = group_indexes.describe(group)
+            if args.drop:
+                dropped = group_indexes.drop(conn, group)
+                say(f"dropped the index of {name}" if dropped else f"{name} has no index")
+                continue
+            started = time.monotonic()
+            if group_indexes.build(conn, group):
+                say(f"built the index of {name} in {time.monotonic() - started:.1f}s")
+            else:
+                say(f"the index of {name} is there already")
+        rows = conn.execute(
+            "SELECT g, count(*) FROM rag.chunks AS c,"
+            " unnest(CASE WHEN c.access_groups = '{}' THEN ARRAY[''] ELSE c.access_groups END)"
+            " AS g GROUP BY g ORDER BY count(*)"
+        ).fetchall()
+        total = conn.execute("SELECT count(*) FROM rag.chunks").fetchone()
+        indexes = group_indexes.found(conn)
+    chunks = int(total[0]) if total else 0
+    print(f"{'access group':<32} {'chunks':>10} {'share':>7}  index")
+    for group, count in rows:
+        have = indexes.get(group)
+        state = (
+            "-"
+            if have is None
+            else f"{have['name']} ({have['bytes'] / 2**20:.1f} MiB)"
+            + ("" if have["valid"] and have["current"] else " STALE: run --rebuild")
+        )
+        label = "(public documents)" if group == group_indexes.PUBLIC else group
+        print(f"{label:<32} {count:>10,} {count / max(chunks, 1):>7.1%}  {state}")
+    return 0
+
+
 def cmd_reembed(settings: Settings, args: argparse.Namespace) -> int:
     """Change the index's embedding model behind a quality gate (sync/reembed.py)."""
     from freshet.sync.reembed_cli import run_reembed
@@ -254,6 +298,19 @@ def register(subparsers: Subparsers) -> None:
     )
     reindex.add_argument("--batch", type=int, default=500, help="chunks per transaction")
     reindex.set_defaults(handler=cmd_reindex_text)
+    group = subparsers.add_parser(
+        "group-index",
+        help="list access groups, or build a partial HNSW index for small ones (faster search"
+        " for their members)",
+    )
+    group.add_argument("groups", nargs="*", metavar="GROUP", help="groups to build an index for")
+    group.add_argument("--drop", action="store_true", help="drop the GROUPs' indexes instead")
+    group.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="build again every index left invalid or on the old column by a model switch",
+    )
+    group.set_defaults(handler=cmd_group_index)
     drift = subparsers.add_parser(
         "drift-watch",
         help="run `freshet verify` every FRESHET_VERIFY_EVERY_MIN minutes (freshet up starts it)",

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from freshet import group_indexes
 from freshet.commands import install_stop_handlers, say
 from freshet.settings import Settings
 
@@ -152,6 +153,14 @@ def _change_model(
                 f" {time.monotonic() - started:.0f}s; the vectors of {old} are kept until"
                 " `freshet reembed --drop-previous`"
             )
+            rebuilt = time.monotonic()
+            for group in group_indexes.stale(conn):  # they followed the renamed column
+                group_indexes.build(conn, group)
+                say(
+                    f"built the index of {group_indexes.describe(group)} on the new vectors"
+                    f" in {time.monotonic() - rebuilt:.1f}s"
+                )
+                rebuilt = time.monotonic()
             if settings.publish_chunks:
                 say("run `freshet publish-chunks` to publish every document with the new vectors")
             return 0

@@ -18,6 +18,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,12 +29,14 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 import numpy as np
+import psycopg
 from psycopg import Connection, sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from freshet import group_indexes
 from freshet.answering import timing
 from freshet.answering.bm25 import BM25
 from freshet.answering.users import User
@@ -46,6 +49,8 @@ Mode = Literal["dense", "text", "hybrid"]
 MODES: tuple[str, ...] = ("dense", "text", "hybrid")
 T = TypeVar("T")
 MAX_CANDIDATES = 1000  # hnsw.ef_search cannot exceed 1000
+# How long a search trusts its last read of which access groups have an index of their own.
+GROUP_INDEXES_TTL_S = 30.0
 # BM25 candidates read per result wanted (rag.text_top's cut): enough for a user whose groups
 # hold 5% of the corpus; a search that finds fewer visible reads every candidate instead.
 TEXT_CANDIDATES_PER_RESULT = 50
@@ -213,14 +218,21 @@ def acl_condition(user: User, public_documents: bool, alias: str = "c") -> sql.C
     ).format(a=sql.Identifier(alias))
 
 
-def where_clause(user: User, public_documents: bool, filters: Filters) -> sql.Composed:
-    """ACL plus filters, joined with AND, for chunks aliased ``c``."""
-    parts: list[sql.Composable] = [acl_condition(user, public_documents)]
+def filter_conditions(filters: Filters) -> list[sql.Composable]:
+    """The filters' conditions for chunks aliased ``c``; bind %(tables)s and %(metadata)s."""
+    parts: list[sql.Composable] = []
     if filters.tables:
         parts.append(sql.SQL("c.source_table = ANY(%(tables)s::text[])"))
     if filters.metadata:
         parts.append(sql.SQL("c.metadata @> %(metadata)s"))
-    return sql.SQL(" AND ").join(parts)
+    return parts
+
+
+def where_clause(user: User, public_documents: bool, filters: Filters) -> sql.Composed:
+    """ACL plus filters, joined with AND, for chunks aliased ``c``."""
+    return sql.SQL(" AND ").join(
+        [acl_condition(user, public_documents), *filter_conditions(filters)]
+    )
 
 
 def query_params(user: User, public_documents: bool, filters: Filters) -> dict[str, Any]:
@@ -297,6 +309,8 @@ class PgRetriever(Retriever):
         self.rrf_k = rrf_k
         self.bm25 = bm25
         self.public_documents = public_documents
+        # (read at, groups): the access groups with a partial HNSW index of their own.
+        self._group_indexes: tuple[float, frozenset[str]] = (-GROUP_INDEXES_TTL_S, frozenset())
         # Runs a hybrid search's full-text query beside its dense one.
         self._side = ThreadPoolExecutor(max_workers=8, thread_name_prefix="freshet-text")
 
@@ -415,23 +429,61 @@ class PgRetriever(Retriever):
     ) -> list[dict[str, Any]]:
         params = query_params(user, self.public_documents, filters)
         params.update(vector=vector, limit=limit, generation=generation)
+        # A one-time filter: the statement's own snapshot has the query's model.
+        model = sql.SQL(
+            "" if generation is None else " AND rag.embedding_generation() = %(generation)s"
+        )
+        union = (
+            None
+            if user.admin
+            else group_indexes.branches(user.groups, self.public_documents, self.indexed_groups())
+        )
+        if union is None:
+            hits = sql.SQL(
+                "SELECT {cols}, c.embedding <=> %(vector)s AS distance"
+                " FROM rag.chunks AS c WHERE {where}{model}"
+                " ORDER BY c.embedding <=> %(vector)s LIMIT %(limit)s"
+            ).format(
+                cols=_CHUNK_COLUMNS,
+                where=where_clause(user, self.public_documents, filters),
+                model=model,
+            )
+        else:
+            # Each of the user's groups (and the public chunks) has its own partial index
+            # (freshet/group_indexes.py): the union of their top-k scans, each branch's
+            # condition written as its index's predicate. A chunk in two of the user's groups
+            # comes from both branches with the same distance: DISTINCT ON keeps one.
+            scans = []
+            for i, group in enumerate(union):
+                params[f"group_{i}"] = [group]
+                condition = (
+                    sql.SQL("c.access_groups = '{}'::text[]")
+                    if group == group_indexes.PUBLIC
+                    else sql.SQL("c.access_groups && {}::text[]").format(
+                        sql.Placeholder(f"group_{i}")
+                    )
+                )
+                scans.append(
+                    sql.SQL(
+                        "(SELECT {cols}, c.embedding <=> %(vector)s AS distance"
+                        " FROM rag.chunks AS c WHERE {where}{model}"
+                        " ORDER BY c.embedding <=> %(vector)s LIMIT %(limit)s)"
+                    ).format(
+                        cols=_CHUNK_COLUMNS,
+                        where=sql.SQL(" AND ").join([condition, *filter_conditions(filters)]),
+                        model=model,
+                    )
+                )
+            hits = sql.SQL(
+                "SELECT DISTINCT ON (u.distance, u.id) u.* FROM ({scans}) AS u"
+                " ORDER BY u.distance, u.id LIMIT %(limit)s"
+            ).format(scans=sql.SQL(" UNION ALL ").join(scans))
         statement = sql.SQL(
-            "{explain}WITH hits AS MATERIALIZED ("
-            " SELECT {cols}, c.embedding <=> %(vector)s AS distance"
-            " FROM rag.chunks AS c WHERE {where}{model}"
-            " ORDER BY c.embedding <=> %(vector)s LIMIT %(limit)s)"
+            "{explain}WITH hits AS MATERIALIZED ({hits})"
             " SELECT h.*, d.title FROM hits AS h"
             " JOIN rag.documents AS d ON d.id = h.document_id AND d.deleted_at IS NULL"
             " ORDER BY h.distance, h.id"
-        ).format(
-            explain=sql.SQL("EXPLAIN (ANALYZE, COSTS) " if explain else ""),
-            cols=_CHUNK_COLUMNS,
-            where=where_clause(user, self.public_documents, filters),
-            # A one-time filter: the statement's own snapshot has the query's model.
-            model=sql.SQL(
-                "" if generation is None else " AND rag.embedding_generation() = %(generation)s"
-            ),
-        )
+        ).format(explain=sql.SQL("EXPLAIN (ANALYZE, COSTS) " if explain else ""), hits=hits)
         # ef_search is set for 10 candidates and grows with the count wanted: HNSW's recall of
         # the top 20 at the ef that gives 0.96 for the top 10 is 0.87 (100,000 chunks, ef
         # 100); hybrid's 20 at ef 200: 0.91, fused recall@10 0.96. Never below LIMIT, which
@@ -464,6 +516,22 @@ class PgRetriever(Retriever):
             cur.execute(statement, params)
             conn.execute("COMMIT")
             return cur.fetchall()
+
+    def indexed_groups(self) -> frozenset[str]:
+        """The access groups with a usable partial index (freshet/group_indexes.py), read from
+        the catalog at most every GROUP_INDEXES_TTL_S seconds."""
+        now = time.monotonic()
+        at, groups = self._group_indexes
+        if now - at < GROUP_INDEXES_TTL_S:
+            return groups
+        try:
+            with reading(self._pool()) as conn:
+                groups = group_indexes.usable(conn)
+        except psycopg.Error as exc:  # the search itself will say what is wrong
+            logger.debug("could not read the group indexes: %s", exc)
+            groups = frozenset()
+        self._group_indexes = (now, groups)
+        return groups
 
     def _follow(self) -> bool:
         """After a dense search returned nothing: if the index switched model, the query

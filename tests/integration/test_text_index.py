@@ -27,6 +27,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
+from freshet import group_indexes
 from freshet.answering.bm25 import BM25, Corpus, score
 from freshet.answering.retrieval import NO_FILTERS, PgRetriever, reading
 from freshet.answering.users import ANONYMOUS, User
@@ -514,6 +515,75 @@ def test_dense_search_uses_hnsw_for_every_kind_of_user(private_db: str) -> None:
         pool.close()
         closed_pool.close()
         with connect(private_db, autocommit=True) as conn:
+            conn.execute("DELETE FROM rag.documents")
+
+
+def test_a_small_group_searches_its_own_partial_index_and_sees_only_its_chunks(
+    private_db: str,
+) -> None:
+    """With a partial HNSW index for group `research` (5% of the chunks) and one for the
+    public chunks, a research member's dense search is the union of those two index scans and
+    returns what the filtered scan of the whole index returns (against an exact scan); a
+    `secret` chunk never appears. A user with a group that has no index, and an admin, keep the
+    one scan of the whole index; an index dropped stops being used."""
+    count = 2000
+    groups = [
+        ["research"] if i % 20 == 0 else ["secret"] if i % 20 == 1 else [] for i in range(count)
+    ]
+    texts = [f"chunk number {i}" for i in range(count)]
+    vectors = np.random.default_rng(11).normal(size=(count, 384)).astype(np.float32)
+    with connect(private_db, autocommit=True, vector=True) as conn:
+        conn.execute("DELETE FROM rag.documents")
+        conn.execute("VACUUM rag.chunks")
+        ids = insert_chunks(conn, "test.groups", texts, groups, vectors=vectors)
+        conn.execute("ANALYZE rag.chunks")
+        assert group_indexes.build(conn, "research")
+        assert group_indexes.build(conn, group_indexes.PUBLIC)
+        assert not group_indexes.build(conn, "research")  # there already
+        assert group_indexes.usable(conn) == {"research", group_indexes.PUBLIC}
+    found, pool = retriever(private_db)
+    closed, closed_pool = retriever(private_db, public=False)
+    research = User("r", ("research",))
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    query = vectors[40] + vectors[41] + 0.5 * vectors[60]
+    distance = 1.0 - unit @ (query / np.linalg.norm(query))
+
+    def exact(visible: Callable[[list[str]], bool]) -> set[int]:
+        order = [i for i in np.argsort(distance) if visible(groups[i])]
+        return {ids[i] for i in order[:20]}
+
+    try:
+        for which, expected in (
+            (found, exact(lambda g: g in (["research"], []))),
+            (closed, exact(lambda g: g == ["research"])),
+        ):
+            plan = which.explain_dense(query, research, 20)
+            assert "Index Scan using " + group_indexes.index_name("research") in plan, plan
+            assert (group_indexes.index_name(group_indexes.PUBLIC) in plan) == (which is found)
+            assert "ix_chunks_embedding_hnsw" not in plan, plan
+            assert "Seq Scan on chunks" not in plan, plan
+            hits = which.dense(query, research, 20, NO_FILTERS)
+            assert len(hits) == 20
+            assert all(h.access_groups in (("research",), ()) for h in hits)
+            assert [h.distance for h in hits] == sorted(h.distance for h in hits)
+            assert len({h.chunk_id for h in hits} & expected) >= 18, (hits, expected)
+            which._group_indexes = (time.monotonic(), frozenset())  # the plain plan
+            plain = which.dense(query, research, 20, NO_FILTERS)
+            assert len({h.chunk_id for h in plain} & expected) >= 18
+            which._group_indexes = (0.0, frozenset())  # read the catalog again
+        for user in (User("m", ("research", "secret")), ADMIN):
+            assert "ix_chunks_embedding_hnsw" in found.explain_dense(query, user, 20)
+        with connect(private_db, autocommit=True) as conn:
+            assert group_indexes.drop(conn, "research")
+            assert group_indexes.usable(conn) == {group_indexes.PUBLIC}
+        found._group_indexes = (0.0, frozenset())
+        assert "ix_chunks_embedding_hnsw" in found.explain_dense(query, research, 20)
+    finally:
+        pool.close()
+        closed_pool.close()
+        with connect(private_db, autocommit=True) as conn:
+            for group in group_indexes.found(conn):
+                group_indexes.drop(conn, group)
             conn.execute("DELETE FROM rag.documents")
 
 
