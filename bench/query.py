@@ -7,8 +7,10 @@ and man pages, read at run time) with the model's tokenizer, embeds it once and 
 and vectors under FRESHET_HOME/bench/query (never in git), and loads them into rag.chunks of
 a private stack (the HNSW index is built after the load, as a bulk load would; the BM25 postings
 are written by the triggers, as the sync writer's transactions write them). 95% of the chunks
-belong to group `staff`, 5% to group `research`. The table and its indexes are read into shared
-buffers (pg_prewarm: the steady state of a server that has been answering for a while).
+belong to group `staff`, 5% to group `research`; `research` and the public chunks get partial
+HNSW indexes of their own, as `freshet group-index research` builds them (`--group-index none`:
+without). The table and its indexes are read into shared buffers (pg_prewarm: the steady state
+of a server that has been answering for a while).
 
 Then, against the real web app served as in production (`freshet web`: waitress, its own
 process), over HTTP, for each user: `staff` (the predicate matches 95% of the chunks),
@@ -43,6 +45,7 @@ from psycopg_pool import ConnectionPool
 
 from bench.common import SCIFACT, print_table, private_stack, web_process, write_results
 from bench.corpus import documents
+from freshet import group_indexes
 from freshet.answering.bm25 import BM25
 from freshet.answering.retrieval import (
     NO_FILTERS,
@@ -162,6 +165,8 @@ def load(
             return
         conn.execute("DELETE FROM rag.documents WHERE source_table = %s", (TABLE,))
         conn.execute("DROP INDEX IF EXISTS rag.ix_chunks_embedding_hnsw")
+        for group in group_indexes.found(conn):  # built again after the load
+            group_indexes.drop(conn, group)
         doc = conn.execute(
             "INSERT INTO rag.documents (source_table, doc_key, title, source_lsn)"
             " VALUES (%s, 'corpus', 'query benchmark corpus', 0) RETURNING id",
@@ -219,6 +224,25 @@ def load(
         conn.execute("VACUUM ANALYZE rag.chunks")
         conn.execute("VACUUM ANALYZE rag.text_postings")
         print(f"HNSW built in {time.monotonic() - started:.0f}s", flush=True)
+
+
+def index_groups(settings: Settings, groups: list[str]) -> None:
+    """Partial HNSW indexes for ``groups`` (and the public chunks), as `freshet group-index`
+    builds them; any other group index is dropped."""
+    wanted = [*groups, group_indexes.PUBLIC] if groups and settings.public_documents else groups
+    with psycopg.connect(database_url(settings), autocommit=True) as conn:
+        for group in group_indexes.found(conn):
+            if group not in wanted:
+                group_indexes.drop(conn, group)
+        for group in wanted:
+            started = time.monotonic()
+            if group_indexes.build(conn, group):
+                print(
+                    f"index of {group_indexes.describe(group)} built in"
+                    f" {time.monotonic() - started:.1f}s",
+                    flush=True,
+                )
+            conn.execute("SELECT pg_prewarm(%s)", (f"rag.{group_indexes.index_name(group)}",))
 
 
 def prewarm(settings: Settings) -> None:
@@ -356,6 +380,14 @@ def main() -> None:
         help="reload the chunks and measure BM25's SQL time at 25%%, 50%% and 100%% of them",
     )
     parser.add_argument(
+        "--group-index",
+        action="append",
+        default=None,
+        metavar="GROUP",
+        help="build a partial HNSW index for GROUP, as `freshet group-index GROUP` does"
+        " (repeatable; default: research, the 5%% group; `none`: no group index)",
+    )
+    parser.add_argument(
         "--env",
         action="append",
         default=[],
@@ -408,6 +440,9 @@ def main() -> None:
         else:
             load(settings, texts, vectors, hnsw=not args.random_vectors)
         prewarm(settings)
+        indexed = [g for g in (args.group_index or ["research"]) if g != "none"]
+        if not args.random_vectors:
+            index_groups(settings, indexed)
         load_avg = os.getloadavg()[0]
         ef_search = settings.hnsw_ef_search
         per_user: dict[str, dict[str, Any]] = {}
@@ -479,7 +514,7 @@ def main() -> None:
     rows.append(("load average (1 min) when measuring", f"{load_avg:.2f}"))
     print_table(
         f"query: {len(texts)} chunks, {len(queries)} queries, mode={args.mode}, "
-        f"ef_search={ef_search}, targets {targets}",
+        f"ef_search={ef_search}, group indexes {indexed or 'none'}, targets {targets}",
         rows,
     )
     write_results(
@@ -490,6 +525,7 @@ def main() -> None:
             "mode": args.mode,
             "random_vectors": args.random_vectors,
             "settings": {k: v for k, v in overrides.items() if k != "FRESHET_API_TOKENS_FILE"},
+            "group_indexes": indexed,
             "users": per_user,
             "qps_4_clients": qps,
             "bm25_sql_p50_ms_by_chunks": growth,

@@ -587,6 +587,50 @@ def test_a_small_group_searches_its_own_partial_index_and_sees_only_its_chunks(
             conn.execute("DELETE FROM rag.documents")
 
 
+def test_freshet_group_index_builds_lists_and_drops_group_indexes(
+    private_db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`freshet group-index research` builds research's index and the public chunks' one and
+    lists each group's share; `--drop` removes research's; an invalid index (a build killed
+    half-way) is built again by `--rebuild`."""
+    from freshet.cli import main
+
+    groups = [["research"] if i % 20 == 0 else [] for i in range(400)]
+    with connect(private_db, autocommit=True, vector=True) as conn:
+        conn.execute("DELETE FROM rag.documents")
+        insert_chunks(conn, "test.cli", [f"chunk {i}" for i in range(400)], groups)
+    monkeypatch.setenv("DATABASE_URL", private_db)
+    try:
+        assert main(["group-index", "research"]) == 0
+        out = capsys.readouterr().out
+        assert "built the index of group 'research'" in out, out
+        assert "built the index of public documents" in out, out
+        listing = {line.split()[0]: line for line in out.splitlines() if "%" in line}
+        assert "20" in listing["research"] and "5.0%" in listing["research"], out
+        assert group_indexes.index_name("research") in listing["research"], out
+        assert "95.0%" in listing["(public"], out
+        with connect(private_db, autocommit=True) as conn:
+            assert group_indexes.usable(conn) == {"research", group_indexes.PUBLIC}
+            conn.execute(
+                "UPDATE pg_index SET indisvalid = false WHERE indexrelid = %s::regclass",
+                (f"rag.{group_indexes.index_name(group_indexes.PUBLIC)}",),
+            )
+            assert group_indexes.stale(conn) == [group_indexes.PUBLIC]
+        assert main(["group-index"]) == 0
+        assert "STALE: run --rebuild" in capsys.readouterr().out
+        assert main(["group-index", "--rebuild"]) == 0
+        assert "built the index of public documents" in capsys.readouterr().out
+        assert main(["group-index", "--drop", "research"]) == 0
+        assert "dropped the index of group 'research'" in capsys.readouterr().out
+        with connect(private_db, autocommit=True) as conn:
+            assert group_indexes.usable(conn) == {group_indexes.PUBLIC}
+    finally:
+        with connect(private_db, autocommit=True) as conn:
+            for group in group_indexes.found(conn):
+                group_indexes.drop(conn, group)
+            conn.execute("DELETE FROM rag.documents")
+
+
 def test_concurrent_searches_read_in_one_round_trip_and_leave_connections_clean(
     private_db: str,
 ) -> None:

@@ -39,6 +39,7 @@ COMMANDS = {
     "sync": "freshet.sync.commands",
     "dlq": "freshet.sync.commands",
     "reindex-text": "freshet.sync.commands",
+    "group-index": "freshet.sync.commands",
     "publish-chunks": "freshet.sync.commands",
     "reembed": "freshet.sync.commands",
     "drift-watch": "freshet.sync.commands",

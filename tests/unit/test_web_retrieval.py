@@ -241,6 +241,7 @@ def test_ef_search_scales_with_the_candidates_wanted_not_with_deduplications_ext
         bm25=BM25(0.9, 0.4, 1000),
     )
     retriever.text = lambda *a, **k: []  # type: ignore[method-assign]
+    retriever.indexed_groups = frozenset  # type: ignore[method-assign]  # no group indexes
     user = User("u", ("staff",))
     for mode, k, dedupe in (("dense", 10, False), ("hybrid", 10, False), ("hybrid", 5, True)):
         retriever.search("q", user, k=k, mode=mode, dedupe=dedupe)  # type: ignore[arg-type]
