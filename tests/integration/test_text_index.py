@@ -29,7 +29,7 @@ from psycopg_pool import ConnectionPool
 
 from freshet import group_indexes
 from freshet.answering.bm25 import BM25, Corpus, score
-from freshet.answering.retrieval import NO_FILTERS, PgRetriever, reading
+from freshet.answering.retrieval import NO_FILTERS, Filters, PgRetriever, reading
 from freshet.answering.users import ANONYMOUS, User
 from freshet.cdc.postgres import EmbeddedPostgres
 from freshet.cdc.sandbox import free_port
@@ -573,6 +573,22 @@ def test_a_small_group_searches_its_own_partial_index_and_sees_only_its_chunks(
             which._group_indexes = (0.0, frozenset())  # read the catalog again
         for user in (User("m", ("research", "secret")), ADMIN):
             assert "ix_chunks_embedding_hnsw" in found.explain_dense(query, user, 20)
+        # A filter goes into every branch.
+        table = Filters(tables=("test.groups",))
+        assert group_indexes.index_name("research") in found.explain_dense(
+            query, research, 20, table
+        )
+        filtered = found.dense(query, research, 20, table)
+        assert [h.chunk_id for h in filtered] == [
+            h.chunk_id for h in found.dense(query, research, 20, NO_FILTERS)
+        ]
+        assert found.dense(query, research, 20, Filters(tables=("test.none",))) == []
+        # After a model switch the indexes are on the previous model's column: not used, stale.
+        with connect(private_db, autocommit=True) as conn, conn.transaction(force_rollback=True):
+            conn.execute("ALTER TABLE rag.chunks RENAME COLUMN embedding TO embedding_previous")
+            conn.execute("ALTER TABLE rag.chunks ADD COLUMN embedding vector(384)")
+            assert group_indexes.usable(conn) == frozenset()
+            assert group_indexes.stale(conn) == [group_indexes.PUBLIC, "research"]
         with connect(private_db, autocommit=True) as conn:
             assert group_indexes.drop(conn, "research")
             assert group_indexes.usable(conn) == {group_indexes.PUBLIC}
