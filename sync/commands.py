@@ -171,6 +171,10 @@ def cmd_reindex_text(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# A group holding more than this share of the chunks gains little from an index of its own.
+LARGE_GROUP_SHARE = 0.5
+
+
 def cmd_group_index(settings: Settings, args: argparse.Namespace) -> int:
     """List, build or drop the partial HNSW indexes of small access groups."""
     from freshet import group_indexes
@@ -201,6 +205,14 @@ def cmd_group_index(settings: Settings, args: argparse.Namespace) -> int:
         total = conn.execute("SELECT count(*) FROM rag.chunks").fetchone()
         indexes = group_indexes.found(conn)
     chunks = int(total[0]) if total else 0
+    counts = dict(rows)
+    rows += [(g, 0) for g in indexes if g not in counts]  # an index of a group with no chunks
+    for group in args.groups if not args.drop else ():
+        if chunks and counts.get(group, 0) / chunks > LARGE_GROUP_SHARE:
+            say(
+                f"note: group {group!r} holds {counts[group] / chunks:.0%} of the chunks: its"
+                " index is nearly the whole graph and makes its members' searches no faster"
+            )
     print(f"{'access group':<32} {'chunks':>10} {'share':>7}  index")
     for group, count in rows:
         have = indexes.get(group)
