@@ -24,7 +24,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from bench.model_variants import perturbed, rotated
-from freshet import index_model
+from freshet import group_indexes, index_model
 from freshet.embedder import TransformersEmbedder
 from freshet.index_model import ModelSwitched
 from freshet.settings import PROJECT_ROOT, Settings
@@ -239,6 +239,9 @@ def test_a_model_change_re_embeds_20000_rows_without_downtime_behind_the_gate(
         assert wait_for(lambda: indexed(settings) == ROWS, 900, interval=1), indexed(settings)
         print(f"\n{ROWS:,} rows indexed in {time.monotonic() - started:.0f}s")
         queries = write_queries(tmp_path / "queries.jsonl", range(ROWS))
+        # The public chunks' group index (`freshet group-index`): built again on the new column.
+        with index(settings) as conn:
+            assert group_indexes.build(conn, group_indexes.PUBLIC)
         before = state(settings)
         searcher = Searcher(app.test_client()).start()
         started = time.monotonic()
@@ -268,6 +271,10 @@ def test_a_model_change_re_embeds_20000_rows_without_downtime_behind_the_gate(
         print(f"re-embed and switch: {time.monotonic() - started:.0f}s")
         assert run.returncode == 0, output[-3000:]
         assert "verdict: passed" in output and "switched the index" in output
+        assert "built the index of public documents on the new vectors" in output
+        with index(settings) as conn:
+            assert group_indexes.usable(conn) == {group_indexes.PUBLIC}
+            group_indexes.drop(conn, group_indexes.PUBLIC)  # the stack is shared
         after = state(settings)
         assert after.model == str(good) and after.dim == 512
         assert after.generation == before.generation + 1
