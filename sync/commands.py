@@ -197,7 +197,7 @@ def cmd_group_index(settings: Settings, args: argparse.Namespace) -> int:
                 say(f"built the index of {name} in {time.monotonic() - started:.1f}s")
             else:
                 say(f"the index of {name} is there already")
-        rows = conn.execute(
+        rows: list[tuple[str, int]] = conn.execute(
             "SELECT g, count(*) FROM rag.chunks AS c,"
             " unnest(CASE WHEN c.access_groups = '{}' THEN ARRAY[''] ELSE c.access_groups END)"
             " AS g GROUP BY g ORDER BY count(*)"
@@ -205,7 +205,7 @@ def cmd_group_index(settings: Settings, args: argparse.Namespace) -> int:
         total = conn.execute("SELECT count(*) FROM rag.chunks").fetchone()
         indexes = group_indexes.found(conn)
     chunks = int(total[0]) if total else 0
-    counts = dict(rows)
+    counts: dict[str, int] = dict(rows)
     rows += [(g, 0) for g in indexes if g not in counts]  # an index of a group with no chunks
     for group in args.groups if not args.drop else ():
         if chunks and counts.get(group, 0) / chunks > LARGE_GROUP_SHARE:
