@@ -128,6 +128,8 @@ def branches(
     """The index branches a user's dense search is the union of, or None when one of them has
     no usable index (the search then keeps the one filtered scan over the whole index)."""
     wanted = sorted(set(user_groups))
+    if PUBLIC in wanted:  # a group named "" is not the public chunks: keep the filtered scan
+        return None
     if public_documents:
         wanted.append(PUBLIC)
     if not wanted or len(wanted) > MAX_BRANCHES or any(g not in indexed for g in wanted):

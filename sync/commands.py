@@ -179,7 +179,12 @@ def cmd_group_index(settings: Settings, args: argparse.Namespace) -> int:
     """List, build or drop the partial HNSW indexes of small access groups."""
     from freshet import group_indexes
     from freshet.db import connect, database_url
+    from freshet.errors import FreshetError
 
+    if any(not g.strip() for g in args.groups):
+        raise FreshetError(
+            "a group name cannot be empty (public documents get their index with any group's)"
+        )
     with connect(database_url(settings), autocommit=True) as conn:
         wanted = list(dict.fromkeys(args.groups))
         if wanted and settings.public_documents and not args.drop:

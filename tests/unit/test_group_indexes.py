@@ -21,6 +21,12 @@ def test_one_group_without_an_index_keeps_the_one_scan_of_the_whole_index() -> N
     assert branches((), False, INDEXED) is None  # sees nothing but what an admin grants
 
 
+def test_a_group_named_like_the_public_key_never_reads_the_public_index() -> None:
+    # Public documents off: a user in a group "" must not be given the public chunks' scan.
+    assert branches(("",), False, INDEXED) is None
+    assert branches(("", "research"), True, INDEXED) is None
+
+
 def test_anonymous_users_search_the_public_index_alone() -> None:
     assert branches((), True, INDEXED) == [PUBLIC]
 
