@@ -270,6 +270,8 @@ def main() -> None:
         {
             "split": args.split,
             "queries": len(relevant),
+            # The app settings given with --app (by Flask config name), besides the defaults.
+            "app": {k: v for k, v in config.items() if k != "RATE_LIMIT_BACKEND"},
             "scores": scores,
             "targets": targets,
             "seconds_per_mode": timings,

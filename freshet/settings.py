@@ -705,7 +705,7 @@ class Settings:
         "FRESHET_BM25_HYBRID_POSTINGS_CAP",
         "the most postings a query's BM25 half reads per term in hybrid search, where it runs "
         "while the query is embedded (0: FRESHET_BM25_POSTINGS_CAP)",
-        4000,
+        2000,
         read=_non_negative,
         app=True,
     )
