@@ -16,6 +16,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,10 +288,13 @@ class TransformersEmbedder(Embedder):
         max_seq_length: int | None = None,
         model_in_background: bool = False,
         query_int8: bool = False,
+        chunk_int8: bool = False,
     ) -> None:
         """``query_int8``: ``embed_query`` runs an int8 copy of the model on CPU
         (freshet.fast_path.int8_query_runner), built on the first query or
         ``prepare_queries``; chunks (``embed``) always use the float model.
+        ``chunk_int8``: every text (chunks too) goes through that int8 copy, one text at a time
+        on each of ``threads`` threads (``_embed_int8``); until it is built, the float model.
         ``model_in_background``: when the compiled one-text model is cached, start with it
         alone and load the full model on a background thread (``wait_ready``). Texts embedded
         before it is ready run one at a time through the compiled model; its agreement with the
@@ -351,10 +355,17 @@ class TransformersEmbedder(Embedder):
         self._unchecked = False  # a cached compiled model not yet checked against the full one
         # int8 queries: not on a GPU (float is fast there) nor with bf16 (AMX: fast already).
         self.query_int8 = query_int8 and device == "cpu" and not self.bf16
+        self.chunk_int8 = chunk_int8 and device == "cpu" and not self.bf16
+        # Set while the background loader builds the int8 model after the full one: calls
+        # meanwhile use the float model instead of waiting (a restarted worker consumes).
+        self._int8_in_background = False
+        self._int8_pool: ThreadPoolExecutor | None = None
         self._query_runner: Runner | None = None
         self._query_runner_built = False
         self._query_runner_lock = threading.Lock()
         cached = None
+        if self.chunk_int8 and model_in_background:
+            self._int8_in_background = True
         if model_in_background and device == "cpu" and fast_path == "compiled":
             cached = load_cached(cache, self._cache_key())
         if cached is not None:
@@ -366,6 +377,10 @@ class TransformersEmbedder(Embedder):
             self._load_model()
             if device == "cpu":
                 self.fast_path, self._one_text = self._one_text_runner(fast_path, cache)
+            if self._int8_in_background:
+                threading.Thread(
+                    target=self._build_int8_in_background, name="freshet-int8", daemon=True
+                ).start()
         logger.info(
             "embedder loaded: model=%s dim=%d device=%s bf16=%s threads=%d (small calls: %d)"
             " one-text fast path=%s max_seq_length=%d",
@@ -414,6 +429,14 @@ class TransformersEmbedder(Embedder):
         logger.info(
             "full embedding model loaded in the background in %.1f s", time.monotonic() - started
         )
+        if self._int8_in_background:
+            self._build_int8_in_background()
+
+    def _build_int8_in_background(self) -> None:
+        try:
+            self._build_int8()
+        finally:
+            self._int8_in_background = False
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the full model is loaded (at once when it was loaded up front); raises
@@ -532,6 +555,10 @@ class TransformersEmbedder(Embedder):
             # (docs/sync.md, "A restarted worker starts on the compiled model").
             self.wait_ready()
             self._check_cached_runner_once()
+        if self.chunk_int8:
+            runner = self._int8_for_chunks()
+            if runner is not None:
+                return self._embed_int8(texts, runner)
         if small and torch.get_num_threads() != self.small_call_threads:
             torch.set_num_threads(self.small_call_threads)
         # Longest first so each batch pads to similar lengths (as sentence-transformers does).
@@ -541,6 +568,54 @@ class TransformersEmbedder(Embedder):
             idx = order[start : start + self.batch_size]
             batch = [texts[i] for i in idx]
             out[idx] = self._embed_batch(batch) if small else self._embed_chosen(batch)
+        return out
+
+    def _int8_for_chunks(self) -> Runner | None:
+        """The int8 model for chunks: built now on the first call, or None while the background
+        loader still builds it (those texts take the float model) or when it failed."""
+        if not self._query_runner_built and not self._int8_in_background:
+            self._build_int8()
+        return self._query_runner if self._query_runner_built else None
+
+    def _embed_int8(self, texts: list[str], runner: Runner) -> np.ndarray:
+        """Each text alone through the int8 model (no padding: dynamic quantization scales a
+        whole activation tensor at once, so in a padded batch one text's outliers round the
+        others; measured on SciFact's 16,948 chunks in batches of 32: cosine to the float
+        vectors 0.960 mean, test dense nDCG@10 0.6602; one at a time 0.995 and 0.6772, float
+        0.6792). Texts are tokenized here, then up to ``threads`` threads take them longest
+        first, each running one forward pass at a time on one torch thread: the traced int8
+        model releases the GIL, and a text on one thread wastes no time in parallel regions
+        (2 cores, SciFact chunks: 147.6 chunks/s, the float model in batches 64.6)."""
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        encoded = [self._encode([text]) for text in texts]
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        order = iter(
+            sorted(range(len(texts)), key=lambda i: -int(encoded[i]["input_ids"].shape[1]))
+        )
+        take = threading.Lock()
+
+        def lane() -> None:
+            with torch.inference_mode():
+                while True:
+                    with take:
+                        i = next(order, None)
+                    if i is None:
+                        return
+                    mask = encoded[i]["attention_mask"]
+                    out[i] = self._vectors(runner(encoded[i]["input_ids"], mask), mask)[0]
+
+        lanes = min(self.threads, len(texts))
+        others = []
+        if lanes > 1:
+            if self._int8_pool is None:
+                self._int8_pool = ThreadPoolExecutor(
+                    max_workers=self.threads - 1, thread_name_prefix="freshet-int8"
+                )
+            others = [self._int8_pool.submit(lane) for _ in range(lanes - 1)]
+        lane()
+        for other in others:
+            other.result()
         return out
 
     def _embed_chosen(self, texts: list[str]) -> np.ndarray:
@@ -556,7 +631,13 @@ class TransformersEmbedder(Embedder):
         return vectors
 
     def prepare_queries(self) -> None:
-        if not self.query_int8 or self._query_runner_built:
+        if self.query_int8 or self.chunk_int8:
+            self._build_int8()
+
+    def _build_int8(self) -> None:
+        """The int8 model (freshet.fast_path.int8_query_runner), built once; on failure or
+        disagreement it stays None and every text uses the float model (logged)."""
+        if self._query_runner_built:
             return
         with self._query_runner_lock:
             if self._query_runner_built:
@@ -575,7 +656,11 @@ class TransformersEmbedder(Embedder):
                 torch.set_num_threads(threads)
                 self._query_runner_built = True
             if self._query_runner is not None:
-                logger.info("int8 query embedding ready in %.1f s", time.monotonic() - started)
+                logger.info(
+                    "int8 %s embedding ready in %.1f s",
+                    "chunk and query" if self.chunk_int8 else "query",
+                    time.monotonic() - started,
+                )
 
     def embed_query(self, text: str) -> np.ndarray:
         self.prepare_queries()
@@ -685,4 +770,5 @@ def embedder_from_settings(
         device=settings.embed_device,
         model_in_background=model_in_background,
         query_int8=settings.query_int8 != "off",
+        chunk_int8=settings.embed_int8,
     )

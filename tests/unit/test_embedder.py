@@ -554,3 +554,54 @@ def test_one_text_is_pooled_in_numpy_as_a_batch_is_in_torch(
     assert one.shape == (1, 384) and one.dtype == np.float32
     np.testing.assert_allclose(one[0], batch[0], rtol=0, atol=1e-6)
     assert abs(float(np.linalg.norm(one[0])) - 1.0) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def int8_chunks() -> TransformersEmbedder:
+    return TransformersEmbedder(threads=2, bf16=False, fast_path="off", chunk_int8=True)
+
+
+def test_int8_chunks_are_close_unit_vectors_in_order(
+    int8_chunks: TransformersEmbedder, embedder: TransformersEmbedder
+) -> None:
+    """FRESHET_EMBED_INT8: a call of many texts runs them one at a time on two threads; each
+    vector is the text's own (the same as embedding it alone), close to the float one, and the
+    ranking of a clear case is the float model's."""
+    before = int8_chunks.texts_embedded
+    got = int8_chunks.embed(TEXTS * 3)
+    assert int8_chunks.texts_embedded == before + len(TEXTS) * 3
+    assert int8_chunks._query_runner is not None
+    assert got.shape == (len(TEXTS) * 3, 384) and got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    want = embedder.embed(TEXTS)
+    for n, text in enumerate(TEXTS):
+        alone = int8_chunks.embed([text])[0]
+        for copy in range(3):
+            np.testing.assert_allclose(got[copy * len(TEXTS) + n], alone, atol=1e-6)
+        if text:  # the empty text is [CLS][SEP]: rounding moves it most, as for "a"
+            assert float(alone @ want[n]) > 0.95, text
+    query = int8_chunks.embed_query("Which tool captures changes from the Postgres log?")
+    assert int(np.argmax(got[: len(TEXTS)] @ query)) == 0
+
+
+def test_int8_chunks_fall_back_to_the_float_model_when_quantization_fails(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    embedder: TransformersEmbedder,
+) -> None:
+    from freshet import fast_path
+
+    def broken(model: torch.nn.Module) -> torch.nn.Module:
+        raise RuntimeError("no quantized engine")
+
+    monkeypatch.setattr(fast_path, "quantized", broken)
+    model = TransformersEmbedder(bf16=False, fast_path="off", chunk_int8=True)
+    with caplog.at_level("WARNING", logger="freshet.fast_path"):
+        vectors = model.embed(TEXTS)
+    assert "int8 query embedding unavailable (no quantized engine)" in caplog.text
+    np.testing.assert_allclose(vectors, embedder.embed(TEXTS), atol=1e-5)
+
+
+def test_int8_chunks_are_off_on_bf16() -> None:
+    model = TransformersEmbedder(bf16=True, fast_path="off", chunk_int8=True)
+    assert not model.chunk_int8
