@@ -280,3 +280,49 @@ def test_one_pass_token_counts_equal_encoding_each_piece(real_tokenizer: Any) ->
         )
         for doc in docs:
             assert fast.chunk(doc) == slow.chunk(doc), doc[:60]
+
+
+def test_known_paragraphs_chunk_as_new_ones_in_any_document(real_tokenizer: Any) -> None:
+    """The memo of paragraph measurements (a WordPiece tokenizer's) changes no chunk: the same
+    paragraphs in other documents, orders and neighbours chunk exactly as a chunker that has
+    never seen them, and as encoding each piece alone; an edit to one paragraph of a known
+    document measures the text again, a known document does not."""
+    rng = random.Random(5)
+    pool = [sentences(rng, rng.randint(3, 300)) for _ in range(24)]
+    pool += ["# Heading " + str(n) for n in range(4)] + ["word " * 450, "z" * 2500]
+    remembering = TokenChunker(real_tokenizer)
+    assert remembering._known is not None
+    slow = TokenChunker(PiecewiseTokenizer(real_tokenizer))
+    assert slow._known is None
+    for _ in range(60):
+        paragraphs = rng.sample(pool, rng.randint(1, 9))
+        doc = ("\n\n" if rng.random() < 0.7 else "\n \n\t").join(paragraphs)
+        want = TokenChunker(real_tokenizer).chunk(doc)
+        assert remembering.chunk(doc) == want == slow.chunk(doc), doc[:60]
+
+    measured: list[str] = []
+    counter = remembering._counter
+
+    def counting(text: str) -> Any:
+        measured.append(text)
+        return counter(text)
+
+    remembering._counter = counting  # type: ignore[method-assign]
+    doc = "\n\n".join(pool[:6])
+    remembering.chunk(doc)
+    assert measured == []  # every paragraph known
+    edited = doc.replace(pool[2], pool[2] + " One more sentence.")
+    assert remembering.chunk(edited) == TokenChunker(real_tokenizer).chunk(edited)
+    assert measured == [edited]
+
+
+def test_the_paragraph_memo_is_bounded(
+    real_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from freshet.sync import chunking
+
+    monkeypatch.setattr(chunking, "MEMO_PARAGRAPHS", 10)
+    chunker = TokenChunker(real_tokenizer)
+    for n in range(50):
+        chunker.chunk(f"paragraph {n}\n\nand its neighbour {n}")
+        assert chunker._known is not None and len(chunker._known) <= 10
