@@ -293,8 +293,9 @@ class TransformersEmbedder(Embedder):
         """``query_int8``: ``embed_query`` runs an int8 copy of the model on CPU
         (freshet.fast_path.int8_query_runner), built on the first query or
         ``prepare_queries``; chunks (``embed``) always use the float model.
-        ``chunk_int8``: every text (chunks too) goes through that int8 copy, one text at a time
+        ``chunk_int8``: chunks (``embed``) go through that int8 copy too, one text at a time
         on each of ``threads`` threads (``_embed_int8``); until it is built, the float model.
+        Queries follow ``query_int8`` alone.
         ``model_in_background``: when the compiled one-text model is cached, start with it
         alone and load the full model on a background thread (``wait_ready``). Texts embedded
         before it is ready run one at a time through the compiled model; its agreement with the
@@ -555,7 +556,7 @@ class TransformersEmbedder(Embedder):
             # (docs/sync.md, "A restarted worker starts on the compiled model").
             self.wait_ready()
             self._check_cached_runner_once()
-        if self.chunk_int8:
+        if self.chunk_int8 and not getattr(self._local, "float_only", False):
             runner = self._int8_for_chunks()
             if runner is not None:
                 return self._embed_int8(texts, runner)
@@ -663,9 +664,13 @@ class TransformersEmbedder(Embedder):
                 )
 
     def embed_query(self, text: str) -> np.ndarray:
+        if not self.query_int8:
+            # FRESHET_EMBED_INT8 is about chunks: a query takes the int8 model only where
+            # FRESHET_QUERY_INT8 says so, and the float model otherwise.
+            return self._float_query(text)
         self.prepare_queries()
         if self._query_runner is None:
-            return super().embed_query(text)
+            return self._float_query(text)
         if torch.get_num_threads() != self.small_call_threads:
             torch.set_num_threads(self.small_call_threads)
         encoded = self._encode([text])
@@ -673,6 +678,14 @@ class TransformersEmbedder(Embedder):
             hidden = self._query_runner(encoded["input_ids"], encoded["attention_mask"])
         self.texts_embedded += 1
         return self._vectors(hidden, encoded["attention_mask"])[0]
+
+    def _float_query(self, text: str) -> np.ndarray:
+        previous = getattr(self._local, "float_only", False)
+        self._local.float_only = True
+        try:
+            return super().embed_query(text)
+        finally:
+            self._local.float_only = previous
 
     @contextmanager
     def sharing_the_interpreter(self) -> Iterator[None]:

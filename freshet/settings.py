@@ -503,7 +503,8 @@ class Settings:
     )
     embed_int8: bool = _sync(
         "FRESHET_EMBED_INT8",
-        "embed chunks (and every query) with the smoothed int8 copy of the model, one text at a "
+        "embed chunks with the smoothed int8 copy of the model (queries follow "
+        "FRESHET_QUERY_INT8), one text at a "
         "time on each of FRESHET_EMBED_THREADS threads, instead of the float model: ~2.3x the "
         "chunks/s on CPU, vectors at cosine ~0.995 to the float ones (SciFact test dense "
         "nDCG@10 0.6772, float 0.6792). CPU only, not with bf16. See "

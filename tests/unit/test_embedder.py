@@ -605,3 +605,15 @@ def test_int8_chunks_fall_back_to_the_float_model_when_quantization_fails(
 def test_int8_chunks_are_off_on_bf16() -> None:
     model = TransformersEmbedder(bf16=True, fast_path="off", chunk_int8=True)
     assert not model.chunk_int8
+
+
+def test_int8_chunks_leave_queries_to_the_query_setting(
+    int8_chunks: TransformersEmbedder, embedder: TransformersEmbedder
+) -> None:
+    """FRESHET_EMBED_INT8 without FRESHET_QUERY_INT8: a query is the float model's vector."""
+    assert not int8_chunks.query_int8
+    query = "how do row changes reach kafka?"
+    np.testing.assert_allclose(
+        int8_chunks.embed_query(query), embedder.embed([query])[0], atol=1e-5
+    )
+    assert float(int8_chunks.embed([query])[0] @ embedder.embed([query])[0]) < 0.99999
