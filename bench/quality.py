@@ -211,7 +211,16 @@ def main() -> None:
         help="a web setting for the app under test by its Flask config name, e.g."
         " BM25_HYBRID_POSTINGS_CAP=1000 (repeatable)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the private stack that indexes the corpus, e.g."
+        " FRESHET_EMBED_INT8=true (repeatable; give such an index its own --home)",
+    )
     args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.set)
     config: dict[str, object] = {"RATE_LIMIT_BACKEND": "off"}
     for item in args.app:
         name, _, value = item.partition("=")
@@ -220,7 +229,7 @@ def main() -> None:
     relevant = qrels(args.split)
     texts = queries()
 
-    with private_stack("bench-quality", keep=args.home) as bench:
+    with private_stack("bench-quality", keep=args.home, **overrides) as bench:
         ensure_indexed(bench)
         if args.tune_bm25:
             tune_bm25(bench, texts, relevant, corpus_ids, args.split)
@@ -272,6 +281,8 @@ def main() -> None:
             "queries": len(relevant),
             # The app settings given with --app (by Flask config name), besides the defaults.
             "app": {k: v for k, v in config.items() if k != "RATE_LIMIT_BACKEND"},
+            # The stack's settings given with --set (they apply to an index built by this run).
+            "overrides": overrides,
             "scores": scores,
             "targets": targets,
             "seconds_per_mode": timings,
