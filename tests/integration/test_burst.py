@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from freshet.db import connect, database_url, source_database_url
-from freshet.embedder import Embedder
+from freshet.embedder import Embedder, TransformersEmbedder
 from freshet.settings import Settings
 from freshet.sync.chunking import TokenChunker
 from freshet.sync.worker import SyncWorker
@@ -59,15 +59,23 @@ def burst_settings(running_stack: Settings, tmp_path: Path) -> Iterator[Settings
     )
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+@pytest.mark.parametrize(
+    ("overlap", "int8"),
+    [(False, False), (True, False), (False, True)],
+    ids=["serial", "overlap", "int8"],
+)
 def test_a_burst_is_embedded_in_few_calls_and_a_hot_document_once_at_its_newest(
-    burst_settings: Settings, embedder: Embedder, overlap: bool
+    burst_settings: Settings, embedder: Embedder, overlap: bool, int8: bool
 ) -> None:
     """With FRESHET_SYNC_OVERLAP the next transaction's texts are embedded ahead, on the
-    prefetch thread: still every text once, the hot document once at its newest."""
-    burst_settings = burst_settings.with_overrides(sync_overlap=overlap)
+    prefetch thread: still every text once, the hot document once at its newest. With
+    FRESHET_EMBED_INT8 the same, each chunk through the int8 model on two threads, and the
+    stored vectors are close to the float model's."""
+    burst_settings = burst_settings.with_overrides(sync_overlap=overlap, embed_int8=int8)
     url = database_url(burst_settings)
-    model = Recording(embedder)
+    model = Recording(
+        TransformersEmbedder(threads=2, chunk_int8=True, bf16=False) if int8 else embedder
+    )
 
     def worker() -> WorkerThread:
         return WorkerThread(
@@ -148,3 +156,13 @@ def test_a_burst_is_embedded_in_few_calls_and_a_hot_document_once_at_its_newest(
             "SELECT count(*) FROM rag.documents WHERE source_table = %s AND deleted_at IS NULL",
             (PROBE,),
         ).fetchone() == (DOCS + 2,)
+        if int8:
+            stored = idx.execute(
+                "SELECT text, embedding::text FROM rag.chunks WHERE source_table = %s"
+                " ORDER BY id DESC LIMIT 20",
+                (PROBE,),
+            ).fetchall()
+            vectors = np.array([np.array(v[1:-1].split(","), dtype=np.float32) for _, v in stored])
+            cosines = np.sum(vectors * embedder.embed([t for t, _ in stored]), axis=1)
+            print(f"int8 chunks' cosine to the float model's: min {cosines.min():.4f}")
+            assert cosines.min() > 0.95 and cosines.max() < 0.99999
