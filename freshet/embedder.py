@@ -632,7 +632,7 @@ class TransformersEmbedder(Embedder):
         return vectors
 
     def prepare_queries(self) -> None:
-        if self.query_int8 or self.chunk_int8:
+        if self.query_int8:
             self._build_int8()
 
     def _build_int8(self) -> None:
