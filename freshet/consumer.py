@@ -84,6 +84,9 @@ MAX_ATTEMPTS = 5
 # While a member's coordinator is unknown, how often the runtime checks that a broker takes
 # connections (`ConsumerRuntime.watch_group`).
 PROBE_EVERY_S = 5.0
+# While a member holds no partition, how often (at most) it asks the group's coordinator whether
+# every partition of its topics is held by some member (`ConsumerRuntime.watch_group`).
+GROUP_CHECK_EVERY_S = 30.0
 
 
 class MemberFenced(FreshetError, RuntimeError):
@@ -123,6 +126,84 @@ def broker_reachable(bootstrap_servers: str, timeout: float = 1.0) -> bool:
         except OSError:
             continue
     return False
+
+
+def ensure_topics(
+    bootstrap_servers: str, topics: Sequence[str], timeout_ms: int = 10_000
+) -> list[str]:
+    """Create those of ``topics`` that do not exist yet, with the broker's defaults (partitions,
+    replication); the topics created (one Kafka refuses to create is logged, not raised). A
+    consumer that joins its group before its topic exists gets no partitions until the group
+    rebalances on the new topic's metadata, and kafka-python (3.0.12) was seen never to: a
+    workflow step's requests went unanswered for good."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap_servers,
+        client_id="freshet-topics",
+        request_timeout_ms=timeout_ms,
+    )
+    try:
+        missing = sorted(set(topics) - set(admin.list_topics()))
+        if missing:
+            answers = admin.create_topics(missing, timeout_ms=timeout_ms, raise_errors=False)
+            created, usable, refused = [], [], []
+            for answer in answers.get("topics") or []:
+                code = answer.get("error_code")
+                # 36: another member created it meanwhile, which is as good.
+                if code in (0, 36):
+                    usable.append(answer["name"])
+                    if code == 0:
+                        created.append(answer["name"])
+                else:
+                    refused.append(f"{answer['name']} ({answer.get('error_message') or code})")
+            if refused:
+                # Not allowed to create topics here, say: subscribe anyway, as before.
+                logger.warning(
+                    "Kafka did not create the topics %s; subscribing to them as they are",
+                    ", ".join(refused),
+                )
+            if usable:
+                admin.wait_for_topics(usable, timeout_ms=timeout_ms)
+            return created
+        return []
+    finally:
+        admin.close()
+
+
+def unheld_partitions(
+    bootstrap_servers: str, group: str, topics: Sequence[str], timeout_ms: int = 5_000
+) -> int | None:
+    """How many partitions of ``topics`` no member of consumer group ``group`` holds, as the
+    group's coordinator describes it; None while the group rebalances (its assignment is not
+    settled) or when the description cannot be read."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap_servers,
+        client_id="freshet-group-check",
+        request_timeout_ms=timeout_ms,
+    )
+    try:
+        described = admin.describe_groups([group]).get(group) or {}
+        if described.get("group_state") not in ("Stable", "Empty"):
+            return None
+        held: set[tuple[str, int]] = set()
+        for member in described.get("members") or []:
+            assignment = member.get("member_assignment")
+            if not isinstance(assignment, dict):
+                return None
+            for entry in assignment.get("assigned_partitions") or []:
+                held.update((entry["topic"], int(p)) for p in entry["partitions"])
+        partitions = {
+            (topic["name"], int(p["partition_index"]))
+            for topic in admin.describe_topics(list(topics))
+            if not topic.get("error_code")
+            for p in topic.get("partitions") or []
+        }
+        return len(partitions - held)
+    finally:
+        admin.close()
 
 
 def _fenced(exc: BaseException) -> bool:
@@ -334,8 +415,18 @@ class ConsumerRuntime:
     # A member whose client has known no group coordinator for this long (polls in a row) is
     # rebuilt: a new client, a new join (see `watch_group`). 0 turns the watch off.
     coordinator_lost_s: float = 30.0
+    # A member that has held no partition for this long (polls in a row) while it knows its
+    # coordinator asks the group whether some partition of its topics is held by no member;
+    # if so it is rebuilt (see `watch_group`). 0 turns the watch off.
+    unassigned_s: float = 60.0
     # Whether a broker takes connections now (None: a TCP connect to ``bootstrap_servers``).
     broker_reachable: Callable[[], bool] | None = None
+    # How many partitions of the given topics no member of the group holds, or None when the
+    # group cannot say now (None: `unheld_partitions`, asked of the group's coordinator).
+    group_probe: Callable[[Sequence[str]], int | None] | None = None
+    # Create the subscribed ``topics`` that do not exist before subscribing (`ensure_topics`):
+    # the workflow's steps, whose input topics the first message would otherwise create.
+    create_topics: bool = False
     # The largest message the runtime's producer sends (kafka-python's max_request_size).
     max_request_bytes: int = 1_048_576
     consumer: Any = None
@@ -346,6 +437,9 @@ class ConsumerRuntime:
     # When the polls in a row that found no coordinator started (None: the last one found it).
     _lost_since: float | None = field(default=None, repr=False)
     _probed_at: float = field(default=float("-inf"), repr=False)
+    # When the polls in a row that found this member without partitions started.
+    _unassigned_since: float | None = field(default=None, repr=False)
+    _group_checked_at: float = field(default=float("-inf"), repr=False)
     # How many times `watch_group` rebuilt the consumer.
     rebuilt: int = 0
 
@@ -382,6 +476,10 @@ class ConsumerRuntime:
         return self.consumer
 
     def _subscribed(self) -> KafkaConsumer:
+        if self.create_topics and self.pattern is None:
+            created = ensure_topics(self.bootstrap_servers, self.topics)
+            if created:
+                logger.info("%screated the topics %s", self.log_prefix, ", ".join(created))
         consumer = self.new_consumer()
         if self.pattern is not None:
             consumer.subscribe(pattern=self.pattern, listener=_Listener(self))
@@ -462,7 +560,8 @@ class ConsumerRuntime:
 
     def watch_group(self, stop: threading.Event, now: float | None = None) -> bool:
         """Rebuild the consumer when its client has found no group coordinator in any poll for
-        ``coordinator_lost_s``; True when it did.
+        ``coordinator_lost_s``, or when it has held no partition for ``unassigned_s`` while
+        some partition of its topics is held by no member; True when it did.
 
         kafka-python (3.0.12) can lose its coordinator and never look it up again: each poll
         returns nothing after its timeout while the client's IO thread spins, and the member
@@ -471,15 +570,70 @@ class ConsumerRuntime:
         outage also leaves the coordinator unknown, and the old client finds it again once the
         broker is back, sooner than a new one would bootstrap: so the time counts only while a
         broker takes TCP connections (``broker_reachable``, probed every 5 s while the
-        coordinator is unknown). Only an unknown coordinator counts: a member waiting in a
-        rebalance, or one without partitions because the group has more members than the
-        topic has partitions, knows its coordinator and is left alone. Called after a poll
-        that returned no records (a poll returns records only once the coordinator is ready),
-        so a long batch between two polls never counts as time lost; a commit that keeps
-        failing meanwhile is watched the same way (`commit_ready`)."""
-        if not self._coordinator_lost(now):
+        coordinator is unknown).
+
+        It can also stay joined with no partitions: a member that joined while its topic did
+        not exist yet, or whose assignment never arrived after a rebalance (both seen in CI:
+        the step's requests waited for good). A member without partitions is normal when the
+        group has more members than the topic has partitions, and while the group rebalances;
+        so after ``unassigned_s`` without any it asks the group's coordinator, at most every
+        GROUP_CHECK_EVERY_S (`unheld_partitions`, a separate admin client), and is rebuilt only
+        when the group is settled and some partition of its topics is held by nobody.
+
+        Called after a poll that returned no records (a poll returns records only once the
+        coordinator is ready), so a long batch between two polls never counts as time lost; a
+        commit that keeps failing meanwhile is watched the same way (`commit_ready`)."""
+        if self._coordinator_lost(now):
+            self._rebuild(stop, now)
+            return True
+        if self._stranded(now):
+            self._rebuild(stop, now, why="has held no partition while the group left some unheld")
+            return True
+        return False
+
+    def _stranded(self, now: float | None = None) -> bool:
+        """Whether this member has held no partition for ``unassigned_s`` while its group,
+        settled, leaves a partition of its topics unheld (each call is one observation)."""
+        if self.unassigned_s <= 0 or self.consumer is None:
             return False
-        self._rebuild(stop, now)
+        now = time.monotonic() if now is None else now
+        try:
+            held = self.consumer.assignment()
+            topics = sorted(self.consumer.subscription() or ())
+            group = self.consumer.config.get("group_id")
+        except Exception:  # noqa: BLE001 - a broken client's state: the other watch's case
+            return False
+        if held or not topics or not group or _coordinator_unknown(self.consumer):
+            self._unassigned_since = None
+            return False
+        if self._unassigned_since is None:
+            self._unassigned_since = now
+            return False
+        if (
+            now - self._unassigned_since < self.unassigned_s
+            or now - self._group_checked_at < GROUP_CHECK_EVERY_S
+        ):
+            return False
+        self._group_checked_at = now
+        probe = self.group_probe or (
+            lambda names: unheld_partitions(self.bootstrap_servers, group, names)
+        )
+        try:
+            unheld = probe(topics)
+        except Exception as exc:  # noqa: BLE001 - asked again later
+            logger.debug("%sdescribing group %s: %s", self.log_prefix, group, exc)
+            return False
+        if not unheld:
+            return False
+        logger.warning(
+            "%sthis member of group %s has held no partition for %.0f s while %d partition(s)"
+            " of %s are held by no member",
+            self.log_prefix,
+            group,
+            now - self._unassigned_since,
+            unheld,
+            ", ".join(topics),
+        )
         return True
 
     def _coordinator_lost(self, now: float | None = None) -> bool:
@@ -506,14 +660,20 @@ class ConsumerRuntime:
             return False
         return lost_for >= self.coordinator_lost_s
 
-    def _rebuild(self, stop: threading.Event, now: float | None = None) -> None:
-        """A new client in place of one that lost its coordinator (`watch_group`)."""
+    def _rebuild(
+        self, stop: threading.Event, now: float | None = None, why: str | None = None
+    ) -> None:
+        """A new client in place of one that lost its coordinator or its partitions
+        (`watch_group`)."""
         now = time.monotonic() if now is None else now
+        if why is None:
+            lost_for = now - (self._lost_since if self._lost_since is not None else now)
+            why = f"has found no group coordinator for {lost_for:.0f} s"
         logger.warning(
-            "%sthe Kafka client has found no group coordinator for %.0f s; rebuilding the"
-            " consumer (a new client rejoins the group; what is committed stays committed)",
+            "%sthe Kafka client %s; rebuilding the consumer (a new client rejoins the group;"
+            " what is committed stays committed)",
             self.log_prefix,
-            now - (self._lost_since if self._lost_since is not None else now),
+            why,
         )
         old = self.consumer
         try:
@@ -524,6 +684,7 @@ class ConsumerRuntime:
             _Listener(self).on_partitions_revoked(held)
         self.consumer = None
         self._lost_since = None
+        self._unassigned_since = None
         self.rebuilt += 1
         try:
             old.close(timeout_ms=5_000)

@@ -84,3 +84,18 @@ def wait_for(check: Callable[[], Any], timeout: float, interval: float = 0.05) -
             return result
         time.sleep(interval)
     return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A test that fails on a real stack reports the stack's logs and its Freshet processes'
+    thread stacks (tests/diagnostics.py): on a CI machine they are gone once the session ends."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    from tests.diagnostics import homes_of
+    from tests.diagnostics import report as stack_report
+
+    for home in homes_of(getattr(item, "funcargs", {}).values()):
+        report.sections.append((f"freshet stack {home.name}", stack_report(home)))

@@ -65,6 +65,9 @@ class Step:
             log_prefix=f"{self.name}: ",
             listener=_Assignment(self.name),
             between=self.between,
+            # The step's input topic exists before it joins its group (the first message
+            # would create it otherwise, after this member joined with no partitions).
+            create_topics=True,
         )
         self.records = PerRecord(
             self.runtime, self.handler, unreadable=(MessageError,), backoff=self.backoff

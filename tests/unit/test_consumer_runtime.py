@@ -529,6 +529,9 @@ class LostCoordinatorConsumer(FakeConsumer):
     def assignment(self) -> set[TopicPartition]:
         return set(self.held)
 
+    def subscription(self) -> set[str]:
+        return set(self.subscribed.get("topics") or ())
+
     def close(self, timeout_ms: int | None = None) -> None:  # type: ignore[override]
         self.closed = True
         self.close_timeout = timeout_ms
@@ -536,7 +539,9 @@ class LostCoordinatorConsumer(FakeConsumer):
 
 def lost_coordinator_runtime(
     held: Sequence[TopicPartition] = (),
+    unheld: Callable[[Sequence[str]], int | None] = lambda topics: 0,
 ) -> tuple[ConsumerRuntime, list[LostCoordinatorConsumer], list[Any]]:
+    """``unheld``: what the group's coordinator says (partitions held by no member)."""
     built: list[LostCoordinatorConsumer] = []
     told: list[Any] = []
 
@@ -556,6 +561,7 @@ def lost_coordinator_runtime(
         topics=("t",),
         listener=stage,
         broker_reachable=lambda: reachable[0],
+        group_probe=unheld,
     )
     return runtime, built, told
 
@@ -587,12 +593,15 @@ def test_a_member_whose_client_lost_its_coordinator_for_good_is_rebuilt() -> Non
 
 
 def test_a_member_that_knows_its_coordinator_is_never_rebuilt() -> None:
-    # Without partitions (more members than partitions) or waiting in a rebalance, a member
-    # knows its coordinator: however long it stays so, nothing is rebuilt.
-    runtime, built, _ = lost_coordinator_runtime(held=[])
-    stop = threading.Event()
-    runtime.connect(stop)
-    assert not any(runtime.watch_group(stop, now=float(t)) for t in range(0, 600, 10))
+    # Without partitions while the group holds every partition (more members than
+    # partitions), or while the group rebalances (None), a member knows its coordinator:
+    # however long it stays so, nothing is rebuilt.
+    for says in (0, None):
+        runtime, built, _ = lost_coordinator_runtime(held=[], unheld=lambda topics, s=says: s)
+        stop = threading.Event()
+        runtime.connect(stop)
+        assert not any(runtime.watch_group(stop, now=float(t)) for t in range(0, 600, 10))
+        assert runtime.rebuilt == 0 and len(built) == 1
     # A coordinator lost for less than the limit, found again, then lost again: the count
     # starts over each time.
     for start in (1000.0, 1100.0):
@@ -606,6 +615,67 @@ def test_a_member_that_knows_its_coordinator_is_never_rebuilt() -> None:
     runtime.coordinator_lost_s = 0
     built[0].lost = True
     assert not any(runtime.watch_group(stop, now=float(t)) for t in range(2000, 2600, 10))
+
+
+def test_a_member_left_without_partitions_while_the_group_leaves_some_unheld_is_rebuilt() -> None:
+    # kafka-python 3.0.12, seen in CI: a member joined, its assignment never arrived (or it
+    # joined before its topic existed and never rejoined), and the step's requests waited for
+    # good. After 60 s without partitions it asks the group; 4 partitions held by nobody.
+    asked: list[tuple[float, list[str]]] = []
+    clock = [0.0]
+
+    def unheld(topics: Sequence[str]) -> int:
+        asked.append((clock[0], list(topics)))
+        return 4
+
+    runtime, built, _ = lost_coordinator_runtime(held=[], unheld=unheld)
+    stop = threading.Event()
+    runtime.connect(stop)
+    for t in range(0, 60, 5):
+        clock[0] = float(t)
+        assert not runtime.watch_group(stop, now=clock[0])
+    assert asked == [] and runtime.rebuilt == 0
+    clock[0] = 60.0
+    assert runtime.watch_group(stop, now=60.0)
+    assert asked == [(60.0, ["t"])] and runtime.rebuilt == 1 and built[0].closed
+    assert runtime.consumer is built[1] and built[1].subscribed["topics"] == ["t"]
+    # The new member counts afresh.
+    assert not runtime.watch_group(stop, now=61.0) and runtime.rebuilt == 1
+
+
+def test_the_group_is_asked_at_most_every_30_s_and_a_failed_question_rebuilds_nothing() -> None:
+    answers: list[Any] = [None, KafkaTimeoutError("no answer"), 0, 2]
+    asked: list[float] = []
+    clock = [0.0]
+
+    def unheld(topics: Sequence[str]) -> int | None:
+        asked.append(clock[0])
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+    runtime, built, _ = lost_coordinator_runtime(held=[], unheld=unheld)
+    stop = threading.Event()
+    runtime.connect(stop)
+    rebuilt_at = None
+    for t in range(0, 400, 5):
+        clock[0] = float(t)
+        if runtime.watch_group(stop, now=clock[0]):
+            rebuilt_at = clock[0]
+            break
+    # Asked at 60 (rebalancing), 90 (no answer), 120 (all held), 150 (2 unheld: rebuilt).
+    assert asked == [60.0, 90.0, 120.0, 150.0] and rebuilt_at == 150.0
+    # A member that holds partitions never asks, and one that gets some starts over.
+    runtime, built, _ = lost_coordinator_runtime(held=[TP0], unheld=unheld)
+    runtime.connect(stop)
+    asked.clear()
+    assert not any(runtime.watch_group(stop, now=float(t)) for t in range(0, 600, 10))
+    assert asked == []
+    runtime.unassigned_s = 0  # the watch can be turned off
+    built[0].held = []
+    assert not any(runtime.watch_group(stop, now=float(t)) for t in range(600, 1200, 10))
+    assert asked == []
 
 
 def test_a_broker_outage_is_waited_out_by_the_same_client() -> None:
