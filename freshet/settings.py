@@ -494,8 +494,8 @@ class Settings:
         "which searches embed their query (never stored) with an int8 copy of the model, its "
         "activations smoothed first: `hybrid` (SciFact test nDCG@10 0.7243, float 0.7249; "
         "~2.6 ms instead of ~7 ms), `all` (dense too: 0.6722 instead of 0.6792) or `off` (the "
-        "float model). Chunks always use the float model; no int8 with bf16 or a GPU. See "
-        "[web.md](web.md#query-latency)",
+        "float model). Chunks use the float model unless FRESHET_EMBED_INT8; no int8 with bf16 "
+        "or a GPU. See [web.md](web.md#query-latency)",
         "hybrid",
         read=_one_of(QUERY_INT8_MODES),
         kind="one of " + ", ".join(QUERY_INT8_MODES),
