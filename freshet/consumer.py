@@ -134,8 +134,10 @@ def ensure_topics(
     """Create those of ``topics`` that do not exist yet, with the broker's defaults (partitions,
     replication); the topics created (one Kafka refuses to create is logged, not raised). A
     consumer that joins its group before its topic exists gets no partitions until the group
-    rebalances on the new topic's metadata, and kafka-python (3.0.12) was seen never to: a
-    workflow step's requests went unanswered for good."""
+    rebalances on the new topic's metadata when the topic is created, and kafka-python (3.0.12)
+    was seen never to. With the topic there, the rebalance follows the first join at once
+    (kafka-python's first join still precedes the topic's metadata; about 0.1 s later it
+    rejoins with the partitions)."""
     from kafka import KafkaAdminClient
 
     admin = KafkaAdminClient(
@@ -425,7 +427,8 @@ class ConsumerRuntime:
     # group cannot say now (None: `unheld_partitions`, asked of the group's coordinator).
     group_probe: Callable[[Sequence[str]], int | None] | None = None
     # Create the subscribed ``topics`` that do not exist before subscribing (`ensure_topics`):
-    # the workflow's steps, whose input topics the first message would otherwise create.
+    # the workflow's steps, whose input topics the first message would otherwise create (the
+    # member then rejoins for them within a metadata round trip, not at that moment).
     create_topics: bool = False
     # The largest message the runtime's producer sends (kafka-python's max_request_size).
     max_request_bytes: int = 1_048_576

@@ -65,8 +65,9 @@ class Step:
             log_prefix=f"{self.name}: ",
             listener=_Assignment(self.name),
             between=self.between,
-            # The step's input topic exists before it joins its group (the first message
-            # would create it otherwise, after this member joined with no partitions).
+            # The step's input topic exists before it joins its group: the member's first,
+            # empty, assignment is followed by a rejoin with the partitions within a metadata
+            # round trip, not when the first message creates the topic.
             create_topics=True,
         )
         self.records = PerRecord(
