@@ -4,6 +4,7 @@ tables come from bench.report (re-exported here)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -120,9 +121,11 @@ def freshet_process(bench: Bench, command: str, name: str) -> Iterator[subproces
     """One `freshet <command>` process for the private stack, stopped with SIGTERM afterwards."""
     log = bench.settings.logs_dir / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    # BENCH_VERBOSE=1: the process logs debug details (where each sync batch's time went).
+    verbose = ["-v"] if os.environ.get("BENCH_VERBOSE") else []
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "freshet.cli", command],
+            [sys.executable, "-m", "freshet.cli", *verbose, command],
             env={**bench.env, "PYTHONWARNINGS": "ignore"},
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -301,8 +301,8 @@ def int8_query_runner(
     """A traced int8 copy of ``model`` (fp32, CPU) for one query, or None (logged) when it
     cannot be built or does not agree with ``model`` to MIN_INT8_COSINE.
 
-    For search queries only: a stored chunk's vector always comes from the float model, so
-    the index does not depend on this path, and switching it changes no stored vector.
+    For search queries, and for chunks under FRESHET_EMBED_INT8 (on by default), one text
+    at a time (freshet.embedder: a padded batch would share one activation scale).
     ``encode_many`` (texts -> a padded batch) feeds the calibration of the activation
     smoothing (freshet.smoothing) done before quantizing; without it, or for a model that is
     not a BERT-family encoder, the model is quantized as it is.
