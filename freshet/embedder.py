@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,6 +103,11 @@ class Embedder(ABC):
 
     def prepare_queries(self) -> None:
         """Build what ``embed_query`` needs now rather than on the first query."""
+        return None
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Wait (up to ``timeout`` s) for work the embedder runs on its own threads, so that a
+        stopping process exits with its own code; nothing to wait for here."""
         return None
 
     @contextmanager
@@ -364,6 +369,8 @@ class TransformersEmbedder(Embedder):
         self._query_runner: Runner | None = None
         self._query_runner_built = False
         self._query_runner_lock = threading.Lock()
+        self._background: list[threading.Thread] = []
+        self._closing = False  # `close` was called: a background int8 build not begun is skipped
         cached = None
         if self.chunk_int8 and model_in_background:
             self._int8_in_background = True
@@ -371,17 +378,13 @@ class TransformersEmbedder(Embedder):
             cached = load_cached(cache, self._cache_key())
         if cached is not None:
             self.fast_path, self._one_text, self._unchecked = "compiled", cached, True
-            threading.Thread(
-                target=self._load_model_in_background, name="freshet-model-load", daemon=True
-            ).start()
+            self._start_background(self._load_model_in_background, "freshet-model-load")
         else:
             self._load_model()
             if device == "cpu":
                 self.fast_path, self._one_text = self._one_text_runner(fast_path, cache)
             if self._int8_in_background:
-                threading.Thread(
-                    target=self._build_int8_in_background, name="freshet-int8", daemon=True
-                ).start()
+                self._start_background(self._build_int8_in_background, "freshet-int8")
         logger.info(
             "embedder loaded: model=%s dim=%d device=%s bf16=%s threads=%d (small calls: %d)"
             " one-text fast path=%s max_seq_length=%d",
@@ -418,6 +421,26 @@ class TransformersEmbedder(Embedder):
         self._model = model
         self._ready.set()
 
+    def _start_background(self, target: Callable[[], None], name: str) -> None:
+        """Run ``target`` on a thread of its own that the interpreter waits for at exit (not a
+        daemon): a process ending while torch still builds a model on a daemon thread aborts
+        in C++ ("terminate called without an active exception", signal 6) instead of exiting
+        with its own code. ``close`` waits for it earlier, while the process can still log."""
+        thread = threading.Thread(target=target, name=name, daemon=False)
+        self._background.append(thread)
+        thread.start()
+
+    def close(self, timeout: float = 120.0) -> None:
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        for thread in self._background:
+            if thread.is_alive():
+                logger.info("waiting for the embedding model's %s thread to finish", thread.name)
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if self._int8_pool is not None:
+            self._int8_pool.shutdown(wait=True)
+            self._int8_pool = None
+
     def _load_model_in_background(self) -> None:
         started = time.monotonic()
         try:
@@ -435,7 +458,8 @@ class TransformersEmbedder(Embedder):
 
     def _build_int8_in_background(self) -> None:
         try:
-            self._build_int8()
+            if not self._closing:
+                self._build_int8()
         finally:
             self._int8_in_background = False
 

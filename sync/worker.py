@@ -257,6 +257,10 @@ class SyncWorker:
                 close()
             except Exception as exc:  # noqa: BLE001 - closing what may be gone already
                 logger.debug("closing: %s", exc)
+        # Last, once the partitions have moved: a model still loading in the background
+        # (a worker stopped within seconds of its start) is waited for, so that the process
+        # exits with its own code rather than aborting in torch.
+        self.embedder.close()
 
     def _connect(self, stop: threading.Event) -> psycopg.Connection:
         url = database_url(self.settings)

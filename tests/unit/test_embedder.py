@@ -617,3 +617,39 @@ def test_int8_chunks_leave_queries_to_the_query_setting(
         int8_chunks.embed_query(query), embedder.embed([query])[0], atol=1e-5
     )
     assert float(int8_chunks.embed([query])[0] @ embedder.embed([query])[0]) < 0.99999
+
+
+EXIT_WHILE_BUILDING = """
+import sys, threading, time
+from freshet.embedder import TransformersEmbedder
+model = TransformersEmbedder(bf16=False, fast_path="off", chunk_int8=True, model_in_background=True)
+# Leave while the int8 model is being built on its background thread.
+assert any(t.name == "freshet-int8" for t in threading.enumerate())
+time.sleep(float(sys.argv[1]))
+if sys.argv[2] == "close":
+    model.close()
+    assert not any(t.name == "freshet-int8" for t in threading.enumerate())
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("how", ["close", "exit"])
+@pytest.mark.parametrize("after", [0.3, 1.2])
+def test_a_process_leaving_while_the_int8_model_builds_exits_with_its_own_code(
+    how: str, after: float
+) -> None:
+    """A sync worker stopped within seconds of its start (fenced, Ctrl+C) used to abort in
+    torch ("terminate called without an active exception", signal 6) instead of exiting with
+    its code, when the int8 model was still being built on a daemon thread: ``close`` waits for
+    it, and so does the interpreter at exit."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WHILE_BUILDING, str(after), how],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
