@@ -115,9 +115,13 @@ def config_value(app: Flask, key: str) -> Any:
 
 
 def close_app(app: Flask) -> None:
-    """Release what the app opened: its database pool and its Kafka producer."""
+    """Release what the app opened: its query-embedding thread, its Kafka producer and its
+    database pool."""
     from freshet.web.db import close_pool
     from freshet.web.publisher import close_publisher
 
+    embed = app.extensions.pop("freshet.embed", None)
+    if embed is not None:
+        embed.close()
     close_publisher(app)
     close_pool(app)

@@ -9,7 +9,7 @@ import logging
 from flask import Flask
 
 from freshet.settings import Settings, SettingsError
-from freshet.web import DEMO_API_TOKENS, create_app
+from freshet.web import DEMO_API_TOKENS, close_app, create_app
 from freshet.web.answers import get_rules
 from freshet.web.services import get_embed
 
@@ -58,6 +58,13 @@ def check_exposure(app: Flask, host: str) -> None:
 def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Build the app for ``settings`` and serve it until interrupted."""
     app = create_app(settings=settings)
+    try:
+        _serve(app, host, port)
+    finally:
+        close_app(app)
+
+
+def _serve(app: Flask, host: str, port: int) -> None:
     check_exposure(app, host)  # before anything slow: the message is the whole point
     get_rules(app)  # a bad rules file stops the server now, not the first question
     # The query model loads (and on a machine's first start compiles) before the first

@@ -27,22 +27,26 @@ def _run_step(settings: Settings, spec: Any, name: str, group: str) -> int:
 
     stop = install_stop_handlers()
     answering = Answering(settings)
-    handler = build(spec, answering)
-    # Every validate worker also ends the requests past their deadline that no step holds.
-    sweeper = Sweeper(answering.store()) if spec.kind == "validate" else None
-    step = Step(
-        name,
-        spec.input,
-        group,
-        settings.bootstrap_servers,
-        handler,
-        batch=batch_of(spec),
-        between=sweeper,
-    )
-    gc.collect()
-    gc.freeze()
-    say(f"{step.name} ({spec.kind}): consuming {step.topic} in group {step.group}")
-    step.run(stop)
+    try:
+        handler = build(spec, answering)
+        # Every validate worker also ends the requests past their deadline that no step holds.
+        sweeper = Sweeper(answering.store()) if spec.kind == "validate" else None
+        step = Step(
+            name,
+            spec.input,
+            group,
+            settings.bootstrap_servers,
+            handler,
+            batch=batch_of(spec),
+            between=sweeper,
+        )
+        gc.collect()
+        gc.freeze()
+        say(f"{step.name} ({spec.kind}): consuming {step.topic} in group {step.group}")
+        step.run(stop)
+    finally:
+        # Its pool, and its query-embedding thread (a model still building at a stop).
+        answering.close()
     return 0
 
 

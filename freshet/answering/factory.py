@@ -173,8 +173,12 @@ class Answering:
         return self.live_rules().current()
 
     def close(self) -> None:
-        """Close what this factory opened (its own pool), not what it was handed."""
+        """Close what this factory opened (its own pool, its query-embedding thread), not what
+        it was handed."""
         with self._lock:
             pool = self._objects.pop("pool", None)
+            embed = self._objects.pop("embed", None)
+        if embed is not None:
+            embed.close()
         if pool is not None:
             pool.close()

@@ -650,6 +650,10 @@ def fuse(
     return [replace(by_id[i], score=score) for i, score in fused]
 
 
+def _STOP() -> None:
+    """The job that ends an EmbedThread's loop (EmbedThread.close)."""
+
+
 class EmbedThread:
     """Query embedding through a shared Embedder, on one thread that owns the model.
 
@@ -695,7 +699,11 @@ class EmbedThread:
         self._thread = threading.Thread(target=self._work, name="freshet-embed", daemon=True)
         self._thread.start()
         build = embedder if callable(embedder) else (lambda: embedder)
-        self.embedder: Embedder = self._submit(self.QUERY, build).result()
+        try:
+            self.embedder: Embedder = self._submit(self.QUERY, build).result()
+        except BaseException:  # a model that cannot load, or Ctrl+C while it loads
+            self.close()
+            raise
         # Queries' own path (int8 on CPU) is built before any query is taken, not by the first.
         self._submit(self.QUERY, self.embedder.prepare_queries)
 
@@ -707,12 +715,37 @@ class EmbedThread:
     def _work(self) -> None:
         while True:
             _, _, call, future = self._jobs.get()
+            if call is _STOP:
+                self._cancel_queued()
+                future.set_result(None)
+                return
             if not future.set_running_or_notify_cancel():
                 continue
             try:
                 future.set_result(call())
             except BaseException as exc:  # noqa: BLE001 - the caller's to handle
                 future.set_exception(exc)
+
+    def _cancel_queued(self) -> None:
+        while True:
+            try:
+                _, _, _, future = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            future.cancel()
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Stop the thread once the call it runs now returns (one still queued is cancelled),
+        so that a process leaving mid-call (Ctrl+C while the int8 query model builds) exits
+        with its own code: torch aborts the process ("terminate called without an active
+        exception", signal 6) when the interpreter ends under a daemon thread still in it."""
+        if not self._thread.is_alive():
+            return
+        self._jobs.put((-1, next(self._order), _STOP, Future()))
+        self._thread.join(0.5)
+        if self._thread.is_alive():
+            logger.info("waiting for the query embedding thread's current call to finish")
+            self._thread.join(timeout)
 
     @property
     def follows_index(self) -> bool:

@@ -653,3 +653,33 @@ def test_a_process_leaving_while_the_int8_model_builds_exits_with_its_own_code(
     )
     assert done.returncode == 3, done.stderr[-2000:]
     assert "terminate called" not in done.stderr
+
+
+CLOSE_WHILE_QUERY_MODEL_BUILDS = """
+import sys, time
+from freshet.answering.retrieval import EmbedThread
+from freshet.embedder import TransformersEmbedder
+# The web app's and a workflow step's query thread: the int8 query model builds on it next.
+embed = EmbedThread(lambda: TransformersEmbedder(bf16=False, fast_path="off", query_int8=True))
+time.sleep(0.5)
+embed.close()
+sys.exit(3)
+"""
+
+
+def test_a_process_closing_its_query_thread_while_the_int8_model_builds_exits_with_its_code() -> (
+    None
+):
+    """`freshet web` or a workflow step stopped while its query model builds: the app closes
+    its query thread, which waits for the build, and the process exits with its own code."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", CLOSE_WHILE_QUERY_MODEL_BUILDS],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr

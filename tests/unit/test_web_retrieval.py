@@ -312,3 +312,28 @@ def test_the_embed_thread_serves_both_query_paths() -> None:
 
     embed = EmbedThread(Halves(3))
     assert embed("q").tolist() == [0.0, 0.0, 0.0] and embed.fast("q").tolist() == [1.0, 1.0, 1.0]
+
+
+def test_closing_the_embed_thread_lets_the_running_call_finish_and_cancels_the_queued() -> None:
+    """close(): the call the thread runs now returns its result; calls still queued are
+    cancelled, and the thread ends (a process stopping waits for it, not for torch)."""
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(Embedder):
+        def _embed(self, texts: list[str]) -> np.ndarray:
+            started.set()
+            assert release.wait(10)
+            return np.ones((len(texts), 3), dtype=np.float32)
+
+    embed = EmbedThread(Slow(3))
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(embed, "first")
+        assert started.wait(10)
+        queued = embed._submit(embed.QUERY, lambda: embed.embedder.embed(["second"]))
+        closing = pool.submit(embed.close, 10)
+        assert wait_for(lambda: embed._jobs.qsize() == 2, 5, 0.01)  # the stop and "second"
+        release.set()
+        closing.result(10)
+        assert running.result(10).tolist() == [1.0, 1.0, 1.0]
+    assert queued.cancelled() and not embed._thread.is_alive()
+    embed.close()  # a second close is a no-op
