@@ -67,8 +67,20 @@ def private_stack(tag: str, keep: Path | None = None, **overrides: str) -> Itera
         yield Bench(settings, env)
     finally:
         stack.down(settings)
+        keep_logs(home, tag)
         if keep is None:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def keep_logs(home: Path, tag: str) -> None:
+    """BENCH_KEEP_LOGS=DIR: copy the private stack's logs (the worker's, Kafka's, Connect's)
+    to DIR/<tag>-<time>/ before the home is removed, to find where a run's tail came from."""
+    target = os.environ.get("BENCH_KEEP_LOGS")
+    if not target or not (home / "logs").is_dir():
+        return
+    kept = Path(target) / f"{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.copytree(home / "logs", kept, dirs_exist_ok=True)
+    print(f"logs kept in {kept}", flush=True)
 
 
 def load_scifact(settings: Settings, docs: list[dict[str, str]]) -> None:

@@ -401,8 +401,9 @@ class SyncWorker:
         self.metrics.time(batch_seconds=time.perf_counter() - started)
         if logger.isEnabledFor(logging.DEBUG):
             self._log_batch(records, routed.changes, stats, started)
-        self._done += len(records)
-        if self.progress is not None and self._backlog:
+        before, self._done = self._done, self._done + len(records)
+        # Until the first backlog is indexed; later batches are the live stream, not progress.
+        if self.progress is not None and self._backlog and before < self._backlog:
             self.progress(min(self._done, self._backlog), self._backlog)
 
     def _between(self, stop: threading.Event) -> None:
@@ -731,12 +732,13 @@ def progress_printer() -> Callable[[int, int], None]:
         return update_bar
     last = [0.0]
     started = time.monotonic()
+    finished = [False]
 
     def log_progress(done: int, total: int) -> None:
         now = time.monotonic()
-        if now - last[0] < 10 and done < total:
+        if finished[0] or (now - last[0] < 10 and done < total):
             return
-        last[0] = now
+        last[0], finished[0] = now, done >= total
         rate = done / max(now - started, 1e-9)
         eta = (total - done) / rate if rate > 0 else float("inf")
         logger.warning("indexed %d/%d backlog records (%.0f/s, ETA %.0fs)", done, total, rate, eta)
