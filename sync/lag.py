@@ -10,7 +10,8 @@ record's timestamp when the record is not a change event (a tombstone, a poisono
 
 Two readers use this module:
 - the sync worker, at each heartbeat, from its own positions (`freshet sync`'s metrics endpoint
-  and rag.workers);
+  and rag.workers); the commit times are read on a thread of their own (`LagProbe`), since a
+  peek at a record takes up to a second, which the worker's loop must not wait for;
 - `freshet status`, from the consumer group's committed offsets, so that it shows the lag even
   when no worker runs (that is when it grows).
 """
@@ -18,8 +19,9 @@ Two readers use this module:
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -113,6 +115,105 @@ def oldest_commit_times(
                     break
     peek.assign([])
     return found
+
+
+Publish = Callable[[Mapping[Any, int], Mapping[Any, datetime | None]], None]
+
+
+class LagProbe:
+    """Dates the oldest change not yet applied on a thread of its own, for the sync worker.
+
+    The worker counts the records behind itself at each heartbeat (its positions and the
+    partitions' ends, answered at once) and hands them over with `submit`; this thread reads the
+    record at each applied offset with a peek consumer of its own (`oldest_commit_times`) and
+    calls ``publish(behind, oldest)``. That peek takes up to ``timeout_s`` (a fetch from a
+    freshly assigned partition): on the worker's own loop it held back every change polled
+    meanwhile, about a third of the loop's time at 20 edits/s.
+
+    Requests are served in order, the newest only: one submitted while the thread reads is kept,
+    any older one waiting is dropped. A request with nothing behind is published at once, so a
+    worker that has caught up reports 0 without a peek. ``failed(exc)`` hears of a Kafka error;
+    the last published figures stay."""
+
+    def __init__(
+        self,
+        new_peek: Callable[[], Any],
+        publish: Publish,
+        failed: Callable[[BaseException], None] = lambda exc: None,
+        timeout_s: float = 1.0,
+        errors: tuple[type[BaseException], ...] = (Exception,),
+    ) -> None:
+        self.new_peek, self.publish, self.failed = new_peek, publish, failed
+        self.timeout_s, self.errors = timeout_s, errors
+        self._wake = threading.Condition()
+        self._request: tuple[dict[Any, int], dict[Any, int]] | None = None
+        self._stopping = False
+        self._busy = False
+        self._peek: Any = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, behind: Mapping[Any, int], applied: Mapping[Any, int]) -> None:
+        """Records behind and the applied offset, per partition; returns at once."""
+        with self._wake:
+            if self._stopping:
+                return
+            self._request = (dict(behind), dict(applied))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lag-probe", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def idle(self) -> bool:
+        """Nothing waiting and nothing being read (tests wait for it)."""
+        with self._wake:
+            return self._request is None and not self._busy
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops the thread once its read is done (at most ``timeout_s``) and closes the peek."""
+        with self._wake:
+            self._stopping = True
+            self._request = None
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while self._request is None and not self._stopping:
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    behind, applied = self._request  # type: ignore[misc]
+                    self._request, self._busy = None, True
+                try:
+                    self._serve(behind, applied)
+                finally:
+                    with self._wake:
+                        self._busy = False
+        finally:
+            if self._peek is not None:
+                try:
+                    self._peek.close()
+                except Exception as exc:  # noqa: BLE001 - closing what may be gone already
+                    logger.debug("closing the lag peek: %s", exc)
+
+    def _serve(self, behind: dict[Any, int], applied: dict[Any, int]) -> None:
+        pending = {tp: applied[tp] for tp, n in behind.items() if n > 0 and tp in applied}
+        try:
+            if pending and self._peek is None:
+                self._peek = self.new_peek()
+            oldest = (
+                oldest_commit_times(self._peek, pending, timeout_s=self.timeout_s)
+                if pending
+                else {}
+            )
+        except self.errors as exc:
+            self.failed(exc)
+            return
+        self.publish(behind, oldest)
 
 
 def peek_consumer(bootstrap_servers: str, client_id: str) -> Any:

@@ -129,7 +129,7 @@ class SyncWorker:
         self._backlog: int | None = None
         self._to_size: list[TopicPartition] = []
         self._done = 0
-        self._peek: Any = None  # a consumer of no group that reads lag times (freshet.sync.lag)
+        self._lag_probe: lag.LagProbe | None = None  # dates the lag (freshet.sync.lag)
         s = self.settings
         # Poll, produce, flush, commit: the runtime, with this worker as its handler.
         self.runtime = ConsumerRuntime(
@@ -248,8 +248,8 @@ class SyncWorker:
             self.lane.join(timeout=10)
         # The runtime's consumer leaves the group: its partitions move at once.
         closers: list[Callable[[], object]] = [self.source.close, self.runtime.close]
-        if self._peek is not None:
-            closers.append(self._peek.close)
+        if self._lag_probe is not None:
+            closers.append(self._lag_probe.close)
         if self._conn is not None:
             closers.append(self._conn.close)
         for close in closers:
@@ -573,8 +573,10 @@ class SyncWorker:
 
     # --- visibility ------------------------------------------------------------------
     def _measure_lag(self, assigned: list[TopicPartition]) -> None:
-        """Records behind the end of each assigned partition; while Kafka cannot answer, the
-        last figures stay and the heartbeat says why."""
+        """Records behind the end of each assigned partition, now; their tables' lag in
+        seconds is dated by the lag probe's thread (freshet.sync.lag.LagProbe), which
+        publishes it within a second. While Kafka cannot answer, the last figures stay and the
+        heartbeat says why."""
         consumer = self._consumer
         assert consumer is not None
         try:
@@ -586,17 +588,25 @@ class SyncWorker:
                 held = self._held(tp)
                 applied[tp] = consumer.position(tp, 2000) if held is None else held
                 behind[tp] = max(0, ends[tp] - applied[tp])
-            self.metrics.lag = {f"{tp.topic}[{tp.partition}]": n for tp, n in behind.items()}
-            # The commit time of the oldest change not applied: the record at `applied`.
-            if self._peek is None and any(behind.values()):
-                self._peek = lag.peek_consumer(self.settings.bootstrap_servers, self.worker_id)
-            oldest = lag.oldest_commit_times(
-                self._peek, {tp: applied[tp] for tp in assigned if behind[tp]}, timeout_s=1.0
-            )
-            tables = lag.per_table(behind, oldest, self.settings.topic_prefix)
-            self.metrics.set_table_lag({t: v.as_dict() for t, v in tables.items()})
         except KAFKA_ERRORS as exc:
             self.metrics.last_error = f"Kafka: cannot measure lag: {exc}"[:2000]
+            return
+        self.metrics.lag = {f"{tp.topic}[{tp.partition}]": n for tp, n in behind.items()}
+        if self._lag_probe is None:
+            self._lag_probe = lag.LagProbe(
+                lambda: lag.peek_consumer(self.settings.bootstrap_servers, self.worker_id),
+                self._publish_lag,
+                self._lag_failed,
+            )
+        self._lag_probe.submit(behind, applied)
+
+    def _publish_lag(self, behind: Any, oldest: Any) -> None:
+        """The lag probe's figures, per table (called on its thread)."""
+        tables = lag.per_table(behind, oldest, self.settings.topic_prefix)
+        self.metrics.set_table_lag({t: v.as_dict() for t, v in tables.items()})
+
+    def _lag_failed(self, exc: BaseException) -> None:
+        self.metrics.last_error = f"Kafka: cannot measure lag: {exc}"[:2000]
 
     def _heartbeat(self, state: str, force: bool = False) -> None:
         now = time.monotonic()
@@ -610,7 +620,10 @@ class SyncWorker:
             assigned = list(consumer.assignment()) if consumer is not None else []
             if not assigned:
                 self.metrics.lag = {}
-                self.metrics.set_table_lag({})
+                if self._lag_probe is not None:  # after what it may still be reading
+                    self._lag_probe.submit({}, {})
+                else:
+                    self.metrics.set_table_lag({})
             elif state == "running":
                 self._measure_lag(assigned)
             self.metrics.verify = last_verify(conn)

@@ -4,6 +4,8 @@ table, the peek loop, the metrics lines and how `freshet status` shows it."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -135,6 +137,82 @@ def test_the_peek_reads_the_record_at_each_offset_and_gives_up_in_time() -> None
     assert found[empty] is None  # nothing arrived before the deadline
     assert peek.assigned == []  # left unassigned for the next call
     assert lag.oldest_commit_times(peek, {}) == {}
+
+
+@dataclass
+class SlowPeek(FakePeek):
+    """A peek whose every poll takes ``seconds`` (a fetch from a freshly assigned partition)."""
+
+    seconds: float = 0.3
+    closed: bool = False
+    reading: threading.Event = field(default_factory=threading.Event)
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[TP, list[Rec]]:
+        self.reading.set()
+        time.sleep(self.seconds)
+        return super().poll(timeout_ms, max_records)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_lag_probe_dates_the_lag_on_its_own_thread_and_keeps_the_newest_request() -> None:
+    tp = TP("freshet.app.articles", 0)
+    records = [
+        Rec(tp.topic, 0, n, None, None, timestamp=1_700_000_000_000 + n * 1000) for n in range(10)
+    ]
+    peek = SlowPeek({tp: records})
+    published: list[tuple[dict[Any, int], dict[Any, Any]]] = []
+    probe = lag.LagProbe(lambda: peek, lambda b, o: published.append((dict(b), dict(o))))
+    started = time.monotonic()
+    probe.submit({tp: 4}, {tp: 6})
+    assert time.monotonic() - started < 0.1  # the caller never waits for the peek
+    assert peek.reading.wait(10)
+    # Two more while the first is read: only the newest is served after it.
+    probe.submit({tp: 3}, {tp: 7})
+    probe.submit({tp: 2}, {tp: 8})
+    deadline = time.monotonic() + 10
+    while not (probe.idle() and len(published) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [b for b, _ in published] == [{tp: 4}, {tp: 2}]
+    assert published[0][1][tp] == datetime.fromtimestamp(1_700_000_006, UTC)
+    assert published[1][1][tp] == datetime.fromtimestamp(1_700_000_008, UTC)
+    # Nothing behind: published without a peek.
+    polls = peek.polls
+    probe.submit({tp: 0}, {tp: 10})
+    deadline = time.monotonic() + 10
+    while len(published) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert published[2] == ({tp: 0}, {}) and peek.polls == polls
+    probe.close()
+    assert peek.closed
+    probe.submit({tp: 1}, {tp: 9})  # after close: ignored
+    time.sleep(0.1)
+    assert len(published) == 3
+
+
+def test_the_lag_probe_reports_a_kafka_error_and_goes_on() -> None:
+    tp = TP("freshet.app.articles", 0)
+    errors: list[BaseException] = []
+    published: list[Any] = []
+    attempts = iter([OSError("broker away")])
+
+    def new_peek() -> FakePeek:
+        for exc in attempts:
+            raise exc
+        return FakePeek({tp: [Rec(tp.topic, 0, 0, None, None, timestamp=1_700_000_000_000)]})
+
+    probe = lag.LagProbe(new_peek, lambda b, o: published.append(o), errors.append)
+    probe.submit({tp: 1}, {tp: 0})
+    deadline = time.monotonic() + 10
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [str(e) for e in errors] == ["broker away"] and published == []
+    probe.submit({tp: 1}, {tp: 0})
+    while not published and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert published == [{tp: datetime.fromtimestamp(1_700_000_000, UTC)}]
+    probe.close()
 
 
 def test_the_metrics_endpoint_has_lag_per_table() -> None:
