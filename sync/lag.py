@@ -202,6 +202,7 @@ class LagProbe:
 
     def _serve(self, behind: dict[Any, int], applied: dict[Any, int]) -> None:
         pending = {tp: applied[tp] for tp, n in behind.items() if n > 0 and tp in applied}
+        started = time.monotonic()
         try:
             if pending and self._peek is None:
                 self._peek = self.new_peek()
@@ -213,6 +214,13 @@ class LagProbe:
         except self.errors as exc:
             self.failed(exc)
             return
+        if pending:
+            logger.debug(
+                "lag probe: %d of %d partitions dated in %.0f ms",
+                sum(1 for when in oldest.values() if when is not None),
+                len(pending),
+                (time.monotonic() - started) * 1000,
+            )
         self.publish(behind, oldest)
 
 
