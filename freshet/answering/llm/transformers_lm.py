@@ -89,8 +89,13 @@ class TransformersAnswerer(Answerer):
         return passages[:used]
 
     def stream(self, question: str, passages: Sequence[Passage]) -> Iterator[str]:
+        """The answer's text as it is generated. Generation runs on a thread of its own and
+        stops at the next token when the caller stops reading (a client that went away, a
+        process that is stopping): the thread is always waited for, so no generation outlives
+        its request, and a process never exits with torch still running on a daemon thread
+        (which aborts it)."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         ids, _ = self._encode(question, passages)
         streamer = TextIteratorStreamer(
@@ -100,6 +105,13 @@ class TransformersAnswerer(Answerer):
         if pad is None:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         failure: list[BaseException] = []
+        cancel = threading.Event()
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                rows = input_ids.shape[0]
+                stop = cancel.is_set()
+                return torch.full((rows,), stop, dtype=torch.bool, device=input_ids.device)
 
         def generate() -> None:
             try:
@@ -111,15 +123,19 @@ class TransformersAnswerer(Answerer):
                         do_sample=False,
                         pad_token_id=pad,
                         streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([Cancelled()]),
                     )
             except BaseException as exc:  # noqa: BLE001 - reported to the consumer below
                 failure.append(exc)
                 streamer.end()
 
         with self._lock:
-            worker = threading.Thread(target=generate, name="freshet-generate", daemon=True)
+            worker = threading.Thread(target=generate, name="freshet-generate")
             worker.start()
-            yield from streamer
-            worker.join()
+            try:
+                yield from streamer
+            finally:
+                cancel.set()  # the reader is gone or done: stop at the next token
+                worker.join()
         if failure:
             raise LLMError(f"generation failed: {failure[0]}") from failure[0]
