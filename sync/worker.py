@@ -126,6 +126,7 @@ class SyncWorker:
         self._conn: psycopg.Connection | None = None
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
+        self._started = time.monotonic()
         self._backlog: int | None = None
         self._to_size: list[TopicPartition] = []
         self._done = 0
@@ -147,6 +148,7 @@ class SyncWorker:
             between=self._between,
             refused_note="; it is kept in rag.dead_letters",
             max_request_bytes=(chunk_stream.MAX_MESSAGE_BYTES if s.publish_chunks else 1_048_576),
+            commit_async=True,  # a batch does not wait for the broker to store its offsets
         )
 
     @property
@@ -156,6 +158,7 @@ class SyncWorker:
     # --- lifecycle -------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         self._stop = stop
+        self._started = time.monotonic()
         s = self.settings
         try:
             self._conn = self._connect(stop)
@@ -409,7 +412,7 @@ class SyncWorker:
     def _between(self, stop: threading.Event) -> None:
         """After every poll: the first backlog's size, what the large lane finished, and the
         heartbeat."""
-        if self._to_size:
+        if self._to_size and self._done:  # not before the first batch: that waits for nothing
             self._size_backlog()
         self._finish_lane_work(stop)
         if self._conn is not None and not self._conn.closed:
@@ -608,6 +611,12 @@ class SyncWorker:
     def _lag_failed(self, exc: BaseException) -> None:
         self.metrics.last_error = f"Kafka: cannot measure lag: {exc}"[:2000]
 
+    def _lag_due(self, now: float) -> bool:
+        """Whether a heartbeat measures the lag: not before a new worker's first batch (for
+        up to a heartbeat's interval), whose partitions' positions are still being read and
+        whose first changes wait for nothing else (recovery)."""
+        return bool(self._done) or now - self._started >= HEARTBEAT_SECONDS
+
     def _heartbeat(self, state: str, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_heartbeat < HEARTBEAT_SECONDS:
@@ -624,7 +633,7 @@ class SyncWorker:
                     self._lag_probe.submit({}, {})
                 else:
                     self.metrics.set_table_lag({})
-            elif state == "running":
+            elif state == "running" and self._lag_due(now):
                 self._measure_lag(assigned)
             self.metrics.verify = last_verify(conn)
             snap = self.metrics.snapshot()

@@ -88,6 +88,27 @@ class FakeConsumer:
         self.listener: Any = None
         self.subscribed: dict[str, Any] = {}
         self.closed = False
+        # Asynchronous commits: what the broker answers the next ones (None: success), the
+        # answers not read yet (kafka-python reads them at the next poll or commit), and
+        # whether an answer said this member was fenced.
+        self.async_answers: list[BaseException | None] = []
+        self.unread: list[tuple[Any, dict[TopicPartition, Any], Any]] = []
+        self.fenced = False
+        self.sync_commits = 0
+
+    def _read_answers(self) -> None:
+        if self.fenced:
+            raise FencedInstanceIdError("fenced")
+        while self.unread:
+            callback, offsets, answer = self.unread.pop(0)
+            callback(offsets, answer)
+
+    def commit_async(self, offsets: dict[TopicPartition, Any], callback: Any = None) -> None:
+        self._read_answers()
+        answer = self.async_answers.pop(0) if self.async_answers else None
+        if answer is None:
+            self._record_commit(offsets)
+        self.unread.append((callback, offsets, answer if answer is not None else "ok"))
 
     def subscribe(
         self, topics: Sequence[str] = (), pattern: str | None = None, listener: Any = None
@@ -96,6 +117,7 @@ class FakeConsumer:
         self.listener = listener
 
     def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[TopicPartition, list[Any]]:
+        self._read_answers()
         out: dict[TopicPartition, list[Any]] = {}
         taken = 0
         for r in self.records:
@@ -120,8 +142,13 @@ class FakeConsumer:
         self.log.append(("seek", tp.partition, offset))
 
     def commit(self, offsets: dict[TopicPartition, Any], timeout_ms: int | None = None) -> None:
+        self._read_answers()
         if self.commit_errors:
             raise self.commit_errors.pop(0)
+        self.sync_commits += 1
+        self._record_commit(offsets)
+
+    def _record_commit(self, offsets: dict[TopicPartition, Any]) -> None:
         committed = {tp: meta.offset for tp, meta in offsets.items()}
         self.commits.append(committed)
         self.log.append(("commit", {tp.partition: o for tp, o in committed.items()}))
@@ -246,6 +273,67 @@ def test_offsets_are_committed_only_after_handle_produce_and_flush() -> None:
     assert len(sends) == 5 and max(sends) < flush < commit
     assert consumer.commits == [{TP0: 3, TP1: 2}]
     assert len(producer.values("out")) == 5
+
+
+def test_an_asynchronous_commit_is_not_waited_for_and_its_answer_is_read_at_the_next_poll() -> None:
+    runtime, consumer, _, _ = make_runtime(
+        records(0, 3), handler=lambda b, s: Handled.all_of(b, []), commit_async=True
+    )
+    stop = threading.Event()
+    runtime.process(runtime.poll(stop), stop)
+    assert consumer.commits == [{TP0: 3}] and consumer.sync_commits == 0
+    assert runtime._committed == {} and runtime._sending == {TP0: 3}  # sent, not answered
+    runtime.commit_ready(stop)  # nothing new to send: the same offset is not sent twice
+    assert consumer.commits == [{TP0: 3}]
+    runtime.poll(stop)  # the client reads the answer
+    assert runtime._committed == {TP0: 3} and runtime._sending == {}
+
+
+def test_a_failed_asynchronous_commit_makes_the_next_commit_wait_for_its_answer() -> None:
+    runtime, consumer, _, _ = make_runtime(
+        records(0, 3),
+        handler=lambda b, s: Handled.all_of(b, []),
+        commit_async=True,
+        max_records=1,
+    )
+    consumer.async_answers = [KafkaTimeoutError("no answer")]
+    run_until_drained(runtime, consumer)
+    # 1: sent, refused (read at the next poll); 2: committed synchronously; 3: sent again.
+    assert consumer.commits == [{TP0: 2}, {TP0: 3}]
+    assert consumer.sync_commits == 1
+    assert runtime._async_failed is None and runtime._sending == {TP0: 3}
+
+
+def test_a_stop_commits_what_is_done_and_unanswered_before_leaving_the_group() -> None:
+    runtime, consumer, _, log = make_runtime(
+        records(0, 2), handler=lambda b, s: Handled.all_of(b, []), commit_async=True
+    )
+    consumer.async_answers = [KafkaTimeoutError("lost with the connection")]
+    stop = threading.Event()
+    runtime.process(runtime.poll(stop), stop)
+    assert consumer.commits == []  # the asynchronous commit's answer is a failure, unread
+    runtime.close()
+    assert consumer.commits == [{TP0: 2}] and consumer.sync_commits == 1 and consumer.closed
+    # Answered already: nothing more is committed at close.
+    runtime, consumer, _, _ = make_runtime(
+        records(0, 2), handler=lambda b, s: Handled.all_of(b, []), commit_async=True
+    )
+    runtime.process(runtime.poll(stop), stop)
+    runtime.poll(stop)
+    runtime.close()
+    assert consumer.commits == [{TP0: 2}] and consumer.sync_commits == 0
+
+
+def test_a_fenced_answer_to_an_asynchronous_commit_stops_the_member() -> None:
+    runtime, consumer, _, _ = make_runtime(
+        records(0, 2), handler=lambda b, s: Handled.all_of(b, []), commit_async=True
+    )
+    stop = threading.Event()
+    batch = runtime.poll(stop)
+    consumer.fenced = True  # an earlier answer said so: kafka-python raises at the next commit
+    with pytest.raises(MemberFenced):
+        runtime.process(batch, stop)
+    assert consumer.commits == []
 
 
 def test_a_transient_flush_failure_sends_again_and_commits_only_after_a_flush_succeeds() -> None:
@@ -909,6 +997,29 @@ def test_the_sync_worker_runs_its_batches_through_the_runtime(
     lane.first, lane.done = None, [SimpleNamespace(stats=ApplyStats())]
     worker._finish_lane_work(stop)
     assert consumer.commits[-1] == {TopicPartition(topic, 0): 2}
+
+
+def test_a_new_worker_sizes_its_backlog_and_dates_its_lag_only_after_its_first_batch(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery: a restarted worker's first changes wait for no Kafka round trip of its own
+    bookkeeping (the backlog's size, the lag's positions and age)."""
+    from freshet.sync.worker import HEARTBEAT_SECONDS, SyncWorker
+
+    worker = SyncWorker(Settings(home=tmp_path), ZeroEmbedder(), chunker=SimpleNamespace())  # type: ignore[arg-type]
+    worker.lane = None
+    sized: list[int] = []
+    monkeypatch.setattr(worker, "_size_backlog", lambda: sized.append(worker._done))
+    monkeypatch.setattr(worker, "_heartbeat", lambda state, force=False: None)
+    stop = threading.Event()
+    worker.on_assigned([TP0])
+    worker._between(stop)  # the poll that joined the group, before any batch
+    assert sized == [] and not worker._lag_due(worker._started + 0.1)
+    worker._done = 3  # the first batch is applied
+    worker._between(stop)
+    assert sized == [3] and worker._lag_due(worker._started + 0.1)
+    worker._done = 0  # an idle topic: the lag is dated after a heartbeat's interval anyway
+    assert worker._lag_due(worker._started + HEARTBEAT_SECONDS)
 
 
 def _attach(
