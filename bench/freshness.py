@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import statistics
 import threading
 import time
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from bench.batch_baseline import Edit, replay
@@ -46,7 +46,6 @@ from freshet.embedder import embedder_from_settings
 from freshet.settings import Settings
 
 ROWS = 20
-MARKER = re.compile(r"\[rev-[^\]\s]+\]")
 # label -> (edits per second, whole-text rewrite instead of a one-paragraph edit)
 PHASES = {
     "edit-5/s": (5.0, False),
@@ -66,21 +65,38 @@ BATCH_INTERVALS_S = {"cron-1min": 60.0, "cron-5min": 300.0}
 
 
 class Reader(threading.Thread):
-    """Polls the chunks of the benchmark rows and stamps each marker's first sighting."""
+    """Polls rag.chunks for the pending markers and stamps each one's first sighting.
 
-    def __init__(self, settings: Settings, keys: list[str]) -> None:
+    Each poll asks PostgreSQL which pending markers occur in their row's chunks (`strpos` on
+    that row's chunks, through the (source_table, doc_key) index) and reads back only those:
+    the measuring must not take the CPU it measures. (Reading every benchmark row's chunk
+    texts back into Python at each poll cost about PROBE_COST of a core at 20 edits/s.)"""
+
+    def __init__(self, settings: Settings) -> None:
         super().__init__(daemon=True)
         self.settings = settings
-        self.keys = keys
-        self.pending: dict[str, float] = {}  # marker -> commit time
+        self.pending: dict[str, tuple[float, str]] = {}  # marker -> (commit time, doc_key)
         self.seen: dict[str, float] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.error: BaseException | None = None
+        # What the measuring costs (it shares the cores with what it measures): its polls,
+        # this thread's CPU seconds and its PostgreSQL backend's.
+        self.polls = 0
+        self.client_cpu = 0.0
+        self.backend_pid: int | None = None
 
-    def expect(self, marker: str, committed_at: float) -> None:
+    def cost(self) -> dict[str, float]:
+        """Polls and CPU seconds so far (subtract two readings for a phase)."""
+        return {
+            "polls": float(self.polls),
+            "client_cpu_s": round(self.client_cpu, 3),
+            "backend_cpu_s": round(process_cpu_seconds(self.backend_pid), 3),
+        }
+
+    def expect(self, marker: str, committed_at: float, doc_key: str) -> None:
         with self.lock:
-            self.pending[marker] = committed_at
+            self.pending[marker] = (committed_at, doc_key)
 
     def run(self) -> None:
         try:
@@ -91,26 +107,40 @@ class Reader(threading.Thread):
 
     def _poll(self) -> None:
         with connect(database_url(self.settings), autocommit=True) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            self.backend_pid = int(row[0]) if row else None
             while not self.stop.is_set():
                 with self.lock:
-                    markers = list(self.pending)
-                if markers:
-                    texts = [
-                        r[0]
-                        for r in conn.execute(
-                            "SELECT text FROM rag.chunks WHERE source_table = 'app.articles'"
-                            " AND doc_key = ANY(%s) AND text LIKE '%%[rev-%%'",
-                            (self.keys,),
-                        )
-                    ]
+                    pending = list(self.pending.items())
+                if pending:
+                    # Edits superseded before they were indexed stay pending for good: one
+                    # index lookup each per poll.
+                    visible = conn.execute(
+                        "SELECT p.marker FROM unnest(%s::text[], %s::text[]) AS p(marker, key)"
+                        " WHERE EXISTS (SELECT 1 FROM rag.chunks c"
+                        " WHERE c.source_table = 'app.articles' AND c.doc_key = p.key"
+                        " AND strpos(c.text, p.marker) > 0)",
+                        ([m for m, _ in pending], [key for _, (_, key) in pending]),
+                    ).fetchall()
                     now = time.time()
-                    # One pass over the text, whatever the number of pending markers (edits
-                    # superseded before they were indexed stay pending for good).
-                    visible = set(MARKER.findall("\n".join(texts)))
                     with self.lock:
-                        for marker in visible.intersection(self.pending):
-                            self.seen[marker] = now - self.pending.pop(marker)
+                        for (marker,) in visible:
+                            if marker in self.pending:
+                                self.seen[marker] = now - self.pending.pop(marker)[0]
+                    self.polls += 1
+                    self.client_cpu = time.thread_time()
                 time.sleep(0.005)
+
+
+def process_cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a local process (0.0 when it cannot be read)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_phase(
@@ -150,7 +180,7 @@ def run_phase(
                 (body, FIRST_ID + row),
             )
             committed = time.time()
-            reader.expect(marker, committed)
+            reader.expect(marker, committed, str(FIRST_ID + row))
             edits.append(Edit(committed, str(FIRST_ID + row)))
             markers.append(marker)
             n += 1
@@ -266,7 +296,7 @@ def main() -> None:
                     "INSERT INTO app.articles (id, title, body) VALUES (%s, %s, %s)",
                     (FIRST_ID + i, f"Freshness row {i}", "\n\n".join(paragraphs[i])),
                 )
-        reader = Reader(settings, keys)
+        reader = Reader(settings)
         with sync_process(bench, "bench-fresh-worker"):
             try:
                 if not wait_until(lambda: count_documents(settings, "app.articles") >= ROWS, 600):
@@ -286,6 +316,7 @@ def main() -> None:
                     rate, rewrite = PHASES[label]
                     print(f"phase {label} for {args.seconds:.0f}s ...", flush=True)
                     before = worker_progress(settings)
+                    cost_before = reader.cost()
                     edits[label] = []
                     starts[label] = time.time()
                     latencies = run_phase(
@@ -306,6 +337,8 @@ def main() -> None:
                     phases[label]["embeddings"] = int(worker["embeddings"])
                     phases[label]["loadavg_1m"] = os.getloadavg()[0]  # at the phase's end
                     phases[label]["worker"] = worker
+                    cost = reader.cost()
+                    phases[label]["reader"] = {k: round(cost[k] - cost_before[k], 3) for k in cost}
             finally:
                 reader.stop.set()
             print("the batch baseline: embedding time per chunk ...", flush=True)
@@ -336,6 +369,14 @@ def main() -> None:
                 f" {w['embed_calls']:.0f} embedding calls; seconds"
                 f" embedding {w['embed_seconds']:.1f}, writing {w['write_seconds']:.1f},"
                 f" planning {w['plan_seconds']:.1f}, in batches {w['batch_seconds']:.1f}",
+            )
+        )
+        r = s["reader"]
+        rows.append(
+            (
+                f"{label} reader",
+                f"{r['polls']:.0f} polls; CPU seconds: its thread {r['client_cpu_s']:.1f},"
+                f" its PostgreSQL backend {r['backend_cpu_s']:.1f}",
             )
         )
         for name, b in s["batch_baseline"].items():

@@ -126,7 +126,7 @@ class Writer(threading.Thread):
             ("\n\n".join(self.current[row]), FIRST_ID + row),
         )
         self.last_commit = time.time()
-        self.reader.expect(marker, self.last_commit)
+        self.reader.expect(marker, self.last_commit, str(FIRST_ID + row))
         return marker
 
     def run(self) -> None:
@@ -275,7 +275,6 @@ def main() -> None:
     overrides = dict(item.split("=", 1) for item in args.set)
     abstracts = [d["text"] for d in scifact_corpus(ROWS * PARAGRAPHS)]
     paragraphs = [abstracts[i * PARAGRAPHS : (i + 1) * PARAGRAPHS] for i in range(ROWS)]
-    keys = [str(FIRST_ID + i) for i in range(ROWS)]
     results: dict[str, dict[str, Any]] = {}
 
     with private_stack("bench-recovery", **overrides) as bench:
@@ -286,7 +285,7 @@ def main() -> None:
                     "INSERT INTO app.articles (id, title, body) VALUES (%s, %s, %s)",
                     (FIRST_ID + i, f"Recovery row {i}", "\n\n".join(paragraphs[i])),
                 )
-        reader = Reader(bench.settings, keys)
+        reader = Reader(bench.settings)
         reader.start()
         current = [list(p) for p in paragraphs]
         try:

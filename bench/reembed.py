@@ -100,7 +100,6 @@ def main() -> None:
     docs = corpus(args.docs)
     abstracts = [d["text"] for d in scifact_corpus(ROWS * PARAGRAPHS * 3)]
     paragraphs = [abstracts[i * PARAGRAPHS : (i + 1) * PARAGRAPHS] for i in range(ROWS)]
-    keys = [str(FIRST_ID + i) for i in range(ROWS)]
     models = Path(tempfile.mkdtemp(prefix="freshet-models-"))
     good, worse = rotated(models / "rotated"), perturbed(models / "perturbed")
     results: dict[str, Any] = {"docs": len(docs), "seconds": args.seconds}
@@ -123,7 +122,7 @@ def main() -> None:
             with connect(database_url(settings), autocommit=True) as conn:
                 row = conn.execute("SELECT count(*) FROM rag.chunks").fetchone()
                 results["chunks"] = int(row[0]) if row else 0
-            reader = Reader(settings, keys)
+            reader = Reader(settings)
             reader.start()
             current = [list(p) for p in paragraphs]
             edits: list[Edit] = []
